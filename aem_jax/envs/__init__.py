@@ -1,0 +1,7 @@
+"""Environments: the ``Env`` protocol, a registry, and the built-in games.
+
+``aem_jax.envs.make(name, **kwargs)`` creates a registered environment.
+"""
+from aem_jax.envs.base import Env, Observation, Step, make, register, registered
+
+__all__ = ["Env", "Observation", "Step", "make", "register", "registered"]
