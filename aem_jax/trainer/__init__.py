@@ -1,0 +1,1 @@
+"""Training: loop, algorithms, sharding, checkpoints, metrics."""
