@@ -1,0 +1,272 @@
+"""Device mesh, logical-axis rules and sharded state creation.
+
+Parameters and activations carry *logical* axis names (set by the models
+through nnx metadata, e.g. ``nnx.Param(x, out_sharding=("embed", "mlp"))`` or
+``nnx.with_partitioning(init, ("embed", "mlp"))``). A small rule table maps
+each logical name to zero, one or several *mesh* axes, so changing the
+parallelism layout is a config edit, never a code edit:
+
+| logical name | mesh axes          | why |
+|--------------|--------------------|-----|
+| batch        | ("data", "fsdp")   | every data-parallel replica and FSDP shard sees its own examples |
+| length       | None               | sequences stay whole on a device |
+| embed        | "fsdp"             | ZeRO-3 style: parameters split along the model dimension |
+| mlp, heads, kv_heads, vocab | "tensor" | Megatron-style tensor parallelism of the wide dimensions |
+| head_dim, norm | None             | small dimensions are replicated |
+
+Mesh axes are always ``("data", "fsdp", "tensor")`` in this order, so the
+``tensor`` axis (the most communication-heavy) is the innermost one and lands
+on neighbouring chips. A logical dimension whose size is not divisible by the
+product of its mesh axes keeps the longest prefix of those axes that divides
+it and is replicated on the rest (e.g. ``kv_heads=2`` on ``tensor=4`` is
+replicated): the rule stays as written and nothing crashes.
+
+Axis types are set explicitly to ``AxisType.Auto`` by default: XLA's sharding
+propagation then fills in every intermediate from the parameter shardings and
+the activation constraints, which is what the logical-annotation style of the
+models expects. ``axis_type="explicit"`` is available for code written for
+JAX's sharding-in-types mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
+
+LogicalRules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
+
+DEFAULT_RULES: LogicalRules = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("vocab", "tensor"),
+    ("head_dim", None),
+    ("norm", None),
+)
+
+_AXIS_TYPES = {"auto": AxisType.Auto, "explicit": AxisType.Explicit}
+
+
+def mesh_shape(shape: Mapping[str, int] | None, num_devices: int) -> tuple[int, ...]:
+    """Resolves a ``{"data": d, "fsdp": f, "tensor": t}`` dict to a full shape.
+
+    Missing axes have size 1; at most one axis may be -1, meaning "all the
+    devices the other axes leave". The product must equal ``num_devices``.
+    """
+    shape = dict(shape or {"data": -1})
+    unknown = sorted(set(shape) - set(MESH_AXES))
+    if unknown:
+        raise ValueError(f"mesh shape has unknown axes {unknown}; allowed axes are {MESH_AXES}")
+    sizes = [int(shape.get(name, 1)) for name in MESH_AXES]
+    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh shape {shape} is invalid: sizes must be positive, at most one may be -1")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if num_devices % known:
+            raise ValueError(f"mesh shape {shape}: {num_devices} devices are not divisible by {known}")
+        sizes[sizes.index(-1)] = num_devices // known
+    if math.prod(sizes) != num_devices:
+        raise ValueError(
+            f"mesh shape {shape} needs {math.prod(sizes)} devices but {num_devices} are available; "
+            "make the product of the axis sizes equal the device count (or use -1 for one axis)"
+        )
+    return tuple(sizes)
+
+
+def make_mesh(
+    shape: Mapping[str, int] | None = None,
+    *,
+    devices: Sequence[jax.Device] | None = None,
+    axis_type: str = "auto",
+) -> Mesh:
+    """Builds a ``("data", "fsdp", "tensor")`` mesh over all (or the given) devices.
+
+    Args:
+      shape: axis sizes, e.g. ``{"data": 2, "fsdp": 2, "tensor": 2}``; missing
+        axes are 1 and one axis may be -1. ``None`` means pure data parallel.
+      devices: devices to use (default: ``jax.devices()``, all processes).
+      axis_type: "auto" (XLA propagates shardings) or "explicit"
+        (sharding in types); set on every axis.
+    """
+    if axis_type not in _AXIS_TYPES:
+        raise ValueError(f"axis_type={axis_type!r} is not one of {sorted(_AXIS_TYPES)}")
+    devices = list(devices) if devices is not None else jax.devices()
+    sizes = mesh_shape(shape, len(devices))
+    types = (_AXIS_TYPES[axis_type],) * len(MESH_AXES)
+    return jax.make_mesh(sizes, MESH_AXES, axis_types=types, devices=devices)
+
+
+def _as_tuple(axes: str | Sequence[str] | None) -> tuple[str, ...]:
+    if axes is None:
+        return ()
+    if isinstance(axes, str):
+        return (axes,)
+    return tuple(axes)
+
+
+def logical_to_spec(
+    logical_axes: Sequence[str | None],
+    rules: LogicalRules = DEFAULT_RULES,
+    *,
+    shape: Sequence[int] | None = None,
+    mesh: Mesh | None = None,
+) -> PartitionSpec:
+    """Maps logical axis names to a ``PartitionSpec`` through the rule table.
+
+    A logical name missing from the rules is replicated. A mesh axis already
+    used by an earlier dimension is dropped (a mesh axis may shard only one
+    dimension). With ``shape`` and ``mesh`` given, each dimension keeps the
+    longest prefix of its mesh axes whose size product divides it.
+    """
+    table = dict(rules)
+    if shape is not None and len(shape) != len(logical_axes):
+        raise ValueError(f"logical axes {tuple(logical_axes)} do not match shape {tuple(shape)}")
+    used: set[str] = set()
+    spec: list[str | tuple[str, ...] | None] = []
+    for dim, name in enumerate(logical_axes):
+        axes = tuple(a for a in _as_tuple(table.get(name) if name else None) if a not in used)
+        if mesh is not None:
+            axes = tuple(a for a in axes if a in mesh.shape)
+        if shape is not None and mesh is not None:
+            while axes and shape[dim] % math.prod(mesh.shape[a] for a in axes):
+                axes = axes[:-1]
+        used.update(axes)
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*spec)
+
+
+def _variable_logical_axes(var: nnx.Variable) -> tuple[str | None, ...] | None:
+    """The logical names a Variable was annotated with, if any."""
+    meta = var.get_metadata()
+    for key in ("out_sharding", "sharding", "sharding_names"):
+        names = meta.get(key)
+        if names:
+            return tuple(names)
+    return None
+
+
+def _leaf_sharding(value: Any, names: tuple | None, mesh: Mesh, rules: LogicalRules) -> NamedSharding:
+    shape = getattr(value, "shape", ())
+    if names is None or len(names) != len(shape):
+        return NamedSharding(mesh, PartitionSpec())
+    return NamedSharding(mesh, logical_to_spec(names, rules, shape=shape, mesh=mesh))
+
+
+def state_shardings(tree: Any, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> Any:
+    """A tree of ``NamedSharding`` with the structure of ``tree``.
+
+    ``tree`` is an ``nnx.State`` / graph node / any pytree whose leaves are
+    arrays, ``jax.ShapeDtypeStruct`` or ``nnx.Variable``s. Variables annotated
+    with logical names are sharded by the rules (divisibility permitting);
+    every other leaf is replicated.
+    """
+
+    def one(leaf: Any) -> Any:
+        if isinstance(leaf, nnx.Variable):
+            return leaf.replace(_leaf_sharding(leaf.get_value(), _variable_logical_axes(leaf), mesh, rules))
+        return _leaf_sharding(leaf, None, mesh, rules)
+
+    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def abstract_state(tree: Any, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> Any:
+    """``tree`` with every array replaced by a ``ShapeDtypeStruct`` carrying its
+    rule-derived sharding: the restore target for :mod:`checkpoint`."""
+    shardings = state_shardings(tree, mesh, rules)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def create_sharded(init_fn: Callable[[], Any], mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> Any:
+    """Runs ``init_fn`` (returning an nnx graph node, e.g. a model or an
+    ``nnx.Optimizer``) so that every array is born with its sharding.
+
+    The node is first traced abstractly to read shapes and logical names, then
+    created under ``jax.jit(..., out_shardings=...)``: no full copy of the
+    parameters ever lives on one device. Eager per-variable sharding is turned
+    off inside because the jit output shardings already place everything (and
+    they apply the divisibility fallback that eager sharding lacks).
+    """
+    with nnx.use_eager_sharding(False):
+        graphdef, abs_state = nnx.split(nnx.eval_shape(init_fn))
+    shardings = state_shardings(abs_state, mesh, rules)
+
+    def init_state() -> Any:
+        with nnx.use_eager_sharding(False):
+            return nnx.split(init_fn())[1]
+
+    with use_mesh(mesh, rules):
+        state = jax.jit(init_state, out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> Iterator[Mesh]:
+    """Sets ``mesh`` as the current mesh (``jax.set_mesh``) and ``rules`` as
+    flax's logical axis rules for the duration of the block."""
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        yield mesh
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None], rules: LogicalRules | None = None) -> jax.Array:
+    """``with_sharding_constraint`` by logical names against the current mesh;
+    a no-op when no mesh is set (single-device code paths stay untouched)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty or math.prod(mesh.shape.values()) == 1:
+        return x
+    if rules is None:
+        rules = _current_rules()
+    spec = logical_to_spec(logical_axes, rules, shape=x.shape, mesh=mesh)
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+def _current_rules() -> LogicalRules:
+    from flax.core import spmd as core_spmd  # flax keeps the active rules here
+
+    return tuple(core_spmd.get_logical_axis_rules()) or DEFAULT_RULES
+
+
+def batch_sharding(mesh: Mesh, ndim: int, rules: LogicalRules = DEFAULT_RULES) -> NamedSharding:
+    """Sharding of a ``[B, ...]`` batch array: leading dim by the ``batch`` rule."""
+    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, mesh=mesh))
+
+
+def put_batch(tree: Any, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> Any:
+    """Places a host pytree of ``[B, ...]`` arrays on the mesh, split along B.
+
+    Every process must pass the *same global* arrays (the trainer derives
+    rollouts from shared seeds); each process then uploads only the slices its
+    own devices hold, so this works unchanged on one host or many. A batch
+    size not divisible by the batch axes falls back to fewer axes.
+    """
+
+    def one(x: Any) -> jax.Array:
+        x = np.asarray(x)
+        if x.ndim == 0:
+            sharding = NamedSharding(mesh, PartitionSpec())
+        else:
+            names = ("batch",) + (None,) * (x.ndim - 1)
+            sharding = NamedSharding(mesh, logical_to_spec(names, rules, shape=x.shape, mesh=mesh))
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(one, tree)
+
+
+def bytes_per_device(tree: Any) -> dict[jax.Device, int]:
+    """Bytes of ``tree``'s arrays held by each addressable device."""
+    totals: dict[jax.Device, int] = {}
+    for leaf in jax.tree.leaves(tree):
+        for shard in getattr(leaf, "addressable_shards", ()):
+            totals[shard.device] = totals.get(shard.device, 0) + shard.data.nbytes
+    return totals

@@ -1,0 +1,116 @@
+"""Tests for aem_jax.trainer.sharding on the 8 fake CPU devices of conftest."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import AxisType, PartitionSpec as P
+
+from aem_jax.trainer import sharding
+
+
+class TinyMLP(nnx.Module):
+    """Embedding -> SwiGLU-free MLP -> unembedding, annotated with logical names."""
+
+    def __init__(self, vocab: int, embed: int, mlp: int, *, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(0.5)
+        self.embedding = nnx.Param(init(rngs.params(), (vocab, embed)), out_sharding=("vocab", "embed"))
+        self.up = nnx.Param(init(rngs.params(), (embed, mlp)), out_sharding=("embed", "mlp"))
+        self.down = nnx.Param(init(rngs.params(), (mlp, embed)), out_sharding=("mlp", "embed"))
+        self.scale = nnx.Param(jnp.ones((embed,)), out_sharding=("norm",))
+        self.bias = nnx.Param(jnp.zeros((mlp,)))  # no annotation: replicated
+
+    def __call__(self, tokens_BT: jax.Array) -> jax.Array:
+        x_BTD = self.embedding[...][tokens_BT]
+        x_BTD = sharding.constrain(x_BTD, ("batch", "length", "embed"))
+        h_BTF = jax.nn.gelu(x_BTD @ self.up[...] + self.bias[...])
+        y_BTD = (h_BTF @ self.down[...]) * self.scale[...]
+        return y_BTD @ self.embedding[...].T
+
+
+def _make(vocab=16, embed=8, mlp=12):
+    # flax creates annotated variables eagerly sharded by default, which needs
+    # a mesh; the unsharded reference is built without one.
+    with nnx.use_eager_sharding(False):
+        return TinyMLP(vocab, embed, mlp, rngs=nnx.Rngs(0))
+
+
+def test_make_mesh_shapes_and_axis_types():
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    assert mesh.axis_names == ("data", "fsdp", "tensor")
+    assert tuple(mesh.shape.values()) == (2, 2, 2)
+    assert mesh.axis_types == (AxisType.Auto,) * 3
+    assert tuple(sharding.make_mesh({"fsdp": -1}).shape.values()) == (1, 8, 1)
+    explicit = sharding.make_mesh({"tensor": 8}, axis_type="explicit")
+    assert explicit.axis_types == (AxisType.Explicit,) * 3
+    assert tuple(sharding.make_mesh(None, devices=jax.devices()[:1]).shape.values()) == (1, 1, 1)
+
+
+@pytest.mark.parametrize(
+    "shape, match",
+    [({"data": 3}, "needs 3 devices"), ({"model": 8}, "unknown axes"), ({"data": -1, "fsdp": -1}, "at most one")],
+)
+def test_make_mesh_bad_shapes(shape, match):
+    with pytest.raises(ValueError, match=match):
+        sharding.make_mesh(shape)
+
+
+def test_logical_to_spec_rules_and_divisibility_fallback():
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    assert sharding.logical_to_spec(("embed", "mlp")) == P("fsdp", "tensor")
+    assert sharding.logical_to_spec(("batch", "length", "embed"), mesh=mesh, shape=(8, 3, 4)) == P(
+        ("data", "fsdp"), None, None
+    )  # embed would reuse fsdp: dropped
+    assert sharding.logical_to_spec(("batch", None), mesh=mesh, shape=(6, 5)) == P("data", None)
+    assert sharding.logical_to_spec(("kv_heads", "head_dim"), mesh=mesh, shape=(3, 4)) == P(None, None)
+    assert sharding.logical_to_spec(("unknown_name",)) == P(None)
+
+
+def test_create_sharded_splits_params_and_matches_unsharded():
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    model = sharding.create_sharded(_make, mesh)
+    assert model.up[...].sharding.spec == P("fsdp", "tensor")
+    assert model.embedding[...].sharding.spec == P("tensor", "fsdp")
+    assert model.bias[...].sharding.spec == P()
+    # Each device holds a quarter of every 2-D matrix and all of the vectors.
+    full = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
+    per_device = sharding.bytes_per_device(nnx.state(model))
+    assert len(per_device) == 8
+    expected = (16 * 8 + 8 * 12 + 12 * 8) * 4 // 4 + (8 + 12) * 4
+    assert set(per_device.values()) == {expected} and expected < full
+
+    reference = _make()
+    tokens_BT = jnp.arange(8 * 4, dtype=jnp.int32).reshape(8, 4) % 16
+    with sharding.use_mesh(mesh):
+        out = jax.jit(lambda m, t: m(t))(model, sharding.put_batch(tokens_BT, mesh))
+    np.testing.assert_allclose(out, reference(tokens_BT), rtol=1e-5, atol=1e-5)
+    assert out.sharding.spec[0] == ("data", "fsdp")
+
+
+def test_create_sharded_non_divisible_dims_replicate():
+    mesh = sharding.make_mesh({"fsdp": 2, "tensor": 4})
+    model = sharding.create_sharded(lambda: _make(vocab=10, embed=6, mlp=7), mesh)
+    assert model.embedding[...].sharding.spec == P(None, "fsdp")  # vocab 10 % 4 != 0
+    assert model.up[...].sharding.spec == P("fsdp", None)  # mlp 7 % 4 != 0
+
+
+def test_optimizer_state_follows_param_shardings_and_abstract_state():
+    mesh = sharding.make_mesh({"fsdp": 4, "tensor": 2})
+
+    def init():
+        model = _make()
+        return model, nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+
+    model, optimizer = sharding.create_sharded(init, mesh)
+    mu = optimizer.opt_state[0].mu
+    assert mu["up"][...].sharding.spec == P("fsdp", "tensor")
+    abstract = sharding.abstract_state(nnx.state(model), mesh)
+    down = abstract["down"].get_value()
+    assert isinstance(down, jax.ShapeDtypeStruct) and down.sharding.spec == P("tensor", "fsdp")
+
+
+def test_constrain_is_noop_without_mesh():
+    x = jnp.ones((4, 3))
+    assert sharding.constrain(x, ("batch", None)) is x
