@@ -1,0 +1,302 @@
+"""A Flax NNX decoder covering Qwen2/Qwen2.5, Qwen3 and Llama 3.
+
+Architecture (pre-norm, as in the Hugging Face reference implementations):
+
+  h_0 = E[tokens]
+  a_l = h_l + Attn(RMSNorm(h_l))       GQA, RoPE, optional q/k/v bias, optional q/k RMSNorm
+  h_{l+1} = a_l + W_down(silu(W_gate x) * W_up x),  x = RMSNorm(a_l)
+  logits = RMSNorm(h_L) @ U,  U = E^T (tied) or a separate lm_head
+
+RMSNorm(x) = w * x / sqrt(mean(x^2) + eps) (Zhang & Sennrich, 2019); RoPE
+(Su et al., 2021) in the "rotate half" layout with optional Llama 3 frequency
+scaling; attention softmax(q k^T / sqrt(head_dim)) in float32.
+
+Logical axis names. Every parameter carries them as the `out_sharding`
+metadata of its `nnx.Param` (not applied eagerly), so a trainer maps them to
+mesh axes with a rule table (`flax.core.spmd.logical_axis_rules` /
+`nnx.logical_axis_rules` + `nnx.get_partition_spec`):
+
+  parameter              shape          names
+  embed                  [V, D]         (vocab, embed)
+  lm_head (untied)       [D, V]         (embed, vocab)
+  q / k / v kernels      [D, N|K, H]    (embed, heads|kv_heads, head_dim)
+  q / k / v biases       [N|K, H]       (heads|kv_heads, head_dim)
+  o kernel               [N, H, D]      (heads, head_dim, embed)
+  gate / up kernels      [D, F]         (embed, mlp)
+  down kernel            [F, D]         (mlp, embed)
+  RMSNorm scales         [D] or [H]     (norm,) or (head_dim,)
+
+Activations are constrained (only when a mesh is set, see `constrain`) with
+the names batch, length, embed, heads, kv_heads, head_dim, mlp, vocab.
+
+Dimension letters: B batch, T query length, S key/cache length, D hidden,
+N query heads, K key/value heads, G = N/K heads per group, H head_dim,
+F intermediate, V vocabulary, L layers.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from flax.core import spmd
+
+from aem_jax.models.config import ModelConfig
+
+_MASKED = -1e30  # finite, so fully masked (padding) query rows give no NaNs
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Applies a logical sharding constraint; a no-op without a mesh or rules.
+
+    Logical names are mapped through the rules of the enclosing
+    `logical_axis_rules` context; names without a rule are replicated.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    rules = spmd.get_logical_axis_rules()
+    if mesh.empty or not rules:
+        return x
+    table = dict(rules)
+    spec = jax.sharding.PartitionSpec(*(table.get(n) if n else None for n in names))
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str, ...], dtype,
+           init: str = "normal") -> nnx.Param:
+    if init == "normal":  # HF initializer_range = 0.02
+        value = 0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)
+    else:
+        value = jnp.full(shape, 1.0 if init == "ones" else 0.0, jnp.float32)
+    return nnx.Param(value.astype(dtype), out_sharding=names, eager_sharding=False)
+
+
+class KVCache(NamedTuple):
+    """A preallocated key/value cache: one [B,S,K,H] array per layer.
+
+    `index` is the cache slot where the next call's first token is written.
+    """
+
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+    index: jax.Array
+
+    @classmethod
+    def zeros(cls, config: ModelConfig, batch: int, length: int) -> "KVCache":
+        shape = (batch, length, config.num_kv_heads, config.head_dim)
+        z = tuple(jnp.zeros(shape, config.compute_dtype) for _ in range(config.num_layers))
+        return cls(keys=z, values=tuple(jnp.zeros_like(a) for a in z),
+                   index=jnp.zeros((), jnp.int32))
+
+
+class RMSNorm(nnx.Module):
+    """y = w * x / sqrt(mean(x^2) + eps), statistics in float32."""
+
+    def __init__(self, size: int, config: ModelConfig, *, names: tuple[str, ...], rngs: nnx.Rngs):
+        self.eps = config.rms_norm_eps
+        self.scale = _param(rngs, (size,), names, config.params_dtype, init="ones")
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x.dtype) * y.astype(x.dtype)
+
+
+def rope_inverse_frequencies(config: ModelConfig) -> np.ndarray:
+    """theta^(-2i/H) in float32 (as the reference), with optional Llama 3 scaling."""
+    h = config.head_dim
+    inv = (1.0 / (np.float32(config.rope_theta) ** (np.arange(0, h, 2).astype(np.float32) / h)))
+    inv = inv.astype(np.float32)
+    s = config.rope_scaling
+    if s is None:
+        return inv
+    # Llama 3: long wavelengths are slowed down by `factor`, short ones kept,
+    # and a smooth interpolation in between.
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * np.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / s.factor, inv)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotates pairs (x_i, x_{i+H/2}) by angle position * inv_freq_i."""
+    angles = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles).astype(x_BTNH.dtype), jnp.sin(angles).astype(x_BTNH.dtype)
+    x1, x2 = jnp.split(x_BTNH, 2, axis=-1)
+    return x_BTNH * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention with RoPE and an optional KV cache."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        c, pd = config, config.params_dtype
+        self.config = config
+        self.q = _param(rngs, (c.hidden_size, c.num_heads, c.head_dim), ("embed", "heads", "head_dim"), pd)
+        self.k = _param(rngs, (c.hidden_size, c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), pd)
+        self.v = _param(rngs, (c.hidden_size, c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), pd)
+        self.o = _param(rngs, (c.num_heads, c.head_dim, c.hidden_size), ("heads", "head_dim", "embed"), pd)
+        if c.qkv_bias:
+            self.q_bias = _param(rngs, (c.num_heads, c.head_dim), ("heads", "head_dim"), pd, "zeros")
+            self.k_bias = _param(rngs, (c.num_kv_heads, c.head_dim), ("kv_heads", "head_dim"), pd, "zeros")
+            self.v_bias = _param(rngs, (c.num_kv_heads, c.head_dim), ("kv_heads", "head_dim"), pd, "zeros")
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, c, names=("head_dim",), rngs=rngs)
+            self.k_norm = RMSNorm(c.head_dim, c, names=("head_dim",), rngs=rngs)
+
+    def _project(self, x_BTD: jax.Array, name: str) -> jax.Array:
+        dt = self.config.compute_dtype
+        y = jnp.einsum("btd,dnh->btnh", x_BTD, getattr(self, name)[...].astype(dt))
+        if self.config.qkv_bias:
+            y = y + getattr(self, f"{name}_bias")[...].astype(dt)
+        return y
+
+    def __call__(self, x_BTD, positions_BT, allowed_BTS, inv_freq, kv=None, index=None):
+        """Returns the attention output [B,T,D] and the (possibly updated) k/v [B,S,K,H]."""
+        c = self.config
+        q_BTNH, k_BTKH, v_BTKH = (self._project(x_BTD, n) for n in ("q", "k", "v"))
+        if c.qk_norm:
+            q_BTNH, k_BTKH = self.q_norm(q_BTNH), self.k_norm(k_BTKH)
+        q_BTNH = constrain(apply_rope(q_BTNH, positions_BT, inv_freq), ("batch", "length", "heads", "head_dim"))
+        k_BTKH = constrain(apply_rope(k_BTKH, positions_BT, inv_freq), ("batch", "length", "kv_heads", "head_dim"))
+        if kv is not None:  # write the new keys/values at slots [index, index + T)
+            start = (0, index, 0, 0)
+            k_BSKH = jax.lax.dynamic_update_slice(kv[0], k_BTKH.astype(kv[0].dtype), start)
+            v_BSKH = jax.lax.dynamic_update_slice(kv[1], v_BTKH.astype(kv[1].dtype), start)
+        else:
+            k_BSKH, v_BSKH = k_BTKH, v_BTKH
+        b, t = x_BTD.shape[:2]
+        g = c.num_heads // c.num_kv_heads
+        q_BTKGH = q_BTNH.reshape(b, t, c.num_kv_heads, g, c.head_dim)
+        scores = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH,
+                            preferred_element_type=jnp.float32) * (c.head_dim ** -0.5)
+        scores = jnp.where(allowed_BTS[:, None, None], scores, _MASKED)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKH.dtype)
+        out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs, v_BSKH)
+        out_BTNH = out_BTKGH.reshape(b, t, c.num_heads, c.head_dim)
+        y = jnp.einsum("btnh,nhd->btd", out_BTNH, self.o[...].astype(c.compute_dtype))
+        return y, (k_BSKH, v_BSKH)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: W_down(silu(W_gate x) * W_up x)."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        c, pd = config, config.params_dtype
+        self.dtype = c.compute_dtype
+        self.gate = _param(rngs, (c.hidden_size, c.intermediate_size), ("embed", "mlp"), pd)
+        self.up = _param(rngs, (c.hidden_size, c.intermediate_size), ("embed", "mlp"), pd)
+        self.down = _param(rngs, (c.intermediate_size, c.hidden_size), ("mlp", "embed"), pd)
+
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+        dt = self.dtype
+        gate = jnp.einsum("btd,df->btf", x_BTD, self.gate[...].astype(dt))
+        up = jnp.einsum("btd,df->btf", x_BTD, self.up[...].astype(dt))
+        h_BTF = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+        return jnp.einsum("btf,fd->btd", h_BTF, self.down[...].astype(dt))
+
+
+class Block(nnx.Module):
+    """One pre-norm transformer layer."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.input_norm = RMSNorm(config.hidden_size, config, names=("norm",), rngs=rngs)
+        self.attn = Attention(config, rngs=rngs)
+        self.post_attn_norm = RMSNorm(config.hidden_size, config, names=("norm",), rngs=rngs)
+        self.mlp = MLP(config, rngs=rngs)
+
+    def __call__(self, x_BTD, positions_BT, allowed_BTS, inv_freq, kv=None, index=None):
+        y, kv = self.attn(self.input_norm(x_BTD), positions_BT, allowed_BTS, inv_freq, kv, index)
+        x_BTD = constrain(x_BTD + y, ("batch", "length", "embed"))
+        x_BTD = x_BTD + self.mlp(self.post_attn_norm(x_BTD))
+        return constrain(x_BTD, ("batch", "length", "embed")), kv
+
+
+class Decoder(nnx.Module):
+    """The decoder: embedding, `num_layers` blocks, final norm, unembedding."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        pd = config.params_dtype
+        self.embed = _param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), pd)
+        self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
+        self.final_norm = RMSNorm(config.hidden_size, config, names=("norm",), rngs=rngs)
+        if not config.tie_embeddings:
+            self.lm_head = _param(rngs, (config.hidden_size, config.vocab_size), ("embed", "vocab"), pd)
+
+    def hidden(self, tokens_BT, positions_BT, attention_mask, cache: KVCache | None = None):
+        """Final-norm hidden states [B,T,D] and the updated cache.
+
+        Without a cache, `attention_mask` is [B,T] (1 = real token) and
+        attention is causal over the T tokens. With a cache, the T tokens are
+        written at slots [cache.index, cache.index + T) and `attention_mask`
+        is [B,S] over all cache slots (1 = slot holds a real token); a query
+        at slot i attends to valid slots <= i.
+        """
+        c = self.config
+        x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0).astype(c.compute_dtype)
+        x_BTD = constrain(x_BTD, ("batch", "length", "embed"))
+        t = tokens_BT.shape[1]
+        mask = attention_mask.astype(bool)
+        index = jnp.zeros((), jnp.int32) if cache is None else cache.index
+        q_slots = index + jnp.arange(t)
+        k_slots = jnp.arange(mask.shape[1])
+        allowed_BTS = mask[:, None, :] & (k_slots[None, :] <= q_slots[:, None])[None]
+        inv_freq = rope_inverse_frequencies(c)
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            kv = None if cache is None else (cache.keys[i], cache.values[i])
+            x_BTD, (k, v) = layer(x_BTD, positions_BT, allowed_BTS, inv_freq, kv, index)
+            new_k.append(k)
+            new_v.append(v)
+        new_cache = None if cache is None else KVCache(tuple(new_k), tuple(new_v), index + t)
+        return self.final_norm(x_BTD), new_cache
+
+    def unembed(self, hidden_BTD: jax.Array) -> jax.Array:
+        """Float32 logits [B,T,V] from hidden states."""
+        u = unembedding(self).astype(self.config.compute_dtype)
+        out = jnp.einsum("btd,dv->btv", hidden_BTD, u, preferred_element_type=jnp.float32)
+        return constrain(out, ("batch", "length", "vocab"))
+
+    def __call__(self, tokens_BT, positions_BT, attention_mask, cache: KVCache | None = None):
+        """Returns (logits [B,T,V] float32, updated cache or None); see `hidden`."""
+        hidden_BTD, cache = self.hidden(tokens_BT, positions_BT, attention_mask, cache)
+        return self.unembed(hidden_BTD), cache
+
+
+def unembedding(model: Decoder) -> jax.Array:
+    """The unembedding matrix U [D,V] (the transposed embedding when tied)."""
+    if model.config.tie_embeddings:
+        return model.embed[...].T
+    return model.lm_head[...]
+
+
+def positions_from_mask(attention_mask_BT: jax.Array) -> jax.Array:
+    """Token positions that ignore padding on either side: cumsum(mask) - 1, >= 0."""
+    m = attention_mask_BT.astype(jnp.int32)
+    return jnp.maximum(jnp.cumsum(m, axis=1) - 1, 0)
+
+
+def hidden_states(model: Decoder, tokens_BT: jax.Array, attention_mask_BT: jax.Array) -> jax.Array:
+    """Final-norm hidden states [B,T,D] of a padded batch (left or right padding)."""
+    hidden, _ = model.hidden(tokens_BT, positions_from_mask(attention_mask_BT), attention_mask_BT)
+    return hidden
+
+
+def logits(model: Decoder, tokens_BT: jax.Array, attention_mask_BT: jax.Array) -> jax.Array:
+    """Float32 next-token logits [B,T,V] of a padded batch (left or right padding)."""
+    return model.unembed(hidden_states(model, tokens_BT, attention_mask_BT))
+
+
+def init_model(config: ModelConfig, *, seed: int = 0, dtype: str | None = None) -> Decoder:
+    """A randomly initialised decoder; `dtype` (if given) sets compute and parameter dtype."""
+    if dtype is not None:
+        config = config.replace(dtype=dtype, param_dtype=dtype)
+    return Decoder(config, rngs=nnx.Rngs(seed))

@@ -1,0 +1,257 @@
+"""Loading and saving Hugging Face checkpoints (config.json + safetensors + tokenizer).
+
+Loading never holds the model twice in host memory: safetensors files are
+memory-mapped, each tensor is viewed in our layout (transposes and reshapes
+of the mapping, no copy) and `jax.make_array_from_callback` copies only each
+device's shard of it straight into its target sharding. The model skeleton
+is built with `nnx.eval_shape`, so no random initialisation is materialised.
+
+Saving gathers one tensor at a time and writes shards of at most
+`max_shard_bytes`, with a `model.safetensors.index.json` when there is more
+than one.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, Iterator, Sequence
+
+import jax
+import ml_dtypes
+import numpy as np
+import safetensors.numpy
+import transformers
+from flax import nnx
+
+from aem_jax.models.config import ModelConfig, from_hf_config, to_hf_config
+from aem_jax.models.decoder import Decoder
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
+           "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32}
+Rules = Sequence[tuple[str, Any]]
+
+
+# --- the name and layout map ------------------------------------------------
+
+def _entries(config: ModelConfig) -> Iterator[tuple[str, tuple, Callable, Callable]]:
+    """(HF name, our state path, HF->ours view, ours->HF) for every parameter."""
+    n, k, h, d = config.num_heads, config.num_kv_heads, config.head_dim, config.hidden_size
+    ident = (lambda a: a, lambda a: a)
+    transpose = (lambda a: a.T, lambda a: a.T)
+
+    def qkv(heads):  # HF [heads*H, D] <-> ours [D, heads, H]
+        return (lambda a: a.reshape(heads, h, d).transpose(2, 0, 1),
+                lambda a: a.transpose(1, 2, 0).reshape(heads * h, d))
+
+    def bias(heads):  # HF [heads*H] <-> ours [heads, H]
+        return (lambda a: a.reshape(heads, h), lambda a: a.reshape(heads * h))
+
+    o = (lambda a: a.reshape(d, n, h).transpose(1, 2, 0),  # HF [D, N*H] <-> ours [N, H, D]
+         lambda a: a.transpose(2, 0, 1).reshape(d, n * h))
+    yield ("model.embed_tokens.weight", ("embed",), *ident)
+    for i in range(config.num_layers):
+        p, ours = f"model.layers.{i}.", ("layers", i)
+        yield (p + "input_layernorm.weight", (*ours, "input_norm", "scale"), *ident)
+        yield (p + "post_attention_layernorm.weight", (*ours, "post_attn_norm", "scale"), *ident)
+        for name, heads in (("q", n), ("k", k), ("v", k)):
+            yield (p + f"self_attn.{name}_proj.weight", (*ours, "attn", name), *qkv(heads))
+            if config.qkv_bias:
+                yield (p + f"self_attn.{name}_proj.bias", (*ours, "attn", f"{name}_bias"), *bias(heads))
+        yield (p + "self_attn.o_proj.weight", (*ours, "attn", "o"), *o)
+        if config.qk_norm:
+            yield (p + "self_attn.q_norm.weight", (*ours, "attn", "q_norm", "scale"), *ident)
+            yield (p + "self_attn.k_norm.weight", (*ours, "attn", "k_norm", "scale"), *ident)
+        for name in ("gate", "up", "down"):
+            yield (p + f"mlp.{name}_proj.weight", (*ours, "mlp", name), *transpose)
+    yield ("model.norm.weight", ("final_norm", "scale"), *ident)
+    if not config.tie_embeddings:
+        yield ("lm_head.weight", ("lm_head",), *transpose)
+
+
+# --- reading ----------------------------------------------------------------
+
+def _mmap_safetensors(path: str) -> dict[str, np.ndarray]:
+    """Zero-copy views of every tensor of a safetensors file."""
+    buf = np.memmap(path, dtype=np.uint8, mode="r")
+    header_len = int(np.frombuffer(buf[:8].tobytes(), "<u8")[0])
+    header = json.loads(buf[8:8 + header_len].tobytes())
+    base, out = 8 + header_len, {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in _DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} has dtype {info['dtype']!r}; "
+                             f"supported: {sorted(_DTYPES)}")
+        start, end = info["data_offsets"]
+        out[name] = buf[base + start:base + end].view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+    return out
+
+
+def _weight_files(directory: str) -> dict[str, str]:
+    """HF tensor name -> safetensors file, checking that every file exists."""
+    index_path = os.path.join(directory, INDEX_FILE)
+    if os.path.exists(index_path):
+        with open(index_path) as f:
+            weight_map = json.load(f).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index_path}: field 'weight_map' is missing or not an object")
+        for file in sorted(set(weight_map.values())):
+            if not os.path.exists(os.path.join(directory, file)):
+                raise FileNotFoundError(f"{index_path} lists shard {file!r}, which is missing "
+                                        f"from {directory}")
+        return dict(weight_map)
+    single = os.path.join(directory, SINGLE_FILE)
+    if not os.path.exists(single):
+        raise FileNotFoundError(f"{directory}: neither {INDEX_FILE} nor {SINGLE_FILE} exists")
+    return {name: SINGLE_FILE for name in _mmap_safetensors(single)}
+
+
+def _spec(names: tuple | None, rules: Rules | None) -> jax.sharding.PartitionSpec:
+    table = dict(rules or ())
+    return jax.sharding.PartitionSpec(*(table.get(n) for n in (names or ())))
+
+
+def _resolve(path_or_hub_id: str) -> str:
+    if os.path.isdir(path_or_hub_id):
+        return path_or_hub_id
+    if os.path.exists(path_or_hub_id):
+        raise ValueError(f"path_or_hub_id={path_or_hub_id!r} is a file; expected a checkpoint "
+                         "directory or a hub id")
+    import huggingface_hub  # only for hub ids
+
+    return huggingface_hub.snapshot_download(
+        path_or_hub_id, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"])
+
+
+def load_tokenizer(directory: str, *, require_chat_template: bool = True):
+    """`transformers.AutoTokenizer` of `directory`, checking for a chat template."""
+    tok = transformers.AutoTokenizer.from_pretrained(directory)
+    if require_chat_template and not tok.chat_template:
+        raise ValueError(
+            f"{os.path.join(directory, 'tokenizer_config.json')}: the tokenizer has no "
+            "'chat_template' (nor chat_template.jinja); add one, or pass "
+            "require_chat_template=False")
+    return tok
+
+
+def load_model(directory: str, *, dtype: str = "float32", mesh: jax.sharding.Mesh | None = None,
+               rules: Rules | None = None) -> Decoder:
+    """Builds a `Decoder` from `directory`'s config.json and safetensors.
+
+    With a `mesh`, each parameter is placed with the sharding its logical axis
+    names map to under `rules` ((logical name, mesh axes) pairs); otherwise on
+    the default device.
+    """
+    config_path = os.path.join(directory, "config.json")
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"{directory}: config.json is missing")
+    with open(config_path) as f:
+        config = from_hf_config(json.load(f), dtype=dtype, source=config_path)
+    files = _weight_files(directory)
+    abstract = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    flat = dict(nnx.to_flat_state(state))
+    opened: dict[str, dict[str, np.ndarray]] = {}
+    for hf_name, path, to_ours, _ in _entries(config):
+        if hf_name not in files:
+            raise ValueError(f"{directory}: tensor {hf_name!r} is missing from the checkpoint")
+        file = files[hf_name]
+        if file not in opened:
+            opened[file] = _mmap_safetensors(os.path.join(directory, file))
+        if hf_name not in opened[file]:
+            raise ValueError(f"{os.path.join(directory, file)}: tensor {hf_name!r} is missing")
+        variable = flat[path]
+        raw = opened[file][hf_name]
+        try:
+            view = to_ours(raw)
+        except ValueError:
+            view = None
+        if view is None or view.shape != tuple(variable.shape):
+            raise ValueError(f"{os.path.join(directory, file)}: tensor {hf_name!r} has shape "
+                             f"{list(raw.shape)}, which does not fit {config_path} (expected a "
+                             f"tensor that maps to {list(variable.shape)})")
+        if mesh is None:
+            sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        else:
+            sharding = jax.sharding.NamedSharding(mesh, _spec(variable.get_metadata().get("out_sharding"), rules))
+        target = variable.dtype
+        value = jax.make_array_from_callback(
+            view.shape, sharding, lambda idx, v=view, t=target: np.ascontiguousarray(v[idx]).astype(t))
+        variable.set_value(value)
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def from_pretrained(path_or_hub_id: str, *, dtype: str = "float32",
+                    mesh: jax.sharding.Mesh | None = None, rules: Rules | None = None,
+                    require_chat_template: bool = True):
+    """Loads (model, tokenizer) from a Hugging Face directory or hub id.
+
+    Args:
+      path_or_hub_id: a local checkpoint directory or a hub id.
+      dtype: "float32" or "bfloat16", for parameters and compute.
+      mesh, rules: optional target mesh and logical-axis rules; each tensor is
+        loaded straight into its sharding.
+      require_chat_template: raise if the tokenizer has no chat template.
+    """
+    directory = _resolve(path_or_hub_id)
+    model = load_model(directory, dtype=dtype, mesh=mesh, rules=rules)
+    return model, load_tokenizer(directory, require_chat_template=require_chat_template)
+
+
+# --- writing ----------------------------------------------------------------
+
+def _to_host(value: jax.Array) -> np.ndarray:
+    if not value.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        value = multihost_utils.process_allgather(value, tiled=True)
+    return np.asarray(jax.device_get(value))
+
+
+def save_pretrained(model: Decoder, tokenizer, path: str | os.PathLike, *,
+                    max_shard_bytes: int = 2 * 1024 ** 3) -> None:
+    """Writes `model` (config.json + safetensors) and `tokenizer` to `path`.
+
+    The directory loads with `transformers.AutoModelForCausalLM` and
+    `AutoTokenizer`. Only process 0 writes; all processes must call it (the
+    gathers of sharded parameters are collective).
+    """
+    path = str(path)
+    config: ModelConfig = model.config
+    state = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    entries = list(_entries(config))
+    # Plan shards from sizes first, then hold only one shard in host memory.
+    shards: list[list[tuple]] = [[]]
+    size = 0
+    for entry in entries:
+        nbytes = state[entry[1]].size * state[entry[1]].dtype.itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+    writer = jax.process_index() == 0
+    if writer:
+        os.makedirs(path, exist_ok=True)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = SINGLE_FILE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {hf: np.ascontiguousarray(to_hf(_to_host(state[p][...])))
+                   for hf, p, _, to_hf in shard}
+        if writer:
+            safetensors.numpy.save_file(tensors, os.path.join(path, file), metadata={"format": "pt"})
+        weight_map.update({hf: file for hf in tensors})
+        del tensors
+    if not writer:
+        return
+    if len(shards) > 1:
+        total = sum(state[p].size * state[p].dtype.itemsize for _, p, _, _ in entries)
+        with open(os.path.join(path, INDEX_FILE), "w") as f:
+            json.dump({"metadata": {"total_size": int(total)}, "weight_map": weight_map}, f, indent=2)
+    pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(to_hf_config(config, pad_token_id=pad), f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
