@@ -4,4 +4,7 @@
 """
 from aem_jax.envs.base import Env, Observation, Step, make, register, registered
 
+register("treasure", "aem_jax.envs.treasure:TreasureHunt")
+register("textworld", "aem_jax.envs.textworld_env:TextWorldEnv")
+
 __all__ = ["Env", "Observation", "Step", "make", "register", "registered"]

@@ -1,0 +1,180 @@
+"""``treasure``: the built-in game for the CPU default.
+
+A room holds a note and ``num_boxes`` numbered boxes. The note names a box;
+that box holds the next note, and so on for ``num_clues`` notes, the last one
+naming the box with the gold. Opening the box the latest note names is
+progress, opening a box no note has named springs a trap and ends the
+episode. Example with 6 boxes and one clue::
+
+    user:      find the gold . you see a note and boxes 1 to 6 . you can
+               read note or open box with a number .
+    assistant: read note
+    user:      the note says : the gold is in box 4 .
+    assistant: open box 4
+    user:      you open box 4 and find the gold . you win !
+
+Why this game: it is genuinely multi-turn (the right action at turn k is a
+number only an earlier observation revealed, so the policy must copy it from
+its history), the reward is sparse (1 on success at the end, 0 otherwise),
+the vocabulary is ~40 words, episodes are ``num_clues + 1`` turns when played
+well, and a small transformer trained from scratch learns the copy quickly.
+
+A uniformly random player over the ``num_boxes + 1`` valid actions wins with
+probability at most ``p / (1 - p) * p**(num_clues - 1)`` where
+``p = 1 / (num_boxes + 1)`` (1/6 for the defaults), since each turn it either
+reads (p), picks the right box (p) or springs a trap.
+
+Anchors (GiGPO): the agent-visible state -- how many notes it has followed and
+which box it currently knows of -- so rollouts of one task that reach the
+same knowledge share an anchor.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from aem_jax.envs.base import Observation, Step
+
+MAX_BOXES = 9
+
+_ACTION_RE = re.compile(r"^\s*(read\s+note|open\s+box\s+(\d+))\s*\.?\s*$")
+
+# Every sentence the game can say, with {n}, {b} and {k} for numbers; the
+# vocabulary is derived from these so it can never miss a word.
+_TEXTS = (
+    "find the gold . you see a note and boxes 1 to {n} . "
+    "you can read note or open box with a number .",
+    "the note says : the gold is in box {b} .",
+    "the note says : the next note is in box {b} .",
+    "you open box {k} . it holds a note that says : the gold is in box {b} .",
+    "you open box {k} . it holds a note that says : the next note is in box {b} .",
+    "you open box {k} and find the gold . you win !",
+    "you open box {k} . it holds a trap . you lose .",
+    "box {k} is empty now .",
+    "i do not understand . say read note or open box with a number from 1 to {n} .",
+    "you are out of turns . you lose .",
+)
+
+
+def vocabulary(max_boxes: int = MAX_BOXES) -> list[str]:
+    """Every word the game's observations, instructions and valid actions use.
+
+    Punctuation marks are separate words (the word-level tokenizer isolates
+    them), numbers run 1..``max_boxes``.
+    """
+    words: list[str] = []
+    for text in _TEXTS:
+        for word in text.split():
+            if "{" not in word and word not in words:
+                words.append(word)
+    words += [str(i) for i in range(1, max_boxes + 1) if str(i) not in words]
+    return words
+
+
+class TreasureHunt:
+    """The treasure game (see the module docstring).
+
+    Args:
+      num_boxes: boxes in the room, 2..9. More boxes make guessing harder.
+      num_clues: notes to follow before the gold, 1..num_boxes; the optimal
+        episode takes ``num_clues + 1`` turns.
+      max_turns: turns before the game ends as lost and truncated; defaults to
+        ``num_clues + 3`` (room for one wasted turn and a re-read).
+    """
+
+    def __init__(self, num_boxes: int = 6, num_clues: int = 1, max_turns: int | None = None):
+        if not 2 <= num_boxes <= MAX_BOXES:
+            raise ValueError(f"num_boxes={num_boxes!r}; allowed: 2..{MAX_BOXES}")
+        if not 1 <= num_clues <= num_boxes:
+            raise ValueError(f"num_clues={num_clues!r}; allowed: 1..num_boxes ({num_boxes})")
+        max_turns = num_clues + 3 if max_turns is None else max_turns
+        if max_turns < num_clues + 1:
+            raise ValueError(
+                f"max_turns={max_turns!r} is below the optimal episode length {num_clues + 1}")
+        self.num_boxes = num_boxes
+        self.num_clues = num_clues
+        self.max_turns = max_turns
+        self._path: list[int] = []
+        self._stage = 0          # notes followed so far (0 = the note on the floor)
+        self._known: int | None = None  # box the agent has been told to open next
+        self._opened: set[int] = set()
+        self._turn = 0
+        self._done = True
+
+    # The agent-visible words of the game, for word-level tokenizers.
+    def vocabulary(self) -> list[str]:
+        """Words of this game's texts (see module-level `vocabulary`)."""
+        return vocabulary(MAX_BOXES)
+
+    def valid_actions(self) -> list[str]:
+        """The actions the game understands (for random and scripted players)."""
+        return ["read note"] + [f"open box {i}" for i in range(1, self.num_boxes + 1)]
+
+    def optimal_action(self) -> str:
+        """The best action from what the agent has seen so far."""
+        if self._known is None:
+            return "read note"
+        return f"open box {self._known}"
+
+    def _anchor(self) -> str:
+        known = "nothing" if self._known is None else f"box {self._known}"
+        return f"followed {self._stage} of {self.num_clues} notes ; knows {known}"
+
+    def _info(self, *, success: bool = False, invalid: bool = False, truncated: bool = False):
+        return {"success": success, "invalid_action": invalid, "truncated": truncated,
+                "anchor": self._anchor()}
+
+    def reset(self, *, seed: int) -> Observation:
+        rng = np.random.default_rng(seed)
+        self._path = [int(b) + 1 for b in rng.permutation(self.num_boxes)[: self.num_clues]]
+        self._stage, self._known, self._opened = 0, None, set()
+        self._turn, self._done = 0, False
+        return Observation(_TEXTS[0].format(n=self.num_boxes), self._info())
+
+    def _clue(self, stage: int) -> str:
+        """What the note of `stage` says: where to look next."""
+        what = "the gold" if stage == self.num_clues - 1 else "the next note"
+        return f"{what} is in box {self._path[stage]} ."
+
+    def _open(self, box: int) -> tuple[str, float, bool, bool]:
+        """(text, reward, done, success) of opening `box`."""
+        if box == self._path[self._stage]:
+            self._opened.add(box)
+            if self._stage == self.num_clues - 1:
+                return f"you open box {box} and find the gold . you win !", 1.0, True, True
+            self._stage += 1
+            self._known = self._path[self._stage]
+            return f"you open box {box} . it holds a note that says : {self._clue(self._stage)}", 0.0, False, False
+        if box in self._opened:
+            return f"box {box} is empty now .", 0.0, False, False
+        return f"you open box {box} . it holds a trap . you lose .", 0.0, True, False
+
+    def step(self, action: str) -> Step:
+        if self._done:
+            raise RuntimeError("step() called on a finished episode; call reset(seed=...) first")
+        self._turn += 1
+        match = _ACTION_RE.match(action.lower()) if isinstance(action, str) else None
+        box = int(match.group(2)) if match and match.group(2) else None
+        if match is None or (box is not None and not 1 <= box <= self.num_boxes):
+            text = (f"i do not understand . say read note or open box with a number "
+                    f"from 1 to {self.num_boxes} .")
+            reward, done, success, invalid = 0.0, False, False, True
+        elif box is None:
+            # The note on the floor always names the first box; reading it
+            # again later teaches nothing new.
+            if self._stage == 0:
+                self._known = self._path[0]
+            text = "the note says : " + self._clue(0)
+            reward, done, success, invalid = 0.0, False, False, False
+        else:
+            text, reward, done, success = self._open(box)
+            invalid = False
+        truncated = False
+        if not done and self._turn >= self.max_turns:
+            text += " you are out of turns . you lose ."
+            done, truncated = True, True
+        self._done = done
+        return Step(text, reward, done, self._info(success=success, invalid=invalid,
+                                                   truncated=truncated))
+

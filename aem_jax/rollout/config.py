@@ -1,0 +1,125 @@
+"""Rollout settings and per-episode records."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+HISTORY_MODES = ("concatenated", "windowed")
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+    """How `collect` plays a batch of episodes.
+
+    Attributes:
+      num_tasks: N, distinct tasks (environment seeds) per batch.
+      group_size: G, rollouts per task; B = N * G episodes.
+      max_turns: turns per episode before it is cut short (truncated).
+      history: "concatenated" (one row per episode, the whole chat) or
+        "windowed" (one row per turn: task + last `window` action/observation
+        pairs + the new observation).
+      window: h, past action/observation pairs kept in windowed mode.
+      max_context_tokens: longest prompt + action a turn may need; an episode
+        whose next prompt would not fit is truncated.
+      max_action_tokens: tokens one action may take; a generation cut at this
+        limit without its end-of-turn token is an invalid (over-long) action.
+      invalid_penalty: subtracted from the turn reward of an invalid action
+        (the engine's or the environment's verdict).
+      invalid_message: observation shown for an action the engine rejects;
+        ``{reason}`` is replaced by why.
+      action_pattern: optional regular expression; its first group (or the
+        whole match) is the action. No match is an invalid action. None: the
+        stripped text is the action.
+      system_prompt: optional system message before the task.
+      step_timeout_s: seconds an environment reset/step may take; longer ends
+        the episode as failed.
+      num_threads: worker threads stepping environments.
+      seq_len: T of the TurnBatch; None pads to the next multiple of
+        `seq_bucket` above the longest row.
+      seq_bucket: bucket size for T when `seq_len` is None.
+      row_bucket: B is padded with empty rows to a multiple of this (windowed
+        mode has a data-dependent number of rows).
+    """
+
+    num_tasks: int = 8
+    group_size: int = 4
+    max_turns: int = 4
+    history: str = "concatenated"
+    window: int = 2
+    max_context_tokens: int = 512
+    max_action_tokens: int = 16
+    invalid_penalty: float = 0.0
+    invalid_message: str = "invalid action ( {reason} ) ."
+    action_pattern: str | None = None
+    system_prompt: str | None = None
+    step_timeout_s: float = 30.0
+    num_threads: int = 8
+    seq_len: int | None = None
+    seq_bucket: int = 64
+    row_bucket: int = 1
+
+    def __post_init__(self):
+        positive = ("num_tasks", "group_size", "max_turns", "max_context_tokens",
+                    "max_action_tokens", "num_threads", "seq_bucket", "row_bucket")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"RolloutConfig.{name}={value!r}; must be a positive int")
+        if self.history not in HISTORY_MODES:
+            raise ValueError(f"RolloutConfig.history={self.history!r}; allowed: {HISTORY_MODES}")
+        if self.history == "windowed" and self.window < 0:
+            raise ValueError(f"RolloutConfig.window={self.window!r}; must be >= 0")
+        if self.max_action_tokens >= self.max_context_tokens:
+            raise ValueError(
+                f"RolloutConfig.max_action_tokens={self.max_action_tokens} must be below "
+                f"max_context_tokens={self.max_context_tokens}")
+        if self.seq_len is not None and self.seq_len < self.max_context_tokens:
+            raise ValueError(
+                f"RolloutConfig.seq_len={self.seq_len} is below max_context_tokens="
+                f"{self.max_context_tokens}; rows could not fit")
+        if self.step_timeout_s <= 0:
+            raise ValueError(f"RolloutConfig.step_timeout_s={self.step_timeout_s!r}; must be > 0")
+
+    @property
+    def num_episodes(self) -> int:
+        """B = N * G."""
+        return self.num_tasks * self.group_size
+
+
+@dataclasses.dataclass
+class EpisodeRecord:
+    """One episode, for logging.
+
+    Attributes:
+      episode: index in the batch (task index * G + rollout index).
+      group: task index in [0, N).
+      seed: the environment's reset seed.
+      transcript: the chat, ``{"role", "content"}`` dicts (actions as decoded).
+      turn_rewards: reward after each turn (penalties included).
+      success: the environment reported success.
+      turns: turns played.
+      invalid_actions: turns whose action was invalid.
+      truncated: cut short by max_turns, max_context_tokens or the environment.
+      failed: the environment raised or timed out; `error` says what.
+    """
+
+    episode: int
+    group: int
+    seed: int
+    transcript: list[dict[str, str]] = dataclasses.field(default_factory=list)
+    turn_rewards: list[float] = dataclasses.field(default_factory=list)
+    success: bool = False
+    turns: int = 0
+    invalid_actions: int = 0
+    truncated: bool = False
+    failed: bool = False
+    error: str | None = None
+
+    @property
+    def episode_return(self) -> float:
+        """Sum of the turn rewards."""
+        return float(sum(self.turn_rewards))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (with the return)."""
+        return dataclasses.asdict(self) | {"return": self.episode_return}
