@@ -1,0 +1,376 @@
+"""Checkpoints with orbax: device state, host state and JSON metadata per step.
+
+One step directory holds up to three items:
+
+* ``state``: a pytree of (possibly sharded) jax arrays: model, optimizer,
+  critics and target networks. Restored straight into the shardings of an
+  abstract target (``sharding.abstract_state``), so no host ever holds the
+  full parameters. Typed PRNG keys (``jax.random.key``) are stored as their
+  key data and re-wrapped on restore.
+* ``host``: an optional pytree of numpy arrays (e.g. a replay buffer) whose
+  shapes need not be known before restoring.
+* ``meta``: a JSON dict: step, task/data cursor, RNG stream position, config.
+
+Atomicity: orbax writes ``<step>.orbax-checkpoint-tmp`` and renames it to
+``<step>`` only after every item committed, so a crash or a full disk never
+leaves a directory that looks like a finished step. If a save fails, this
+module deletes the temporary directory and raises :class:`CheckpointError`
+naming the step. A step that no longer restores (deleted or corrupted files)
+is reported by step, moved aside to ``corrupt_<step>`` and the previous step
+is used instead.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import time
+import uuid
+import warnings
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+log = logging.getLogger(__name__)
+
+_TMP_MARK = ".orbax-checkpoint-tmp"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written, or no checkpoint could be restored."""
+
+
+class Restored(NamedTuple):
+    """What :meth:`Checkpointer.restore` returns."""
+
+    step: int
+    state: Any
+    meta: dict[str, Any]
+    host: Any | None
+
+
+def _is_local(path: epath.Path) -> bool:
+    return "://" not in os.fspath(path)
+
+
+def check_writable(directory: str | os.PathLike, *, min_free_bytes: int = 0) -> epath.Path:
+    """Creates ``directory`` if needed and proves it is writable.
+
+    Writes and deletes a small probe file (this is what catches read-only
+    mounts, permission errors and a disk that is already full), and for local
+    paths checks that at least ``min_free_bytes`` are free.
+
+    Raises:
+      CheckpointError: naming the path and the reason.
+    """
+    path = epath.Path(directory)
+    probe = path / f".write_probe_{uuid.uuid4().hex}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointError(f"directory {os.fspath(path)!r} is not writable: {e}") from e
+    if _is_local(path) and min_free_bytes > 0:
+        free = shutil.disk_usage(os.fspath(path)).free
+        if free < min_free_bytes:
+            raise CheckpointError(
+                f"directory {os.fspath(path)!r} has {free} bytes free, fewer than the "
+                f"{min_free_bytes} required (min_free_bytes)"
+            )
+    return path
+
+
+def _is_key(x: Any) -> bool:
+    return isinstance(x, (jax.Array, jax.ShapeDtypeStruct)) and jax.dtypes.issubdtype(
+        x.dtype, jax.dtypes.prng_key
+    )
+
+
+def _keys_to_data(tree: Any) -> Any:
+    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+
+
+def _abstract_keys_to_data(tree: Any) -> Any:
+    def one(x: Any) -> Any:
+        if not _is_key(x):
+            return x
+        data = jax.eval_shape(jax.random.key_data, x)
+        return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=getattr(x, "sharding", None))
+
+    return jax.tree.map(one, tree)
+
+
+def _data_to_keys(restored: Any, target: Any) -> Any:
+    def one(value: Any, abstract: Any) -> Any:
+        if not _is_key(abstract):
+            return value
+        if isinstance(abstract, jax.Array):
+            impl = jax.random.key_impl(abstract)
+        else:  # a ShapeDtypeStruct: the key dtype carries its implementation
+            impl = abstract.dtype._impl
+        return jax.random.wrap_key_data(value, impl=impl)
+
+    return jax.tree.map(one, restored, target)
+
+
+def _process_bytes(tree: Any) -> int:
+    """Bytes this process writes for ``tree`` (one replica of each shard)."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shards = getattr(leaf, "addressable_shards", None)
+        if shards is None:
+            total += np.asarray(leaf).nbytes
+        else:
+            total += sum(s.data.nbytes for s in shards if s.replica_id == 0)
+    return total
+
+
+def _sync(name: str) -> None:
+    """Barrier across processes (no-op in a single-process run)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+class Checkpointer:
+    """Keeps the last ``max_to_keep`` checkpoints of a run in ``directory``.
+
+    Saves are asynchronous (the train loop goes on while arrays are written);
+    a failure is raised, naming its step, from the next :meth:`save`,
+    :meth:`wait` or :meth:`close`. All processes of a multi-host run must
+    call every method (orbax coordinates them); paths may be ``gs://``.
+
+    Args:
+      directory: where step directories go (created if missing).
+      max_to_keep: how many recent steps to keep (>= 2 so that a corrupted
+        latest step has a fallback).
+      save_interval_steps: :meth:`save` is a no-op on steps not divisible by
+        it (unless ``force=True``).
+      async_save: write in a background thread.
+      min_free_bytes: fail at start if fewer bytes are free (local paths).
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        max_to_keep: int = 3,
+        save_interval_steps: int = 1,
+        async_save: bool = True,
+        min_free_bytes: int = 0,
+    ):
+        if max_to_keep < 1:
+            raise ValueError(f"max_to_keep={max_to_keep} must be >= 1")
+        if save_interval_steps < 1:
+            raise ValueError(f"save_interval_steps={save_interval_steps} must be >= 1")
+        self.directory = check_writable(directory, min_free_bytes=min_free_bytes)
+        self._options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,
+            create=True,
+        )
+        self.save_interval_steps = save_interval_steps
+        self._pending_step: int | None = None
+        self._manager = self._new_manager()
+
+    def _new_manager(self) -> ocp.CheckpointManager:
+        return ocp.CheckpointManager(
+            self.directory, options=self._options, item_names=("state", "host", "meta")
+        )
+
+    # Saving ---------------------------------------------------------------
+
+    def save(
+        self,
+        step: int,
+        state: Any,
+        *,
+        meta: Mapping[str, Any] | None = None,
+        host: Any | None = None,
+        force: bool = False,
+    ) -> bool:
+        """Starts saving ``state`` (+ ``host`` numpy pytree, ``meta`` JSON) as ``step``.
+
+        Returns whether a save was started (False off the save interval).
+        Raises :class:`CheckpointError` if this or the previous pending save
+        failed (for example ``ENOSPC``); no partial step directory remains.
+        """
+        self.wait()
+        # The interval rule is ours: orbax would also save the first step seen.
+        if not force and step % self.save_interval_steps:
+            return False
+        self._check_space(step, state, host)
+        items = {
+            "state": ocp.args.StandardSave(_keys_to_data(state)),
+            "meta": ocp.args.JsonSave({"step": int(step), **dict(meta or {})}),
+        }
+        if host is not None:
+            items["host"] = ocp.args.StandardSave(host)
+        self._pending_step = int(step)
+        try:
+            saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+        except Exception as e:  # orbax raises whatever the file system raised
+            self._fail(e)
+        if not saved:
+            self._pending_step = None
+        return saved
+
+    def _check_space(self, step: int, state: Any, host: Any | None) -> None:
+        if not _is_local(self.directory):
+            return
+        needed = _process_bytes(state) + (_process_bytes(host) if host is not None else 0)
+        free = shutil.disk_usage(os.fspath(self.directory)).free
+        if free < needed:
+            raise CheckpointError(
+                f"checkpoint for step {step} needs about {needed} bytes but only {free} are free "
+                f"in {os.fspath(self.directory)!r}; nothing was written"
+            )
+
+    def wait(self) -> None:
+        """Blocks until the pending save is committed; raises if it failed."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            self._fail(e)
+        self._pending_step = None
+
+    def _fail(self, error: Exception) -> None:
+        """Removes the failed step's temporary files, resets orbax, re-raises."""
+        step = self._pending_step
+        self._pending_step = None
+        try:  # stops orbax's writer threads before their directory goes
+            self._manager.close()
+        except Exception as e:  # the manager is already broken; keep the first error
+            log.debug("ignoring error while closing a failed CheckpointManager: %s", e)
+        self._remove_tmp(step)
+        self._manager = self._new_manager()
+        reason = "disk full" if isinstance(error, OSError) and error.errno == errno.ENOSPC else "error"
+        raise CheckpointError(
+            f"saving checkpoint step {step} to {os.fspath(self.directory)!r} failed ({reason}): {error}; "
+            "the partial checkpoint was removed"
+        ) from error
+
+    def _remove_tmp(self, step: int | None) -> None:
+        """Deletes ``<step>.orbax-checkpoint-tmp*`` (all steps' when step is None)."""
+        for attempt in range(10):
+            if jax.process_index() != 0 or not self.directory.exists():
+                break
+            leftovers = [
+                child
+                for child in self.directory.iterdir()
+                if _TMP_MARK in child.name and (step is None or child.name.split(".")[0] == str(step))
+            ]
+            if not leftovers:
+                break
+            for child in leftovers:
+                # A straggling writer thread may still add files: retry.
+                if _is_local(child):
+                    shutil.rmtree(os.fspath(child), ignore_errors=True)
+                else:
+                    child.rmtree()
+            time.sleep(0.05 * attempt)
+        _sync(f"checkpoint_remove_tmp_{step}")
+
+    # Restoring ------------------------------------------------------------
+
+    def all_steps(self) -> list[int]:
+        """Finished steps on disk, ascending."""
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        """The newest finished step, or None."""
+        return self._manager.latest_step()
+
+    def restore(self, abstract_state: Any, *, step: int | None = None) -> Restored | None:
+        """Restores the newest step that reads back (or exactly ``step``).
+
+        Args:
+          abstract_state: pytree of ``jax.ShapeDtypeStruct`` with shardings
+            (``sharding.abstract_state``) or of arrays with the same structure
+            as the saved state; arrays are restored into those shardings.
+          step: a specific step; then a failure raises instead of falling back.
+
+        Returns:
+          ``Restored(step, state, meta, host)`` or None when there is no
+          checkpoint. Steps that fail to restore are reported with a warning
+          naming them and moved aside to ``corrupt_<step>``.
+        """
+        self.wait()
+        steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
+        failed: list[int] = []
+        errors: list[str] = []
+        for candidate in steps:
+            try:
+                result = self._restore_step(candidate, abstract_state)
+            except Exception as e:  # corrupted files surface as many error types
+                message = f"checkpoint step {candidate} in {os.fspath(self.directory)!r} failed to restore: {e!r}"
+                if step is not None:
+                    raise CheckpointError(message) from e
+                warnings.warn(message + "; trying the previous step", RuntimeWarning, stacklevel=2)
+                log.error(message)
+                failed.append(candidate)
+                errors.append(message)
+                continue
+            # Only once an older step restored is a newer failure proven to be
+            # corruption rather than a wrong target; then move it out of the
+            # way so that the resumed run can save that step number again.
+            for bad in failed:
+                self._set_aside(bad)
+            return result
+        if errors:
+            raise CheckpointError("no checkpoint could be restored (nothing was moved):\n" + "\n".join(errors))
+        return None
+
+    def _restore_step(self, step: int, abstract_state: Any) -> Restored:
+        target = _abstract_keys_to_data(abstract_state)
+        target = jax.tree.map(
+            lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else jax.ShapeDtypeStruct(
+                np.shape(x), x.dtype, sharding=getattr(x, "sharding", None)
+            ),
+            target,
+        )
+        items = {"state": ocp.args.StandardRestore(target), "meta": ocp.args.JsonRestore()}
+        has_host = (self.directory / str(step) / "host").exists()
+        if has_host:
+            items["host"] = ocp.args.StandardRestore()
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        state = _data_to_keys(restored["state"], abstract_state)
+        meta = dict(restored["meta"])
+        if meta.get("step") != step:
+            raise CheckpointError(f"metadata of step {step} says step {meta.get('step')!r}")
+        return Restored(step, state, meta, restored["host"] if has_host else None)
+
+    def _set_aside(self, step: int) -> None:
+        """Renames a broken step so orbax no longer lists it (kept for inspection)."""
+        log.warning("moving corrupted checkpoint step %d aside to corrupt_%d", step, step)
+        if jax.process_index() == 0:
+            source = self.directory / str(step)
+            target = self.directory / f"corrupt_{step}"
+            if target.exists():
+                target.rmtree()
+            if source.exists():
+                source.rename(target)
+        _sync(f"checkpoint_set_aside_{step}")
+        self._manager.reload()
+
+    def close(self) -> None:
+        """Waits for the pending save (raising its error, if any) and closes."""
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
