@@ -1,0 +1,286 @@
+"""Training metrics: JSONL + TensorBoard event files, a progress bar, plots.
+
+Every step the trainer calls :meth:`MetricsWriter.write` with a dict of
+scalars. It appends one JSON line ``{"step": s, ...}`` to
+``workdir/metrics.jsonl`` (flushed, so a killed run loses nothing already
+written) and one TensorBoard scalar per key to event files under
+``workdir/tb/`` (written with the ``tensorboard`` package alone; TensorFlow is
+not needed). :func:`plot` draws curves from the JSONL for ``docs/``.
+
+Resuming: ``MetricsWriter(workdir, resume_step=k)`` drops JSON lines with
+step > k (they were logged after the checkpoint the run resumes from and will
+be logged again), so the file of a resumed run equals that of an
+uninterrupted run. TensorBoard gets a ``SessionLog.START`` event at step k+1,
+which makes its readers discard the orphaned events after k.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+JSONL_NAME = "metrics.jsonl"
+TB_DIR = "tb"
+
+
+def _to_python(value: Any) -> Any:
+    """numpy / jax scalars -> Python numbers; strings and bools pass through."""
+    if isinstance(value, (str, bool, int, float)) or value is None:
+        return value
+    array = np.asarray(value)
+    if array.size != 1:
+        raise ValueError(f"metric value {value!r} has shape {array.shape}; only scalars are allowed")
+    return array.item()
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """All records of a metrics JSONL file; a torn last line (killed writer) is skipped."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def _truncate_jsonl(path: str, resume_step: int | None) -> None:
+    """Keeps records with step <= resume_step (none when None), atomically."""
+    if not os.path.exists(path):
+        return
+    kept = [] if resume_step is None else [r for r in read_jsonl(path) if r.get("step", -1) <= resume_step]
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+    os.replace(tmp, path)
+
+
+class _EventWriter:
+    """Scalars to a TensorBoard event file with the ``tensorboard`` package only."""
+
+    def __init__(self, logdir: str, resume_step: int | None):
+        from tensorboard.compat.proto import event_pb2
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+        self._event_pb2 = event_pb2
+        self._writer = EventFileWriter(logdir, flush_secs=30)
+        if resume_step is not None:
+            start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+            self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=resume_step + 1, session_log=start))
+
+    def scalars(self, step: int, values: Mapping[str, float]) -> None:
+        from tensorboard.compat.proto import summary_pb2
+
+        summary = summary_pb2.Summary(
+            value=[summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in values.items()]
+        )
+        self._writer.add_event(self._event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+class MetricsWriter:
+    """Appends per-step scalars to ``workdir/metrics.jsonl`` and ``workdir/tb/``.
+
+    Args:
+      workdir: run directory (created if missing).
+      resume_step: step of the checkpoint the run resumes from; records after
+        it are dropped. ``None`` means a fresh run: an old file is emptied.
+      enabled: write at all (pass ``jax.process_index() == 0`` so that only
+        one host of a multi-host run writes).
+      tensorboard: also write TensorBoard event files.
+    """
+
+    def __init__(
+        self,
+        workdir: str | os.PathLike,
+        *,
+        resume_step: int | None = None,
+        enabled: bool = True,
+        tensorboard: bool = True,
+    ):
+        self.workdir = os.fspath(workdir)
+        self.path = os.path.join(self.workdir, JSONL_NAME)
+        self.enabled = enabled
+        self._file = None
+        self._events = None
+        if not enabled:
+            return
+        try:
+            os.makedirs(self.workdir, exist_ok=True)
+            _truncate_jsonl(self.path, resume_step)
+            self._file = open(self.path, "a", encoding="utf-8")
+        except OSError as e:
+            raise OSError(e.errno, f"cannot write metrics to workdir {self.workdir!r}: {e.strerror}") from e
+        if tensorboard:
+            self._events = _EventWriter(os.path.join(self.workdir, TB_DIR), resume_step)
+
+    def write(self, step: int, scalars: Mapping[str, Any]) -> dict[str, Any]:
+        """Logs ``scalars`` for ``step``; returns the record as written."""
+        record = {"step": int(step)}
+        record.update({str(k): _to_python(v) for k, v in scalars.items()})
+        if not self.enabled:
+            return record
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._events is not None:
+            numeric = {
+                k: v
+                for k, v in record.items()
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
+            self._events.scalars(int(step), numeric)
+        return record
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        if self._events is not None:
+            self._events.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self.flush()
+            self._file.close()
+            self._file = None
+        if self._events is not None:
+            self._events.close()
+            self._events = None
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _NoBar:
+    """Stands in for tqdm when the bar is off; accepts the same calls."""
+
+    n = 0
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+
+    def set_postfix(self, *args: Any, **kwargs: Any) -> None:
+        del args, kwargs
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def progress_bar(
+    total: int,
+    *,
+    initial: int = 0,
+    desc: str = "train",
+    enabled: bool | None = None,
+    stream: Any = None,
+) -> Any:
+    """A tqdm bar over steps, or a silent stand-in.
+
+    ``enabled=None`` shows the bar only when ``stream`` (default stdout) is a
+    terminal, so logs of batch jobs and tests stay clean.
+    """
+    stream = stream if stream is not None else sys.stdout
+    if enabled is None:
+        enabled = bool(getattr(stream, "isatty", lambda: False)())
+    if not enabled:
+        bar = _NoBar()
+        bar.n = initial
+        return bar
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, file=stream, dynamic_ncols=True)
+
+
+def bar_postfix(record: Mapping[str, Any], keys: Iterable[str]) -> dict[str, str]:
+    """Short ``{key: value}`` strings of the chosen metrics for ``set_postfix``."""
+    out = {}
+    for key in keys:
+        value = record.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = f"{value:.4g}"
+    return out
+
+
+def plot(
+    workdir: str | os.PathLike,
+    out_png: str | os.PathLike,
+    *,
+    keys: Sequence[str] = ("success", "token_entropy"),
+    smooth: int = 1,
+    title: str | None = None,
+) -> str:
+    """Draws one panel per metric key (value against step) from the JSONL.
+
+    Args:
+      workdir: run directory holding ``metrics.jsonl`` (or the file itself).
+      out_png: image path to write.
+      keys: metrics to draw; keys absent from every record are skipped.
+      smooth: trailing moving-average window (1 = raw values).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = os.fspath(workdir)
+    path = os.path.join(path, JSONL_NAME) if os.path.isdir(path) else path
+    records = read_jsonl(path)
+    present = [k for k in keys if any(k in r for r in records)]
+    if not present:
+        raise ValueError(f"none of the keys {list(keys)} occur in {path!r}")
+    if smooth < 1:
+        raise ValueError(f"smooth={smooth} must be >= 1")
+    fig, axes = plt.subplots(1, len(present), figsize=(4.5 * len(present), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], present):
+        pairs = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+        steps = np.array([p[0] for p in pairs], dtype=float)
+        values = np.array([p[1] for p in pairs], dtype=float)
+        if smooth > 1 and len(values) >= smooth:
+            kernel = np.ones(smooth) / smooth
+            values = np.convolve(values, kernel, mode="valid")
+            steps = steps[smooth - 1 :]
+        ax.plot(steps, values)
+        ax.set_xlabel("step")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+        finite = values[np.isfinite(values)] if len(values) else values
+        if len(finite):
+            ax.set_title(f"{key} (last {finite[-1]:.3g})")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return os.fspath(out_png)
+
+
+def summarize(records: Sequence[Mapping[str, Any]], key: str, *, last: int = 10) -> float:
+    """Mean of ``key`` over the last ``last`` records that have it (NaN if none)."""
+    values = [float(r[key]) for r in records if isinstance(r.get(key), (int, float))][-last:]
+    return float(np.mean(values)) if values else math.nan

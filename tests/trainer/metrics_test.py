@@ -1,0 +1,107 @@
+"""Tests for aem_jax.trainer.metrics: JSONL, TensorBoard, resume, plots, bar."""
+
+import glob
+import io
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing import event_accumulator
+
+from aem_jax.trainer import metrics
+
+
+def _log(workdir, steps, *, resume_step=None):
+    with metrics.MetricsWriter(workdir, resume_step=resume_step) as writer:
+        for step in steps:
+            writer.write(step, {"loss": jnp.float32(1.0 / step), "success": np.float64(step % 2), "phase": "train"})
+
+
+def _tb_scalars(workdir, tag):
+    acc = event_accumulator.EventAccumulator(os.path.join(workdir, metrics.TB_DIR))
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+def test_jsonl_one_flushed_line_per_step_and_tensorboard_readable(tmp_path):
+    writer = metrics.MetricsWriter(tmp_path)
+    record = writer.write(1, {"loss": jnp.asarray(0.5), "success": 1, "phase": "train"})
+    assert record == {"step": 1, "loss": 0.5, "success": 1, "phase": "train"}
+    # Flushed before close: a killed run keeps what it logged.
+    assert metrics.read_jsonl(tmp_path / "metrics.jsonl") == [record]
+    writer.write(2, {"loss": 0.25, "success": 0})
+    writer.close()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2]
+    assert glob.glob(str(tmp_path / "tb" / "events.out.tfevents.*"))
+    assert _tb_scalars(tmp_path, "loss") == [(1, 0.5), (2, 0.25)]
+    assert [s for s, _ in _tb_scalars(tmp_path, "success")] == [1, 2]
+
+
+def test_non_scalar_metric_is_rejected(tmp_path):
+    with metrics.MetricsWriter(tmp_path, tensorboard=False) as writer:
+        with pytest.raises(ValueError, match=r"shape \(2,\)"):
+            writer.write(1, {"loss": np.ones(2)})
+
+
+def test_resume_drops_lines_after_checkpoint_and_equals_uninterrupted(tmp_path):
+    _log(tmp_path / "straight", range(1, 7))
+    # Interrupted after step 5, last checkpoint at step 3, resumed to step 6.
+    _log(tmp_path / "resumed", range(1, 6))
+    _log(tmp_path / "resumed", range(4, 7), resume_step=3)
+    straight = (tmp_path / "straight" / "metrics.jsonl").read_text()
+    assert (tmp_path / "resumed" / "metrics.jsonl").read_text() == straight
+    # TensorBoard readers discard the orphaned steps 4..5 of the first attempt.
+    assert _tb_scalars(tmp_path / "resumed", "loss") == _tb_scalars(tmp_path / "straight", "loss")
+    # A fresh run (no checkpoint) in an old workdir starts an empty log.
+    _log(tmp_path / "resumed", [1])
+    assert [r["step"] for r in metrics.read_jsonl(tmp_path / "resumed" / "metrics.jsonl")] == [1]
+
+
+def test_torn_last_line_is_skipped(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
+    assert metrics.read_jsonl(path) == [{"step": 1, "loss": 2.0}]
+
+
+def test_disabled_writer_writes_nothing(tmp_path):
+    writer = metrics.MetricsWriter(tmp_path / "w", enabled=False)
+    assert writer.write(3, {"loss": 1.0}) == {"step": 3, "loss": 1.0}
+    writer.close()
+    assert not (tmp_path / "w").exists()
+
+
+def test_unwritable_workdir_is_reported(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OSError, match="cannot write metrics to workdir .*file/run"):
+        metrics.MetricsWriter(blocker / "run")
+
+
+def test_plot_writes_png_of_success_and_entropy(tmp_path):
+    with metrics.MetricsWriter(tmp_path, tensorboard=False) as writer:
+        for step in range(1, 21):
+            writer.write(step, {"success": step / 20, "token_entropy": 2.0 - step / 20})
+    out = metrics.plot(tmp_path, tmp_path / "plots" / "curves.png", smooth=3)
+    with open(out, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="none of the keys"):
+        metrics.plot(tmp_path, tmp_path / "x.png", keys=("missing",))
+    assert metrics.summarize(metrics.read_jsonl(tmp_path / "metrics.jsonl"), "success", last=2) == pytest.approx(0.975)
+
+
+def test_progress_bar_silent_off_terminal_and_drawn_when_enabled():
+    quiet = io.StringIO()
+    bar = metrics.progress_bar(10, initial=2, stream=quiet)
+    bar.update(3)
+    bar.set_postfix(metrics.bar_postfix({"loss": 0.123456, "phase": "x"}, ["loss", "phase"]))
+    bar.close()
+    assert quiet.getvalue() == "" and bar.n == 5
+    shown = io.StringIO()
+    bar = metrics.progress_bar(10, stream=shown, enabled=True)
+    bar.update(4)
+    bar.set_postfix(metrics.bar_postfix({"loss": 0.123456}, ["loss"]))
+    bar.close()
+    assert "4/10" in shown.getvalue() and "loss=0.1235" in shown.getvalue()
