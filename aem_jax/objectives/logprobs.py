@@ -13,8 +13,6 @@ backward pass, so neither pass ever holds more than one chunk's logits.
 """
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
@@ -68,9 +66,8 @@ def _chunk_stats(hidden_CD, unembedding_DV, targets_C):
     return logits_CV, probs_CV, lse_C, mean_logit_C, picked_C
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _chunked(hidden_NCD, unembedding_DV, targets_NC, vocab_size):
-    del vocab_size
+@jax.custom_vjp
+def _chunked(hidden_NCD, unembedding_DV, targets_NC):
 
     def body(_, xs):
         hidden_CD, targets_C = xs
@@ -81,13 +78,13 @@ def _chunked(hidden_NCD, unembedding_DV, targets_NC, vocab_size):
     return logp_NC, entropy_NC
 
 
-def _chunked_fwd(hidden_NCD, unembedding_DV, targets_NC, vocab_size):
-    out = _chunked(hidden_NCD, unembedding_DV, targets_NC, vocab_size)
+def _chunked_fwd(hidden_NCD, unembedding_DV, targets_NC):
+    out = _chunked(hidden_NCD, unembedding_DV, targets_NC)
     # Residuals are the inputs only: logits are recomputed chunk by chunk.
     return out, (hidden_NCD, unembedding_DV, targets_NC)
 
 
-def _chunked_bwd(vocab_size, residuals, cotangents):
+def _chunked_bwd(residuals, cotangents):
     hidden_NCD, unembedding_DV, targets_NC = residuals
     g_logp_NC, g_entropy_NC = cotangents
 
@@ -95,10 +92,11 @@ def _chunked_bwd(vocab_size, residuals, cotangents):
         hidden_CD, targets_C, g_logp_C, g_entropy_C = xs
         logits_CV, probs_CV, _, mean_logit_C, _ = _chunk_stats(hidden_CD, unembedding_DV, targets_C)
         # d logp_y / d l = onehot(y) - p ;  d H / d l = -p * (l - sum_v p_v l_v)
-        onehot_CV = jax.nn.one_hot(targets_C, vocab_size, dtype=jnp.float32)
-        g_logits_CV = g_logp_C[:, None] * (onehot_CV - probs_CV) - g_entropy_C[:, None] * probs_CV * (
-            logits_CV - mean_logit_C[:, None]
+        g_logits_CV = -probs_CV * (
+            g_logp_C[:, None] + g_entropy_C[:, None] * (logits_CV - mean_logit_C[:, None])
         )
+        # The one-hot term as a scatter, so no second [C, V] block is built.
+        g_logits_CV = g_logits_CV.at[jnp.arange(targets_C.shape[0]), targets_C].add(g_logp_C)
         g_hidden_CD = jnp.dot(
             g_logits_CV, unembedding_DV.T.astype(jnp.float32), preferred_element_type=jnp.float32
         ).astype(hidden_CD.dtype)
@@ -149,14 +147,13 @@ def logprobs_and_entropy_from_hidden(hidden, unembedding, targets, *, chunk_size
             f"unembedding must have shape [D={D}, V], got {unembedding.shape} for hidden {hidden.shape}"
         )
     _checks.check_leading("targets", targets, (B, T), "[B,T] of hidden")
-    V = unembedding.shape[1]
     n = B * T
     chunk = min(chunk_size, n)
     padded = -(-n // chunk) * chunk
     hidden_ND = jnp.pad(hidden.reshape(n, D), ((0, padded - n), (0, 0)))
     targets_N = jnp.pad(targets.reshape(n).astype(jnp.int32), (0, padded - n))
     logp_NC, entropy_NC = _chunked(
-        hidden_ND.reshape(-1, chunk, D), unembedding, targets_N.reshape(-1, chunk), V
+        hidden_ND.reshape(-1, chunk, D), unembedding, targets_N.reshape(-1, chunk)
     )
     logp_BT = logp_NC.reshape(-1)[:n].reshape(B, T)
     entropy_BT = entropy_NC.reshape(-1)[:n].reshape(B, T)
