@@ -114,3 +114,100 @@ def test_optimizer_state_follows_param_shardings_and_abstract_state():
 def test_constrain_is_noop_without_mesh():
     x = jnp.ones((4, 3))
     assert sharding.constrain(x, ("batch", None)) is x
+
+
+_WORKER = r"""
+import json, sys
+import numpy as np
+from aem_jax.trainer import distributed
+assert distributed.maybe_initialize(None)
+import jax, jax.numpy as jnp
+from flax import nnx
+from aem_jax.trainer import checkpoint, sharding
+
+mesh = sharding.make_mesh({"data": 2, "fsdp": 2})
+
+def init():
+    with nnx.use_eager_sharding(False):
+        return nnx.Linear(4, 6, rngs=nnx.Rngs(0), kernel_metadata={"out_sharding": ("embed", "mlp")})
+
+model = sharding.create_sharded(init, mesh)
+x = sharding.put_batch(np.arange(32, dtype=np.float32).reshape(8, 4) / 32, mesh)
+with sharding.use_mesh(mesh):
+    loss = jax.jit(lambda m, x: jnp.sum(m(x) ** 2))(model, x)
+    total = jax.jit(jnp.sum)(x)
+ckpt = checkpoint.Checkpointer(sys.argv[1])
+ckpt.save(1, nnx.state(model), meta={"cursor": 5})
+ckpt.wait()
+restored = ckpt.restore(sharding.abstract_state(nnx.state(model), mesh))
+ckpt.close()
+same = all(
+    bool(np.array_equal(a.addressable_shards[0].data, b.addressable_shards[0].data))
+    for a, b in zip(jax.tree.leaves(restored.state), jax.tree.leaves(nnx.state(model)))
+)
+print("RESULT " + json.dumps({
+    "info": distributed.process_info(), "loss": float(loss), "total": float(total),
+    "local_shards": len(x.addressable_shards), "same": same, "meta": restored.meta,
+}), flush=True)
+"""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_local_processes_share_a_mesh_and_a_checkpoint(tmp_path):
+    """Two CPU processes (2 devices each, gloo) act as one 4-device machine."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    port = _free_port()
+    procs = []
+    for pid in range(2):
+        env = dict(os.environ)
+        env.update(
+            JAX_PLATFORMS="cpu",
+            XLA_FLAGS="--xla_force_host_platform_device_count=2",
+            JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+            JAX_NUM_PROCESSES="2",
+            JAX_PROCESS_ID=str(pid),
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", _WORKER, str(tmp_path / "ckpt")],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    outputs = []
+    try:
+        for proc in procs:
+            out, _ = proc.communicate(timeout=90)
+            outputs.append(out)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    results = []
+    for proc, out in zip(procs, outputs):
+        assert proc.returncode == 0, out[-3000:]
+        results.append(json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:]))
+
+    with nnx.use_eager_sharding(False):
+        reference = nnx.Linear(4, 6, rngs=nnx.Rngs(0))
+    x = np.arange(32, dtype=np.float32).reshape(8, 4) / 32
+    expected_loss = float(jnp.sum(reference(jnp.asarray(x)) ** 2))
+    for pid, result in enumerate(results):
+        assert result["info"]["process_index"] == pid and result["info"]["process_count"] == 2
+        assert result["info"]["devices"] == 4 and result["local_shards"] == 2
+        assert result["loss"] == pytest.approx(expected_loss, rel=1e-5)
+        assert result["total"] == pytest.approx(float(x.sum()), rel=1e-6)
+        assert result["same"] and result["meta"] == {"step": 1, "cursor": 5}
