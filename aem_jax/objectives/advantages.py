@@ -50,7 +50,9 @@ def grpo_advantages(
         adv_B = jnp.where(count_B > 1, centred_B * count_B / jnp.maximum(count_B - 1.0, 1.0), 0.0)
     elif normalize_std:
         std_B = segments.group_std(scores, group_ids, valid, num_groups=num_groups)
-        adv_B = centred_B / (std_B + eps)
+        scale_B = std_B + eps
+        # a constant group (std 0) has centred scores 0: keep them 0, not 0/0
+        adv_B = centred_B / jnp.where(scale_B > 0, scale_B, 1.0)
     else:
         adv_B = centred_B
     return jnp.where(valid & (count_B > 1), adv_B, 0.0)
