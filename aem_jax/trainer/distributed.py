@@ -10,7 +10,8 @@ When to initialise (``flag`` argument, e.g. from ``--distributed``):
 
 * ``True``: always (fails loudly if the coordinator cannot be reached);
 * ``False``: never (single process);
-* ``None``: when the environment announces several processes:
+* ``None``: when the environment asks for it (``AEM_JAX_DISTRIBUTED=1``, set
+  by ``launch/tpu.py run``; ``=0`` forbids it) or announces several processes:
   ``JAX_COORDINATOR_ADDRESS`` with ``JAX_NUM_PROCESSES`` > 1 (and
   ``JAX_PROCESS_ID``), a multi-host Cloud TPU VM (``TPU_WORKER_HOSTNAMES``
   lists several hosts; JAX then auto-detects everything), or a SLURM /
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"
 NUM_PROCESSES_ENV = "JAX_NUM_PROCESSES"
 PROCESS_ID_ENV = "JAX_PROCESS_ID"
+REQUEST_ENV = "AEM_JAX_DISTRIBUTED"
 
 
 def _int_env(env: Mapping[str, str], name: str) -> int | None:
@@ -49,6 +51,13 @@ def _int_env(env: Mapping[str, str], name: str) -> int | None:
 def launched_multi_process(env: Mapping[str, str] | None = None) -> bool:
     """Whether the environment says this is one process of several."""
     env = os.environ if env is None else env
+    request = env.get(REQUEST_ENV, "").strip().lower()
+    if request in ("1", "true", "yes"):
+        return True
+    if request in ("0", "false", "no"):
+        return False
+    if request:
+        raise ValueError(f"{REQUEST_ENV}={env[REQUEST_ENV]!r} must be one of 1/true/yes or 0/false/no")
     num = _int_env(env, NUM_PROCESSES_ENV)
     if env.get(COORDINATOR_ENV) and (num is None or num > 1):
         return True
