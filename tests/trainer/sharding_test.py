@@ -211,3 +211,41 @@ def test_two_local_processes_share_a_mesh_and_a_checkpoint(tmp_path):
         assert result["loss"] == pytest.approx(expected_loss, rel=1e-5)
         assert result["total"] == pytest.approx(float(x.sum()), rel=1e-6)
         assert result["same"] and result["meta"] == {"step": 1, "cursor": 5}
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({}, False),
+        ({"JAX_COORDINATOR_ADDRESS": "10.0.0.2:1234", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "1"}, True),
+        ({"JAX_COORDINATOR_ADDRESS": "10.0.0.2:1234", "JAX_NUM_PROCESSES": "1"}, False),
+        ({"TPU_WORKER_HOSTNAMES": "t1-w-0,t1-w-1"}, True),
+        ({"TPU_WORKER_HOSTNAMES": "localhost"}, False),
+        ({"SLURM_NTASKS": "2"}, True),
+        ({"AEM_JAX_DISTRIBUTED": "1"}, True),
+        ({"AEM_JAX_DISTRIBUTED": "0", "SLURM_NTASKS": "2"}, False),
+    ],
+)
+def test_launched_multi_process_reads_the_environment(env, expected):
+    from aem_jax.trainer import distributed
+
+    assert distributed.launched_multi_process(env) is expected
+
+
+def test_initialize_kwargs_and_bad_values():
+    from aem_jax.trainer import distributed
+
+    env = {"JAX_COORDINATOR_ADDRESS": "127.0.0.1:99", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}
+    assert distributed.initialize_kwargs(env) == {
+        "coordinator_address": "127.0.0.1:99", "num_processes": 2, "process_id": 1,
+    }  # fmt: skip
+    assert distributed.initialize_kwargs({}) == {}
+    with pytest.raises(ValueError, match=r"JAX_PROCESS_ID=2 must be in \[0, JAX_NUM_PROCESSES=2\)"):
+        distributed.initialize_kwargs({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"})
+    with pytest.raises(ValueError, match="JAX_NUM_PROCESSES='two' must be an integer"):
+        distributed.initialize_kwargs({"JAX_NUM_PROCESSES": "two"})
+    with pytest.raises(ValueError, match="AEM_JAX_DISTRIBUTED='maybe'"):
+        distributed.launched_multi_process({"AEM_JAX_DISTRIBUTED": "maybe"})
+    # In this (single) test process nothing asks for it, so nothing happens.
+    assert distributed.maybe_initialize(False) is False
+    assert distributed.process_info()["process_count"] == 1 and distributed.is_primary()
