@@ -208,6 +208,21 @@ class LocalSandbox:
                 os.chown(os.path.join(root, name), self.uid, self.gid, follow_symlinks=False)
         os.chown(self.workspace, self.uid, self.gid)
 
+    def put_file(self, name: str, text: str) -> None:
+        """Writes ``text`` to file ``name`` in the workspace root (host side).
+
+        Only plain names are allowed and symlinks are not followed, so a
+        workspace the agent has touched cannot redirect the write.
+        """
+        if not name or "/" in name or name in (".", ".."):
+            raise ValueError(f"name must be a plain file name, got {name!r}")
+        path = os.path.join(self.workspace, name)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        if self.is_root:
+            os.chown(path, self.uid, self.gid)
+
     def _base_env(self) -> dict[str, str]:
         python_bin = os.path.dirname(sys.executable)
         return {

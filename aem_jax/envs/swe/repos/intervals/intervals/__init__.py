@@ -1,0 +1,1 @@
+"""Half-open integer intervals."""

@@ -1,0 +1,1 @@
+"""Number theory and statistics helpers."""

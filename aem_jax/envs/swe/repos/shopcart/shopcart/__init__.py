@@ -1,0 +1,1 @@
+"""Shopping cart with integer-cent prices."""
