@@ -19,7 +19,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import pathlib
 import sys
+import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -104,6 +106,9 @@ class MetricsWriter:
       enabled: write at all (pass ``jax.process_index() == 0`` so that only
         one host of a multi-host run writes).
       tensorboard: also write TensorBoard event files.
+      staging_dir: write here and copy to ``workdir`` on :meth:`sync`; chosen
+        automatically (a temporary directory) for ``gs://`` style workdirs.
+      sync_interval_s: with staging, seconds between automatic syncs.
     """
 
     def __init__(
@@ -113,22 +118,62 @@ class MetricsWriter:
         resume_step: int | None = None,
         enabled: bool = True,
         tensorboard: bool = True,
+        staging_dir: str | os.PathLike | None = None,
+        sync_interval_s: float = 60.0,
     ):
         self.workdir = os.fspath(workdir)
-        self.path = os.path.join(self.workdir, JSONL_NAME)
         self.enabled = enabled
+        self.sync_interval_s = sync_interval_s
         self._file = None
         self._events = None
+        # Object stores (gs://) cannot append: files are written in a local
+        # staging directory and copied to the workdir on every sync.
+        remote = "://" in self.workdir
+        if staging_dir is None and remote and enabled:
+            staging_dir = tempfile.mkdtemp(prefix="aem_jax_metrics_")
+        self._staging = os.fspath(staging_dir) if staging_dir is not None else None
+        self._local = self._staging or self.workdir
+        self.path = os.path.join(self._local, JSONL_NAME)
+        self._last_sync = time.monotonic()
         if not enabled:
             return
         try:
-            os.makedirs(self.workdir, exist_ok=True)
+            os.makedirs(self._local, exist_ok=True)
+            if self._staging is not None:
+                self._download_jsonl()
             _truncate_jsonl(self.path, resume_step)
             self._file = open(self.path, "a", encoding="utf-8")
+            if self._staging is not None:
+                self.sync()  # proves the workdir is writable now, not at the first sync
         except OSError as e:
-            raise OSError(e.errno, f"cannot write metrics to workdir {self.workdir!r}: {e.strerror}") from e
+            raise OSError(e.errno, f"cannot write metrics to workdir {self.workdir!r}: {e.strerror or e}") from e
         if tensorboard:
-            self._events = _EventWriter(os.path.join(self.workdir, TB_DIR), resume_step)
+            self._events = _EventWriter(os.path.join(self._local, TB_DIR), resume_step)
+
+    def _download_jsonl(self) -> None:
+        from etils import epath
+
+        remote = epath.Path(self.workdir) / JSONL_NAME
+        if remote.exists():
+            with open(self.path, "wb") as f:
+                f.write(remote.read_bytes())
+
+    def sync(self) -> None:
+        """Copies staged files to the workdir (no-op without staging)."""
+        if self._staging is None or not self.enabled:
+            return
+        from etils import epath
+
+        target = epath.Path(self.workdir)
+        target.mkdir(parents=True, exist_ok=True)
+        for root, _, files in os.walk(self._staging):
+            relative = os.path.relpath(root, self._staging)
+            folder = target if relative == "." else target / relative
+            folder.mkdir(parents=True, exist_ok=True)
+            for name in files:
+                if not name.endswith(".tmp"):
+                    (folder / name).write_bytes(pathlib.Path(root, name).read_bytes())
+        self._last_sync = time.monotonic()
 
     def write(self, step: int, scalars: Mapping[str, Any]) -> dict[str, Any]:
         """Logs ``scalars`` for ``step``; returns the record as written."""
@@ -145,6 +190,8 @@ class MetricsWriter:
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
             }
             self._events.scalars(int(step), numeric)
+        if self._staging is not None and time.monotonic() - self._last_sync >= self.sync_interval_s:
+            self.flush()
         return record
 
     def flush(self) -> None:
@@ -153,6 +200,7 @@ class MetricsWriter:
             os.fsync(self._file.fileno())
         if self._events is not None:
             self._events.flush()
+        self.sync()
 
     def close(self) -> None:
         if self._file is not None:
@@ -162,6 +210,7 @@ class MetricsWriter:
         if self._events is not None:
             self._events.close()
             self._events = None
+        self.sync()
 
     def __enter__(self) -> MetricsWriter:
         return self

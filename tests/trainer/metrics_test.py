@@ -60,6 +60,21 @@ def test_resume_drops_lines_after_checkpoint_and_equals_uninterrupted(tmp_path):
     assert [r["step"] for r in metrics.read_jsonl(tmp_path / "resumed" / "metrics.jsonl")] == [1]
 
 
+def test_staged_writer_mirrors_files_for_object_store_workdirs(tmp_path):
+    """The gs:// code path, with a local directory standing in for the bucket."""
+    bucket = tmp_path / "bucket" / "run"
+    with metrics.MetricsWriter(bucket, staging_dir=tmp_path / "stage1", sync_interval_s=0.0) as writer:
+        writer.write(1, {"loss": 1.0})
+        assert metrics.read_jsonl(bucket / "metrics.jsonl") == [{"step": 1, "loss": 1.0}]
+        writer.write(2, {"loss": 0.5})
+        writer.write(3, {"loss": 0.25})
+    assert glob.glob(str(bucket / "tb" / "events.out.tfevents.*"))
+    # A resumed run on another machine downloads the log and drops step 3.
+    with metrics.MetricsWriter(bucket, staging_dir=tmp_path / "stage2", resume_step=2) as writer:
+        writer.write(3, {"loss": 0.3})
+    assert [r["loss"] for r in metrics.read_jsonl(bucket / "metrics.jsonl")] == [1.0, 0.5, 0.3]
+
+
 def test_torn_last_line_is_skipped(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
