@@ -65,6 +65,8 @@ def _setup_mounts(spec):
         _bind_ro(fd, prefix)
     os.makedirs(spec["workdir"], exist_ok=True)
     _mount(f"/proc/self/fd/{workspace_fd}", spec["workdir"], None, MS_BIND)
+    # The bind inherits the read-only flag just set on its source mount.
+    _mount(None, spec["workdir"], None, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV)
     os.close(workspace_fd)
 
 

@@ -117,12 +117,18 @@ def builder(source: str = "local", *, data_dir: str | None = None) -> SweTasks:
 def _load_cached(path: str, mtime: float, split: str, data_dir: str | None) -> tuple[tasks_lib.Task, ...]:
     del mtime  # part of the cache key only
     swe = builder(path, data_dir=data_dir)
-    available = list(swe.info.splits)
-    if split not in available and "+" not in split:
-        raise ValueError(f"split {split!r} not in the task set {path}; available: {available}")
-    source = swe.as_data_source(split=split)
-    return tuple(tasks_lib.from_record(json.loads(_text(source[i]["record"])), i)
-                 for i in range(len(source)))
+    available = sorted(swe.info.splits)
+    parts = available if split == "all" else split.split("+")
+    for part in parts:
+        if part.split("[")[0] not in available:
+            raise ValueError(f"split must be 'all' or a '+'-joined subset of {available} "
+                             f"(TFDS slices allowed) in task set {path}, got {split!r}")
+    tasks = []
+    for part in parts:
+        source = swe.as_data_source(split=part)
+        tasks += [tasks_lib.from_record(json.loads(_text(source[i]["record"])), f"{part}[{i}]")
+                  for i in range(len(source))]
+    return tuple(tasks)
 
 
 def _text(value) -> str:
@@ -131,7 +137,11 @@ def _text(value) -> str:
 
 def load_tasks(source: str = "local", *, split: str = "train", data_dir: str | None = None
                ) -> list[tasks_lib.Task]:
-    """Loads tasks through TFDS: ``source`` is "local" or a SWE-bench JSONL path."""
+    """Loads tasks through TFDS: ``source`` is "local" or a SWE-bench JSONL path.
+
+    ``split`` is a split of the file ("train", "test"), "all", or TFDS split
+    syntax ("train+test", "train[:10]").
+    """
     path = LOCAL_TASKS if source == "local" else os.path.abspath(os.fspath(source))
     if not os.path.isfile(path):
         raise FileNotFoundError(f"task source must be 'local' or an existing JSONL file, got {source!r}")
