@@ -54,6 +54,9 @@ _PARSER_FAILURES = (
 _BANNER_CHARS = set(" _|\\/$<>")
 _LOCKS: dict[str, threading.Lock] = {}
 _LOCKS_GUARD = threading.Lock()
+# textworld.start parses the game's grammar with parsers that are not
+# thread-safe; environments start one at a time, then step concurrently.
+_START_LOCK = threading.Lock()
 
 
 def default_cache_dir() -> str:
@@ -198,9 +201,10 @@ class TextWorldEnv:
     def reset(self, *, seed: int) -> Observation:
         path = self._game_path(seed)
         if self._loaded != path:
-            if self._env is not None:
-                self._env.close()
-            self._env = _import_textworld().start(path, request_infos=self._infos)
+            with _START_LOCK:
+                if self._env is not None:
+                    self._env.close()
+                self._env = _import_textworld().start(path, request_infos=self._infos)
             self._loaded = path
         gs = self._env.reset()
         self._score, self._steps = float(gs["score"]), 0

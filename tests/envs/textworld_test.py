@@ -1,0 +1,63 @@
+"""TextWorld adapter: generation cache, observations, info keys, bad input."""
+import os
+
+import pytest
+
+from aem_jax import envs
+from aem_jax.envs.textworld_env import TextWorldEnv, clean_feedback, generate_game
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("twcache"))
+
+
+def test_generated_game_is_cached_won_by_its_walkthrough_and_reports_info(cache):
+    env = envs.make("textworld", challenge="tw-coin_collector", level=2, cache_dir=cache,
+                    admissible_commands=True, policy_commands=True, max_steps=30)
+    obs = env.reset(seed=5)
+    path = generate_game("tw-coin_collector", {"level": 2}, 5, cache)
+    assert os.path.exists(path) and path.startswith(cache)
+    mtime = os.path.getmtime(path)
+    assert "$$" not in obs.text and "Admissible commands:" in obs.text
+    assert obs.info["anchor"].endswith("You are carrying nothing.")
+    assert obs.info["admissible_commands"] and obs.info["max_score"] >= 1
+    total, step = 0.0, None
+    while step is None or not step.done:
+        step = env.step((step or obs).info["policy_commands"][0])
+        total += step.reward
+        assert not step.info["invalid_action"]
+    assert step.info["success"] and not step.info["lost"] and not step.info["truncated"]
+    assert total == step.info["score"] == step.info["max_score"]
+    # Same settings and seed: the cached game is reused, not made again.
+    env.reset(seed=5)
+    assert os.path.getmtime(path) == mtime
+    bad = env.step("dance with the coin")
+    assert bad.info["invalid_action"] and bad.reward == 0.0 and not bad.done
+    # A game file given by path plays the same game; the step limit truncates.
+    fixed = envs.make("textworld", game_file=path, max_steps=1)
+    fixed.reset(seed=123)
+    step = fixed.step("look")
+    assert step.done and step.info["truncated"] and not step.info["success"]
+
+
+def test_missing_game_file_says_how_to_make_it(tmp_path):
+    env = TextWorldEnv(game_file=str(tmp_path / "gone.z8"))
+    with pytest.raises(FileNotFoundError, match="tw-make tw-simple .*--output"):
+        env.reset(seed=0)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(challenge="tw-zork"), "challenge='tw-zork'"),
+    (dict(game_file="g.z8", level=3), "need challenge"),
+    (dict(max_steps=0), "max_steps=0"),
+])
+def test_bad_arguments_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TextWorldEnv(**kwargs)
+
+
+def test_clean_feedback_drops_banner_prompt_and_status():
+    raw = ("\n\n  ________  ________\n |        \\|        \\\n  \\$$$$$$$$| $$$$$$$$\n\n"
+           "Welcome!\n\n-= Kitchen =-\nA kitchen.\n\n\n\n>     -= Kitchen =-0/1")
+    assert clean_feedback(raw) == "Welcome!\n\n-= Kitchen =-\nA kitchen."
