@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import warnings
 from typing import Any
 
 from aem_jax.envs.base import Observation, Step
@@ -201,7 +202,10 @@ class TextWorldEnv:
     def reset(self, *, seed: int) -> Observation:
         path = self._game_path(seed)
         if self._loaded != path:
-            with _START_LOCK:
+            with _START_LOCK, warnings.catch_warnings():
+                # jericho warns that it cannot track score in TextWorld games;
+                # TextWorld tracks the score itself.
+                warnings.filterwarnings("ignore", message=".*is not fully supported")
                 if self._env is not None:
                     self._env.close()
                 self._env = _import_textworld().start(path, request_infos=self._infos)

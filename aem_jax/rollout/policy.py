@@ -106,6 +106,25 @@ class SamplerPolicy:
         self.pad_id = int(pad_id)
         self.max_cache_len = max_cache_len
 
+    @classmethod
+    def for_rollout(cls, model: Any, tokenizer: Any, config: Any, *, temperature: float = 1.0,
+                    top_k: int = 0, top_p: float = 1.0) -> "SamplerPolicy":
+        """A policy whose sampling limits match a `RolloutConfig`.
+
+        ``max_new_tokens = config.max_action_tokens``, the stop tokens are the
+        chat's end-of-turn (and eos) ids, and the KV cache is
+        ``config.max_context_tokens`` long, so every turn fits one cache size.
+        """
+        from aem_jax.models import sampler
+        from aem_jax.rollout.chat import ChatFormat
+
+        chat = ChatFormat(tokenizer, config.system_prompt)
+        params = sampler.SamplingParams(
+            max_new_tokens=config.max_action_tokens, temperature=temperature, top_k=top_k,
+            top_p=top_p, stop_token_ids=chat.stop_token_ids)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else chat.end_of_turn_id
+        return cls(model, params, pad, max_cache_len=config.max_context_tokens)
+
     def generate(self, prompts: list[list[int]], *, key: jax.Array,
                  contexts: Sequence[TurnContext] | None = None) -> list[Generation]:
         del contexts
