@@ -120,6 +120,33 @@ def _data_to_keys(restored: Any, target: Any) -> Any:
     return jax.tree.map(one, restored, target)
 
 
+_EMPTY_KEY = "_host_empty_leaves"
+
+
+def _encode_host(host: Any) -> tuple[Any, dict[str, list]]:
+    """Numpy pytree -> savable pytree: orbax rejects zero-size arrays (an
+    empty replay buffer), so they become one-element stand-ins and their
+    real shape and dtype go to the JSON metadata."""
+    empty: dict[str, list] = {}
+
+    def one(path: Any, leaf: Any) -> Any:
+        array = np.asarray(leaf)
+        if array.size:
+            return array
+        empty[jax.tree_util.keystr(path)] = [list(array.shape), array.dtype.str]
+        return np.zeros((1,), array.dtype)
+
+    return jax.tree_util.tree_map_with_path(one, host), empty
+
+
+def _decode_host(host: Any, empty: Mapping[str, list]) -> Any:
+    def one(path: Any, leaf: Any) -> Any:
+        spec = empty.get(jax.tree_util.keystr(path))
+        return leaf if spec is None else np.zeros(spec[0], np.dtype(spec[1]))
+
+    return jax.tree_util.tree_map_with_path(one, host)
+
+
 def _process_bytes(tree: Any) -> int:
     """Bytes this process writes for ``tree`` (one replica of each shard)."""
     total = 0
@@ -209,12 +236,12 @@ class Checkpointer:
         if not force and step % self.save_interval_steps:
             return False
         self._check_space(step, state, host)
-        items = {
-            "state": ocp.args.StandardSave(_keys_to_data(state)),
-            "meta": ocp.args.JsonSave({"step": int(step), **dict(meta or {})}),
-        }
+        record = {"step": int(step), **dict(meta or {})}
+        items = {"state": ocp.args.StandardSave(_keys_to_data(state))}
         if host is not None:
+            host, record[_EMPTY_KEY] = _encode_host(host)
             items["host"] = ocp.args.StandardSave(host)
+        items["meta"] = ocp.args.JsonSave(record)
         self._pending_step = int(step)
         try:
             saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
@@ -347,7 +374,8 @@ class Checkpointer:
         meta = dict(restored["meta"])
         if meta.get("step") != step:
             raise CheckpointError(f"metadata of step {step} says step {meta.get('step')!r}")
-        return Restored(step, state, meta, restored["host"] if has_host else None)
+        host = _decode_host(restored["host"], meta.pop(_EMPTY_KEY, {})) if has_host else None
+        return Restored(step, state, meta, host)
 
     def _set_aside(self, step: int) -> None:
         """Renames a broken step so orbax no longer lists it (kept for inspection)."""

@@ -46,7 +46,11 @@ def mesh():
 
 def test_round_trip_sharded_state_host_buffer_and_meta(tmp_path, mesh):
     state = _state(mesh)
-    replay = {"obs": np.arange(15, dtype=np.float32).reshape(5, 3), "ids": np.array([4, 2], np.int64)}
+    replay = {
+        "obs": np.arange(15, dtype=np.float32).reshape(5, 3),
+        "ids": np.array([4, 2], np.int64),
+        "not_yet_filled": [np.zeros((0, 7), np.float32), np.array([True, False])],
+    }
     meta = {"task_cursor": 11, "rng_position": [2, 5], "config": {"algorithm": "grpo"}}
     with checkpoint.Checkpointer(tmp_path / "ckpt", max_to_keep=2) as ckpt:
         assert ckpt.restore(_abstract(state)) is None
@@ -61,6 +65,9 @@ def test_round_trip_sharded_state_host_buffer_and_meta(tmp_path, mesh):
     assert restored.state["params"]["w"].sharding.spec == P("fsdp", "tensor")
     np.testing.assert_array_equal(restored.host["obs"], replay["obs"])
     np.testing.assert_array_equal(restored.host["ids"], replay["ids"])
+    empty, flags = restored.host["not_yet_filled"]
+    assert empty.shape == (0, 7) and empty.dtype == np.float32
+    np.testing.assert_array_equal(flags, replay["not_yet_filled"][1])
     # A fresh Checkpointer on the same directory sees the same steps.
     again = checkpoint.Checkpointer(tmp_path / "ckpt")
     step2 = again.restore(_abstract(state), step=2)
