@@ -42,10 +42,19 @@ def _to_python(value: Any) -> Any:
     return array.item()
 
 
+def _open(path: str | os.PathLike, mode: str) -> Any:
+    """``open`` that also reaches ``gs://`` style paths (through etils)."""
+    if "://" in os.fspath(path):
+        from etils import epath
+
+        return epath.Path(path).open(mode)
+    return open(path, mode, encoding=None if "b" in mode else "utf-8")
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     """All records of a metrics JSONL file; a torn last line (killed writer) is skipped."""
     records = []
-    with open(path, encoding="utf-8") as f:
+    with _open(path, "r") as f:
         for line in f:
             line = line.strip()
             if not line:
@@ -103,8 +112,8 @@ class MetricsWriter:
       workdir: run directory (created if missing).
       resume_step: step of the checkpoint the run resumes from; records after
         it are dropped. ``None`` means a fresh run: an old file is emptied.
-      enabled: write at all (pass ``jax.process_index() == 0`` so that only
-        one host of a multi-host run writes).
+      enabled: write at all; ``None`` (default) means only on process 0, so
+        that one host of a multi-host run writes.
       tensorboard: also write TensorBoard event files.
       staging_dir: write here and copy to ``workdir`` on :meth:`sync`; chosen
         automatically (a temporary directory) for ``gs://`` style workdirs.
@@ -116,12 +125,16 @@ class MetricsWriter:
         workdir: str | os.PathLike,
         *,
         resume_step: int | None = None,
-        enabled: bool = True,
+        enabled: bool | None = None,
         tensorboard: bool = True,
         staging_dir: str | os.PathLike | None = None,
         sync_interval_s: float = 60.0,
     ):
         self.workdir = os.fspath(workdir)
+        if enabled is None:
+            import jax  # deferred: plotting and reading logs need no JAX
+
+            enabled = jax.process_index() == 0
         self.enabled = enabled
         self.sync_interval_s = sync_interval_s
         self._file = None
@@ -286,7 +299,8 @@ def plot(
     """Draws one panel per metric key (value against step) from the JSONL.
 
     Args:
-      workdir: run directory holding ``metrics.jsonl`` (or the file itself).
+      workdir: run directory holding ``metrics.jsonl``, or the ``.jsonl`` file
+        itself; local or ``gs://``.
       out_png: image path to write.
       keys: metrics to draw; keys absent from every record are skipped.
       smooth: trailing moving-average window (1 = raw values).
@@ -297,7 +311,8 @@ def plot(
     import matplotlib.pyplot as plt
 
     path = os.fspath(workdir)
-    path = os.path.join(path, JSONL_NAME) if os.path.isdir(path) else path
+    if not path.endswith(".jsonl"):
+        path = path.rstrip("/") + "/" + JSONL_NAME
     records = read_jsonl(path)
     present = [k for k in keys if any(k in r for r in records)]
     if not present:
@@ -306,27 +321,34 @@ def plot(
         raise ValueError(f"smooth={smooth} must be >= 1")
     fig, axes = plt.subplots(1, len(present), figsize=(4.5 * len(present), 3.2), squeeze=False)
     for ax, key in zip(axes[0], present):
-        pairs = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
-        steps = np.array([p[0] for p in pairs], dtype=float)
-        values = np.array([p[1] for p in pairs], dtype=float)
-        if smooth > 1 and len(values) >= smooth:
-            kernel = np.ones(smooth) / smooth
-            values = np.convolve(values, kernel, mode="valid")
-            steps = steps[smooth - 1 :]
-        ax.plot(steps, values)
-        ax.set_xlabel("step")
-        ax.set_ylabel(key)
-        ax.grid(alpha=0.3)
-        finite = values[np.isfinite(values)] if len(values) else values
-        if len(finite):
-            ax.set_title(f"{key} (last {finite[-1]:.3g})")
+        _draw_panel(ax, records, key, smooth)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
-    fig.savefig(out_png, dpi=120)
+    out_png = os.fspath(out_png)
+    if "://" not in out_png:
+        os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
+    with _open(out_png, "wb") as f:
+        fig.savefig(f, format="png", dpi=120)
     plt.close(fig)
-    return os.fspath(out_png)
+    return out_png
+
+
+def _draw_panel(ax: Any, records: Sequence[Mapping[str, Any]], key: str, smooth: int) -> None:
+    """One metric against step, with a trailing moving average of ``smooth``."""
+    pairs = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+    steps = np.array([p[0] for p in pairs], dtype=float)
+    values = np.array([p[1] for p in pairs], dtype=float)
+    if smooth > 1 and len(values) >= smooth:
+        values = np.convolve(values, np.ones(smooth) / smooth, mode="valid")
+        steps = steps[smooth - 1 :]
+    ax.plot(steps, values)
+    ax.set_xlabel("step")
+    ax.set_ylabel(key)
+    ax.grid(alpha=0.3)
+    finite = values[np.isfinite(values)]
+    if len(finite):
+        ax.set_title(f"{key} (last {finite[-1]:.3g})")
 
 
 def summarize(records: Sequence[Mapping[str, Any]], key: str, *, last: int = 10) -> float:
