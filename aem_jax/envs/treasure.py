@@ -13,6 +13,10 @@ episode. Example with 6 boxes and one clue::
     assistant: open box 4
     user:      you open box 4 and find the gold . you win !
 
+Actions are "read note" and "open box N"; by default the parser is lenient
+(the first number opens that box, "read" or "note" reads), see
+`parse_action`.
+
 Why this game: it is genuinely multi-turn (the right action at turn k is a
 number only an earlier observation revealed, so the policy must copy it from
 its history), the reward is sparse (1 on success at the end, 0 otherwise),
@@ -38,7 +42,30 @@ from aem_jax.envs.base import Observation, Step
 
 MAX_BOXES = 9
 
-_ACTION_RE = re.compile(r"^\s*(read\s+note|open\s+box\s+(\d+))\s*\.?\s*$")
+_STRICT_RE = re.compile(r"^\s*(read\s+note|open\s+box\s+(\d+))\s*\.?\s*$")
+
+
+def parse_action(action: str, *, strict: bool = False) -> tuple[str, int | None] | None:
+    """("read", None), ("open", box) or None when the action is not understood.
+
+    Strict: exactly "read note" or "open box N". Lenient (the default): the
+    first number in the text opens that box, else "read" or "note" reads the
+    note; other words are ignored. Leniency is for learning from scratch: a
+    policy earns its first rewards as soon as it emits the right number,
+    before it has learnt the full phrase.
+    """
+    if not isinstance(action, str):
+        return None
+    if strict:
+        match = _STRICT_RE.match(action.lower())
+        if match is None:
+            return None
+        return ("open", int(match.group(2))) if match.group(2) else ("read", None)
+    words = re.findall(r"[a-z]+|\d+", action.lower())
+    number = next((w for w in words if w.isdigit()), None)
+    if number is not None:
+        return "open", int(number)
+    return ("read", None) if {"read", "note"} & set(words) else None
 
 # Every sentence the game can say, with {n}, {b} and {k} for numbers; the
 # vocabulary is derived from these so it can never miss a word.
@@ -81,9 +108,12 @@ class TreasureHunt:
         episode takes ``num_clues + 1`` turns.
       max_turns: turns before the game ends as lost and truncated; defaults to
         ``num_clues + 3`` (room for one wasted turn and a re-read).
+      strict: accept only the exact phrases "read note" / "open box N"
+        (default: lenient, see `parse_action`).
     """
 
-    def __init__(self, num_boxes: int = 6, num_clues: int = 1, max_turns: int | None = None):
+    def __init__(self, num_boxes: int = 6, num_clues: int = 1, max_turns: int | None = None,
+                 strict: bool = False):
         if not 2 <= num_boxes <= MAX_BOXES:
             raise ValueError(f"num_boxes={num_boxes!r}; allowed: 2..{MAX_BOXES}")
         if not 1 <= num_clues <= num_boxes:
@@ -95,6 +125,7 @@ class TreasureHunt:
         self.num_boxes = num_boxes
         self.num_clues = num_clues
         self.max_turns = max_turns
+        self.strict = strict
         self._path: list[int] = []
         self._stage = 0          # notes followed so far (0 = the note on the floor)
         self._known: int | None = None  # box the agent has been told to open next
@@ -154,9 +185,9 @@ class TreasureHunt:
         if self._done:
             raise RuntimeError("step() called on a finished episode; call reset(seed=...) first")
         self._turn += 1
-        match = _ACTION_RE.match(action.lower()) if isinstance(action, str) else None
-        box = int(match.group(2)) if match and match.group(2) else None
-        if match is None or (box is not None and not 1 <= box <= self.num_boxes):
+        parsed = parse_action(action, strict=self.strict)
+        box = parsed[1] if parsed else None
+        if parsed is None or (box is not None and not 1 <= box <= self.num_boxes):
             text = (f"i do not understand . say read note or open box with a number "
                     f"from 1 to {self.num_boxes} .")
             reward, done, success, invalid = 0.0, False, False, True

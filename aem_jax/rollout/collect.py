@@ -24,7 +24,7 @@ from aem_jax import envs as envs_lib
 from aem_jax.batch import TurnBatch
 from aem_jax.rollout.batching import Turn, build_turn_batch, prompt_for_turn
 from aem_jax.rollout.chat import ChatFormat
-from aem_jax.rollout.config import EpisodeRecord, RolloutConfig
+from aem_jax.rollout.config import REASONS, EpisodeRecord, RolloutConfig
 from aem_jax.rollout.policy import Generation, Policy, TurnContext
 from aem_jax.rollout.pool import StepPool
 
@@ -92,16 +92,16 @@ def _parse(text: str, closed: bool, config: RolloutConfig) -> tuple[str, str | N
     """(action, reason it is invalid or None)."""
     text = text.strip()
     if not closed:
-        return text, f"over-long : no end of turn within {config.max_action_tokens} tokens"
+        return text, REASONS["over-long"]
     if not text:
-        return text, "empty"
+        return text, REASONS["empty"]
     if config.action_pattern is not None:
         match = re.search(config.action_pattern, text, re.DOTALL)
         if match is None:
-            return text, "no parsable action"
+            return text, REASONS["unparsable"]
         text = (match.group(1) if match.groups() else match.group(0)).strip()
         if not text:
-            return text, "empty"
+            return text, REASONS["empty"]
     return text, None
 
 

@@ -2,9 +2,31 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 HISTORY_MODES = ("concatenated", "windowed")
+
+# Why the engine rejects an action (shown to the policy through
+# `RolloutConfig.invalid_message`).
+REASONS = {
+    "over-long": "over-long : no end of turn",
+    "empty": "empty",
+    "unparsable": "no parsable action",
+}
+
+
+def message_words(config: "RolloutConfig | None" = None) -> list[str]:
+    """Words of the engine's own observations (invalid-action messages).
+
+    Add them to a word-level tokenizer's vocabulary so that these messages
+    never become unknown tokens:
+    ``build_tokenizer(env.vocabulary() + message_words(config))``.
+    """
+    template = (config or RolloutConfig()).invalid_message
+    texts = [template.replace("{reason}", reason) for reason in REASONS.values()]
+    words = re.findall(r"[A-Za-z0-9]+|[^\sA-Za-z0-9]", " ".join(texts))
+    return list(dict.fromkeys(words))
 
 
 @dataclasses.dataclass(frozen=True)

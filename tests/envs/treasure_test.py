@@ -115,3 +115,17 @@ def test_vocabulary_covers_every_text_so_word_level_tokens_are_never_unknown():
     ids = tok(" ".join(texts), add_special_tokens=False)["input_ids"]
     assert tok.unk_token_id not in ids
     assert len(vocabulary()) < 60
+
+
+def test_lenient_parser_reads_numbers_and_keywords_strict_one_only_phrases():
+    from aem_jax.envs.treasure import parse_action
+    assert parse_action("open box 3") == parse_action("3") == parse_action("box 3 please") \
+        == ("open", 3)
+    assert parse_action("note") == parse_action("read note .") == ("read", None)
+    assert parse_action("open the gold") is None and parse_action(None) is None
+    assert parse_action("3", strict=True) is None
+    assert parse_action("open box 3", strict=True) == ("open", 3)
+    env = TreasureHunt(num_boxes=4, strict=True)
+    env.reset(seed=0)
+    assert env.step("note").info["invalid_action"]
+    assert not env.step("read note").info["invalid_action"]

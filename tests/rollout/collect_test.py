@@ -176,6 +176,8 @@ def test_malformed_output_is_an_invalid_action_with_penalty_never_an_exception()
     assert len(agent) == 12 and CHAT.end_of_turn_id not in row[agent]
     assert row[agent[-1] + 1] == CHAT.end_of_turn_id and batch.loss_mask[0, agent[-1] + 1] == 0
     assert metrics["invalid_action_rate"] > 0
+    # The engine's messages are in the vocabulary (`message_words`): no unknown tokens.
+    assert TOK.unk_token_id not in batch.tokens
 
 
 def test_turn_and_context_limits_truncate():

@@ -9,11 +9,11 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from aem_jax.envs.treasure import TreasureHunt, vocabulary
 from aem_jax.models import build_tokenizer
 from aem_jax.models.tokenizer import CHATML_TEMPLATE
-from aem_jax.rollout import ChatFormat, ScriptedPolicy
+from aem_jax.rollout import ChatFormat, ScriptedPolicy, message_words
 
 
 def treasure_tokenizer():
-    return build_tokenizer(vocabulary())
+    return build_tokenizer(vocabulary() + message_words())
 
 
 def byte_level_tokenizer(corpus):

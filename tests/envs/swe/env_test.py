@@ -87,7 +87,7 @@ def test_bad_actions_give_observations_and_the_episode_goes_on(env):
 
 def test_attacks_are_contained_and_the_rollout_goes_on(env):
     env.reset(seed=2)
-    attacks = [":(){ :|:& };:", "while :; do :; done", "python -c 'b = bytearray(20 * 2**30)'",
+    attacks = ["bomb() { bomb | bomb & }; bomb", "while :; do :; done", "python -c 'b = bytearray(20 * 2**30)'",
                "head -c 1000000000 /dev/zero", "kill -9 $PPID; kill -9 -1", "sleep 4242 &",
                "cat /etc/shadow; ls /root; echo x > /etc/evil"]
     for command in attacks:
