@@ -25,6 +25,9 @@ class Turn:
       logprobs, entropies: per action token.
       env_ids: context tokens between this action and the next one (None
         after the last turn).
+      user_ids: the next observation as a stand-alone user message with the
+        assistant header (windowed prompts that start at it; None after the
+        last turn).
       reward: reward after the turn (penalties included).
       terminal: the episode ended here by the environment's verdict.
       anchor: anchor text of the state before the turn.
@@ -37,18 +40,27 @@ class Turn:
     reward: float
     terminal: bool
     anchor: str
+    user_ids: list[int] | None = None
 
 
-def prompt_for_turn(prompt_ids: list[int], turns: list[Turn], k: int,
-                    window: int | None) -> list[int]:
-    """Token ids of the prompt of turn `k`: task + past (action, observation) pairs.
+def prompt_for_turn(ep, k: int, window: int | None) -> list[int]:
+    """Token ids of the prompt of turn `k` of episode `ep`.
 
-    ``window=None`` keeps all pairs (concatenated mode), else the last
-    `window` pairs.
+    ``window=None`` (concatenated): the whole chat so far. Otherwise the task,
+    the last `window` (observation, action) pairs and the new observation:
+
+      task, obs_{k-h}, a_{k-h}, ..., obs_{k-1}, a_{k-1}, obs_k
+
+    (``ep`` has ``prompt_ids`` = task + assistant header, ``task_ids`` = the
+    task message alone, and ``turns``.)
     """
-    first = 0 if window is None else max(0, k - window)
-    ids = list(prompt_ids)
-    for turn in turns[first:k]:
+    first = 0 if window is None else k - window
+    if first <= 0:
+        ids = list(ep.prompt_ids)
+        first = 0
+    else:  # the observation that opens the window follows the task message
+        ids = list(ep.task_ids) + list(ep.turns[first - 1].user_ids or [])
+    for turn in ep.turns[first:k]:
         ids += turn.action_ids + (turn.env_ids or [])
     return ids
 
@@ -69,11 +81,12 @@ class _Row:
         self.ent += list(ent) if ent is not None else [0.0] * len(ids)
 
 
-def _episode_rows(prompt_ids, turns, *, windowed, window, learn):
+def _episode_rows(ep, *, windowed, window, learn):
     """[(row, first_turn, turns_in_row)] for one episode."""
+    turns = ep.turns
     if not windowed:
         row = _Row()
-        row.add(prompt_ids)
+        row.add(ep.prompt_ids)
         for k, turn in enumerate(turns):
             row.add(turn.action_ids, turn=k if learn else -1, logp=turn.logprobs,
                     ent=turn.entropies)
@@ -83,7 +96,7 @@ def _episode_rows(prompt_ids, turns, *, windowed, window, learn):
     rows = []
     for k, turn in enumerate(turns):
         row = _Row()
-        row.add(prompt_for_turn(prompt_ids, turns, k, window))
+        row.add(prompt_for_turn(ep, k, window))
         row.add(turn.action_ids, turn=0 if learn else -1, logp=turn.logprobs, ent=turn.entropies)
         rows.append((row, k, [turn]))
     return rows
@@ -95,8 +108,8 @@ def build_turn_batch(episodes, *, num_turns: int, windowed: bool, window: int,
     """Packs episodes into a right-padded `TurnBatch` of numpy arrays.
 
     Args:
-      episodes: objects with ``prompt_ids``, ``turns`` (list of `Turn`),
-        ``index``, ``group`` and ``failed`` attributes.
+      episodes: objects with ``prompt_ids``, ``task_ids``, ``turns`` (list of
+        `Turn`), ``index``, ``group`` and ``failed`` attributes.
       num_turns: K in concatenated mode (1 in windowed mode).
       windowed: one row per turn instead of one per episode.
       window: h, for windowed mode.
@@ -110,8 +123,8 @@ def build_turn_batch(episodes, *, num_turns: int, windowed: bool, window: int,
     K = 1 if windowed else num_turns
     rows = []
     for ep in episodes:
-        for row, first, turns in _episode_rows(ep.prompt_ids, ep.turns, windowed=windowed,
-                                               window=window, learn=not ep.failed):
+        for row, first, turns in _episode_rows(ep, windowed=windowed, window=window,
+                                               learn=not ep.failed):
             rows.append((row, first, turns, ep))
     longest = max([len(r.tokens) for r, *_ in rows] + [1])
     if seq_len is None:

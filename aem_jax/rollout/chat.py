@@ -5,6 +5,7 @@ tokens must stay exactly the ones it sampled (re-tokenizing text can merge or
 split them differently). Instead a conversation is the concatenation of
 
   prompt_ids(task)       [system] + user(task) + assistant header
+  (windowed prompts: task_ids(task) + user_ids(obs) start a window at obs)
   action ids             what the policy generated, ending with end-of-turn
   env_ids(observation)   rest of the closed assistant message + user(obs) +
                          assistant header
@@ -81,6 +82,16 @@ class ChatFormat:
         text = _render(self.tokenizer, self._head + [{"role": "user", "content": task}],
                        generation_prompt=True)
         return self._encode(text)
+
+    def task_ids(self, task: str) -> list[int]:
+        """[system] + user(task), without the assistant header (windowed prompts)."""
+        text = _render(self.tokenizer, self._head + [{"role": "user", "content": task}],
+                       generation_prompt=False)
+        return self._encode(text)
+
+    def user_ids(self, observation: str) -> list[int]:
+        """user(observation) + assistant header, to follow a closed message."""
+        return self._encode(self._obs_prefix + observation + self._obs_suffix)
 
     def env_ids(self, observation: str, *, closed: bool = True) -> list[int]:
         """Tokens after an action: end of the assistant message, user(obs), header.

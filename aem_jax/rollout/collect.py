@@ -68,6 +68,7 @@ class _Episode:
     env: Any
     record: EpisodeRecord
     prompt_ids: list[int] = dataclasses.field(default_factory=list)
+    task_ids: list[int] = dataclasses.field(default_factory=list)
     turns: list[Turn] = dataclasses.field(default_factory=list)
     observation: str = ""
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -121,6 +122,8 @@ def _reset_all(eps, seeds, pool, chat, config):
         ep.observation, ep.info = obs.text, dict(obs.info)
         ep.anchor = str(ep.info.get("anchor", obs.text))
         ep.prompt_ids = chat.prompt_ids(obs.text)
+        if config.history == "windowed":
+            ep.task_ids = chat.task_ids(obs.text)
         if config.system_prompt is not None:
             ep.record.transcript.append({"role": "system", "content": config.system_prompt})
         ep.record.transcript.append({"role": "user", "content": obs.text})
@@ -165,8 +168,10 @@ def _apply(ep, gen, closed, action, reason, outcome, turn_index, chat, config):
         ep.active, rec.truncated = False, True
         return
     turn.env_ids = chat.env_ids(text, closed=closed)
-    window = config.window if config.history == "windowed" else None
-    prompt = prompt_for_turn(ep.prompt_ids, ep.turns, len(ep.turns), window)
+    window = None
+    if config.history == "windowed":
+        turn.user_ids, window = chat.user_ids(text), config.window
+    prompt = prompt_for_turn(ep, len(ep.turns), window)
     if len(prompt) + config.max_action_tokens > config.max_context_tokens:
         ep.active, rec.truncated = False, True
 
@@ -176,7 +181,7 @@ def _play_turn(k, eps, policy, pool, chat, config, key, timings):
     active = [ep for ep in eps if ep.active]
     window = config.window if config.history == "windowed" else None
     t0 = time.perf_counter()
-    prompts = [prompt_for_turn(ep.prompt_ids, ep.turns, k, window) for ep in active]
+    prompts = [prompt_for_turn(ep, k, window) for ep in active]
     contexts = [TurnContext(ep.index, k, ep.observation, ep.info, ep.env) for ep in active]
     t1 = time.perf_counter()
     gens = policy.generate(prompts, key=jax.random.fold_in(key, k), contexts=contexts)

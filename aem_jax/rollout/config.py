@@ -38,9 +38,9 @@ class RolloutConfig:
       group_size: G, rollouts per task; B = N * G episodes.
       max_turns: turns per episode before it is cut short (truncated).
       history: "concatenated" (one row per episode, the whole chat) or
-        "windowed" (one row per turn: task + last `window` action/observation
-        pairs + the new observation).
-      window: h, past action/observation pairs kept in windowed mode.
+        "windowed" (one row per turn: the task, the last `window`
+        (observation, action) pairs and the new observation).
+      window: h >= 0, past (observation, action) pairs kept in windowed mode.
       max_context_tokens: longest prompt + action a turn may need; an episode
         whose next prompt would not fit is truncated.
       max_action_tokens: tokens one action may take; a generation cut at this

@@ -88,20 +88,29 @@ def test_concatenated_rows_are_the_chat_with_only_actions_masked():
         assert TOK(rendered, add_special_tokens=False)["input_ids"] == expected
 
 
-def test_windowed_rows_hold_the_task_and_last_h_pairs():
-    window = 1
+@pytest.mark.parametrize("window", [0, 1, 2])
+def test_windowed_rows_hold_the_task_and_last_h_pairs(window):
     batch, records, _, chosen = _run("windowed", window=window)
     assert batch.num_turns == 1 and np.all(batch.turn_ids[batch.loss_mask == 1] == 0)
     for b in range(batch.tokens.shape[0]):
         e, k = int(batch.episode_ids[b]), int(batch.turn_offset[b])
         users = [m["content"] for m in records[e].transcript if m["role"] == "user"]
-        expected = list(CHAT.prompt_ids(users[0]))
+        # task, obs_{k-h}, a_{k-h}, ..., a_{k-1}, obs_k as the template renders it.
+        chat = [{"role": "user", "content": users[0]}]
         for j in range(max(0, k - window), k):
-            expected += CHAT.action_ids(chosen[e, j]) + CHAT.env_ids(users[j + 1])
+            if j > 0 and j == k - window:
+                chat.append({"role": "user", "content": users[j]})
+            chat += [{"role": "assistant", "content": chosen[e, j]},
+                     {"role": "user", "content": users[j + 1]}]
+        if window == 0 and k > 0:
+            chat.append({"role": "user", "content": users[k]})
+        rendered = TOK.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        expected = TOK(rendered, add_special_tokens=False)["input_ids"]
         action = CHAT.action_ids(chosen[e, k])
         n = len(expected) + len(action)
         assert batch.tokens[b, :n].tolist() == expected + action
         assert batch.loss_mask[b, :n].tolist() == [0] * len(expected) + [1] * len(action)
+        assert not batch.attention_mask[b, n:].any()
 
 
 def test_history_modes_give_the_same_actions_rewards_anchors_and_dones():
