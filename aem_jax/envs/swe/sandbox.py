@@ -32,6 +32,8 @@ from typing import NamedTuple
 SANDBOX_WORKDIR = "/tmp/workspace"
 BACKENDS = ("auto", "bwrap", "unshare")
 _HIDDEN_DIRS = ("/root", "/home")
+# Directories the sandbox covers with a tmpfs (the interpreter may live below one).
+_COVERED_DIRS = ("/tmp", *_HIDDEN_DIRS)
 _INIT_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_unshare_init.py")
 
 
@@ -237,10 +239,10 @@ class LocalSandbox:
         }
 
     def _exposed_prefixes(self) -> list[str]:
-        # The interpreter may live under a hidden home directory (pyenv in
-        # /root): bind it back read-only so `python -m pytest` works inside.
+        # The interpreter may live under a covered directory (pyenv in /root, a
+        # virtualenv in /tmp): bind it back read-only so `python -m pytest` works.
         prefixes = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix)}
-        return sorted(p for p in prefixes if any(p.startswith(h + "/") for h in _HIDDEN_DIRS))
+        return sorted(p for p in prefixes if any(p.startswith(h + "/") for h in _COVERED_DIRS))
 
     def _bwrap_argv(self, command: str) -> list[str]:
         if self.is_root:
@@ -262,7 +264,7 @@ class LocalSandbox:
         for prefix in self._exposed_prefixes():
             parents = []
             parent = os.path.dirname(prefix)
-            while parent not in _HIDDEN_DIRS and parent != "/":
+            while parent not in _COVERED_DIRS and parent != "/":
                 parents.insert(0, parent)
                 parent = os.path.dirname(parent)
             for directory in parents:

@@ -65,7 +65,8 @@ def test_fork_bomb_is_contained(box):
     start = time.monotonic()
     result = box.execute(f"sh -c 'b() {{ b | b & }}; b; sleep 30' {marker}", timeout=3)
     assert time.monotonic() - start < 15
-    assert result.timed_out and "Cannot fork" in result.output
+    # The process limit stops it (the outer shell may itself fail to fork `sleep`).
+    assert "Cannot fork" in result.output and (result.timed_out or result.returncode != 0)
     time.sleep(0.2)
     assert not _processes_with(marker), "fork bomb processes survived"
 
