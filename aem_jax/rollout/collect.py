@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import threading
 import time
 from typing import Any, Callable, Sequence
 
@@ -49,6 +50,8 @@ class EnvGroup:
         else:
             raise TypeError(f"env={env!r}; expected a registered name or a factory callable")
         self._envs: list[Any] = []
+        # One collect at a time plays these environments.
+        self.lock = threading.Lock()
 
     def take(self, count: int) -> list[Any]:
         """The first `count` environments, making missing ones."""
@@ -246,8 +249,9 @@ def collect(
     """Plays N tasks x G rollouts and packs them into a `TurnBatch`.
 
     Args:
-      env: a registered environment name (with `env_kwargs`), a factory, or
-        an `EnvGroup` reused across calls (cheaper for slow-to-start envs).
+      env: a registered environment name (with `env_kwargs`; its
+        environments are kept and reused by later calls with the same name and
+        kwargs), a factory (fresh environments each call), or an `EnvGroup`.
       policy: a `Policy` (`SamplerPolicy`, `ScriptedPolicy`, ...).
       tokenizer: the model's tokenizer; its chat template formats turns.
       config: `RolloutConfig`.
@@ -268,7 +272,13 @@ def collect(
     seeds = list(range(seed_offset, seed_offset + N)) if task_seeds is None else list(task_seeds)
     if len(seeds) != N:
         raise ValueError(f"task_seeds has {len(seeds)} entries; config.num_tasks is {N}")
-    group = env if isinstance(env, EnvGroup) else EnvGroup(env, **(env_kwargs or {}))
+    group = env if isinstance(env, EnvGroup) else _group_for(env, env_kwargs or {})
+    with group.lock:
+        return _collect(group, policy, tokenizer, config, key, seeds, pool)
+
+
+def _collect(group, policy, tokenizer, config, key, seeds, pool):
+    N, G = config.num_tasks, config.group_size
     pool = pool or _shared_pool(config.num_threads)
     chat = ChatFormat(tokenizer, config.system_prompt)
     timings = {"generate": 0.0, "env": 0.0, "batch": 0.0}
@@ -295,6 +305,23 @@ def collect(
 
 
 _POOLS: dict[int, StepPool] = {}
+_GROUPS: dict[str, EnvGroup] = {}
+_GROUPS_LOCK = threading.Lock()
+
+
+def _group_for(env: str | Callable[[], Any], kwargs: dict[str, Any]) -> EnvGroup:
+    """The environments of a registered name + kwargs, kept across calls.
+
+    Reusing them matters for environments that are slow to start (a TextWorld
+    interpreter); factories get a fresh group each call.
+    """
+    if not isinstance(env, str):
+        return EnvGroup(env, **kwargs)
+    cache_key = f"{env}:{sorted(kwargs.items())!r}"
+    with _GROUPS_LOCK:
+        if cache_key not in _GROUPS:
+            _GROUPS[cache_key] = EnvGroup(env, **kwargs)
+        return _GROUPS[cache_key]
 
 
 def _shared_pool(num_threads: int) -> StepPool:
