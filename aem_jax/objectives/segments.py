@@ -126,12 +126,14 @@ def group_min_max(x, group_ids, valid, *, num_groups: int):
     return lo_G[group_ids], hi_G[group_ids]
 
 
-def to_episode_layout(x_BK, episode_ids, turn_offset, *, num_episodes: int, max_turns: int):
+def to_episode_layout(x_BK, episode_ids, turn_offset, *, num_episodes: int, max_turns: int, valid=None):
     """Scatters per-turn values of a (possibly windowed) batch into [E, max_turns].
 
     Row ``b``'s turn ``k`` lands at ``[episode_ids[b], turn_offset[b] + k]``.
     In concatenated mode (``episode_ids = arange(B)``, ``turn_offset = 0``)
-    this is the identity up to padding of K to ``max_turns``.
+    this is the identity up to padding of K to ``max_turns``. Entries where
+    the optional [B,K] ``valid`` is False are dropped (padding rows of a
+    windowed batch must not overwrite real turns); empty slots hold 0.
     """
     _checks.check_rank("x_BK", x_BK, 2)
     _checks.check_positive_int("num_episodes", num_episodes)
@@ -142,6 +144,8 @@ def to_episode_layout(x_BK, episode_ids, turn_offset, *, num_episodes: int, max_
     slots_BK = turn_offset[:, None] + jnp.arange(K)[None, :]
     _checks.check_ids_below("turn_offset + k", slots_BK, max_turns, "max_turns", allow_negative=False)
     flat_BK = episode_ids[:, None] * max_turns + slots_BK
+    if valid is not None:
+        flat_BK = jnp.where(valid, flat_BK, num_episodes * max_turns)
     out = jnp.zeros((num_episodes * max_turns,), x_BK.dtype)
     out = out.at[flat_BK.reshape(-1)].set(x_BK.reshape(-1), mode="drop")
     return out.reshape(num_episodes, max_turns)

@@ -1,0 +1,103 @@
+"""Builds what a run needs from its config: model, tokenizer, optimiser, rollout settings."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import optax
+from flax import nnx
+
+from aem_jax import envs, models
+from aem_jax.rollout import RolloutConfig
+from aem_jax.trainer import algorithms, sharding
+
+AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+AEM_SCOPES = ("group", "batch", "trajectory")
+AEM_SIGNALS = ("mean_token_entropy", "surprisal_per_token")
+
+
+def _fail(key: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"config.{key}={value!r} is not allowed; {allowed}")
+
+
+def validate(config) -> None:
+    """Checks values before anything is built or compiled; names the bad key."""
+    algorithms.get(config.algorithm)
+    if config.env.name not in envs.registered():
+        _fail("env.name", config.env.name, f"registered environments: {', '.join(envs.registered())}")
+    checks = [
+        ("total_steps", config.total_steps, config.total_steps >= 1, "must be >= 1"),
+        ("loss.agg", config.loss.agg, config.loss.agg in AGGREGATIONS, f"allowed: {AGGREGATIONS}"),
+        ("aem.scope", config.aem.scope, config.aem.scope in AEM_SCOPES, f"allowed: {AEM_SCOPES}"),
+        ("aem.signal", config.aem.signal, config.aem.signal in AEM_SIGNALS, f"allowed: {AEM_SIGNALS}"),
+        ("aem.min_range", config.aem.min_range, config.aem.min_range >= 0, "must be >= 0"),
+        ("optim.learning_rate", config.optim.learning_rate, config.optim.learning_rate > 0, "must be > 0"),
+        ("learner.epochs", config.learner.epochs, config.learner.epochs >= 1, "must be >= 1"),
+        ("rollout.temperature", config.rollout.temperature, config.rollout.temperature >= 0, "must be >= 0"),
+        ("loss.kl_kind", config.loss.kl_kind, config.loss.kl_kind in ("k1", "k2", "k3", "low_var_kl"),
+         "allowed: k1, k2, k3, low_var_kl"),
+    ]
+    for key, value, ok, allowed in checks:
+        if not ok:
+            _fail(key, value, allowed)
+    episodes = config.rollout.num_tasks * config.rollout.group_size
+    mb = config.learner.minibatch_size
+    if mb < 1 or episodes % mb and config.rollout.history == "concatenated":
+        _fail("learner.minibatch_size", mb, f"must be >= 1 and divide num_tasks * group_size = {episodes}")
+    if config.algorithm == "ppo" and config.rollout.history != "concatenated":
+        _fail("rollout.history", config.rollout.history,
+              "ppo's bi-level GAE needs history='concatenated' (turn values of one row)")
+    for axis in ("data", "fsdp", "tensor"):
+        if axis not in config.mesh:
+            _fail("mesh", dict(config.mesh), "needs the axes data, fsdp and tensor (-1 = the rest)")
+
+
+def rollout_config(config, *, num_tasks: int | None = None, group_size: int | None = None) -> RolloutConfig:
+    r = config.rollout
+    return RolloutConfig(
+        num_tasks=num_tasks or r.num_tasks, group_size=group_size or r.group_size,
+        max_turns=r.max_turns, history=r.history, window=r.window,
+        max_context_tokens=r.max_context_tokens, max_action_tokens=r.max_action_tokens,
+        invalid_penalty=r.invalid_penalty, step_timeout_s=r.step_timeout_s,
+        num_threads=r.num_threads, seq_len=r.max_context_tokens, system_prompt=r.system_prompt or None,
+        action_pattern=r.action_pattern or None,
+    )
+
+
+def build_model(config, mesh):
+    """(model, tokenizer), the model's parameters created already sharded on ``mesh``."""
+    m = config.model
+    env_kwargs = dict(config.env.kwargs)
+    if m.source == "scratch":
+        env = envs.make(config.env.name, **env_kwargs)
+        if not hasattr(env, "vocabulary"):
+            raise ValueError(
+                f"config.model.source='scratch' needs an environment with vocabulary() for a word-level "
+                f"tokenizer; {config.env.name!r} has none: set config.model.source to a Hugging Face path")
+        tokenizer = models.build_tokenizer(env.vocabulary())
+        mc = models.ModelConfig(
+            vocab_size=len(tokenizer), hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+            num_layers=m.num_layers, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
+            head_dim=m.head_dim, tie_embeddings=m.tie_embeddings, model_type=m.model_type,
+            qkv_bias=m.model_type == "qwen2", qk_norm=m.model_type == "qwen3",
+            dtype=m.dtype, param_dtype=m.dtype, rope_theta=10_000.0,
+            max_position_embeddings=config.rollout.max_context_tokens)
+        model = sharding.create_sharded(lambda: models.Decoder(mc, rngs=nnx.Rngs(config.seed)), mesh)
+        return model, tokenizer
+    if not os.path.isdir(m.source) and os.environ.get("HF_HUB_OFFLINE"):
+        raise ValueError(f"config.model.source={m.source!r} is not a local directory and HF_HUB_OFFLINE is set; "
+                         "download it elsewhere and point config.model.source at the local copy")
+    model, tokenizer = models.from_pretrained(m.source, dtype=m.dtype)
+    graphdef, state = nnx.split(model)
+    import jax
+    state = jax.device_put(state, sharding.state_shardings(state, mesh))
+    return nnx.merge(graphdef, state), tokenizer
+
+
+def optimizer(config) -> optax.GradientTransformation:
+    o = config.optim
+    schedule = optax.warmup_constant_schedule(0.0, o.learning_rate, max(o.warmup_steps, 1))
+    return optax.chain(
+        optax.clip_by_global_norm(o.grad_clip),
+        optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay),
+    )
