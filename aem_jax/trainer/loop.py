@@ -223,14 +223,29 @@ class Trainer:
 
     # The run ----------------------------------------------------------------
 
-    def _abstract_state(self):
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
+    # Checkpoint hooks: algorithms with more state (critics, targets, replay
+    # buffers) override these three.
+
+    def checkpoint_state(self) -> Any:
+        """Device pytree saved in checkpoints (sharded arrays)."""
+        return self.state
+
+    def checkpoint_host(self) -> Any:
+        """Host numpy pytree saved in checkpoints (e.g. a replay buffer), or None."""
+        return None
+
+    def load_checkpoint(self, state: Any, host: Any) -> None:
+        """Installs restored checkpoint contents."""
+        del host
+        self.state = state
 
     def restore(self, ckpt: checkpoint.Checkpointer) -> tuple[int, dict[str, Any]]:
-        restored = ckpt.restore(self._abstract_state())
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                self.checkpoint_state())
+        restored = ckpt.restore(abstract)
         if restored is None:
             return 0, {}
-        self.state = restored.state
+        self.load_checkpoint(restored.state, restored.host)
         log.info("resumed from step %d", restored.step)
         return int(restored.step), dict(restored.meta)
 
@@ -257,7 +272,7 @@ class Trainer:
                     record["measured_entropy_change"] = record["token_entropy"] - prev_entropy
                 prev_entropy = record["token_entropy"]
                 t0 = time.perf_counter()
-                ckpt.save(step + 1, self.state, meta={"token_entropy": prev_entropy, "task_cursor": step + 1,
+                ckpt.save(step + 1, self.checkpoint_state(), host=self.checkpoint_host(), meta={"token_entropy": prev_entropy, "task_cursor": step + 1,
                                                       "seed": c.seed},
                           force=step + 1 == c.total_steps)
                 record["time_checkpoint_s"] = time.perf_counter() - t0
@@ -286,6 +301,17 @@ class Trainer:
         return summary
 
 
+def trainer_class(config) -> type[Trainer]:
+    """The Trainer (sub)class of the configured algorithm (its registry runner)."""
+    runner = algorithms.get(config.algorithm).runner
+    if runner is None:
+        return Trainer
+    module_name, attr = runner.split(":")
+    import importlib
+
+    return getattr(importlib.import_module(module_name), attr)
+
+
 def train(config, workdir: str) -> dict[str, Any]:
     """Trains as ``config`` says, writing metrics and checkpoints to ``workdir``."""
-    return Trainer(config, workdir).run()
+    return trainer_class(config)(config, workdir).run()
