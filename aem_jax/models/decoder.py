@@ -48,19 +48,40 @@ from aem_jax.models.config import ModelConfig
 _MASKED = -1e30  # finite, so fully masked (padding) query rows give no NaNs
 
 
+def logical_spec(names: Sequence[str | None], shape: Sequence[int], mesh, rules) -> jax.sharding.PartitionSpec:
+    """Maps logical axis names to a PartitionSpec on `mesh` through `rules`.
+
+    `rules` are (logical name, mesh axis | tuple of mesh axes | None) pairs.
+    A dimension keeps the longest prefix of its mesh axes whose size product
+    divides it (the rest is replicated), and a mesh axis is used at most once.
+    """
+    table, used, spec = dict(rules or ()), set(), []
+    for name, size in zip(names, shape):
+        axes = table.get(name) if name else None
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        keep, prod = [], 1
+        for axis in axes:
+            if axis not in mesh.shape or axis in used or size % (prod * mesh.shape[axis]):
+                break
+            prod *= mesh.shape[axis]
+            keep.append(axis)
+        used.update(keep)
+        spec.append(None if not keep else keep[0] if len(keep) == 1 else tuple(keep))
+    return jax.sharding.PartitionSpec(*spec)
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """Applies a logical sharding constraint; a no-op without a mesh or rules.
 
-    Logical names are mapped through the rules of the enclosing
-    `logical_axis_rules` context; names without a rule are replicated.
+    The mesh is the one set by `jax.set_mesh` (Auto axis types: XLA propagates
+    shardings between the constraints); the rules those of the enclosing
+    `nnx.logical_axis_rules` context.
     """
     mesh = jax.sharding.get_abstract_mesh()
     rules = spmd.get_logical_axis_rules()
-    if mesh.empty or not rules:
+    if mesh.empty or not rules or mesh.size == 1:
         return x
-    table = dict(rules)
-    spec = jax.sharding.PartitionSpec(*(table.get(n) if n else None for n in names))
-    return jax.lax.with_sharding_constraint(x, spec)
+    return jax.lax.with_sharding_constraint(x, logical_spec(names, x.shape, mesh, rules))
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str, ...], dtype,
@@ -296,7 +317,13 @@ def logits(model: Decoder, tokens_BT: jax.Array, attention_mask_BT: jax.Array) -
 
 
 def init_model(config: ModelConfig, *, seed: int = 0, dtype: str | None = None) -> Decoder:
-    """A randomly initialised decoder; `dtype` (if given) sets compute and parameter dtype."""
+    """A randomly initialised decoder; `dtype` (if given) sets compute and parameter dtype.
+
+    The initialisation runs as one compiled function (eager initialisation
+    would compile every random op separately).
+    """
     if dtype is not None:
         config = config.replace(dtype=dtype, param_dtype=dtype)
-    return Decoder(config, rngs=nnx.Rngs(seed))
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(seed))))
+    state = jax.jit(lambda: nnx.split(Decoder(config, rngs=nnx.Rngs(seed)))[1])()
+    return nnx.merge(graphdef, state)

@@ -24,7 +24,7 @@ import transformers
 from flax import nnx
 
 from aem_jax.models.config import ModelConfig, from_hf_config, to_hf_config
-from aem_jax.models.decoder import Decoder
+from aem_jax.models.decoder import Decoder, logical_spec
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -108,11 +108,6 @@ def _weight_files(directory: str) -> dict[str, str]:
     return {name: SINGLE_FILE for name in _mmap_safetensors(single)}
 
 
-def _spec(names: tuple | None, rules: Rules | None) -> jax.sharding.PartitionSpec:
-    table = dict(rules or ())
-    return jax.sharding.PartitionSpec(*(table.get(n) for n in (names or ())))
-
-
 def _resolve(path_or_hub_id: str) -> str:
     if os.path.isdir(path_or_hub_id):
         return path_or_hub_id
@@ -175,7 +170,8 @@ def load_model(directory: str, *, dtype: str = "float32", mesh: jax.sharding.Mes
         if mesh is None:
             sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         else:
-            sharding = jax.sharding.NamedSharding(mesh, _spec(variable.get_metadata().get("out_sharding"), rules))
+            names = variable.get_metadata().get("out_sharding") or ()
+            sharding = jax.sharding.NamedSharding(mesh, logical_spec(names, view.shape, mesh, rules))
         target = variable.dtype
         value = jax.make_array_from_callback(
             view.shape, sharding, lambda idx, v=view, t=target: np.ascontiguousarray(v[idx]).astype(t))
