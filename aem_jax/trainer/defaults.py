@@ -1,0 +1,129 @@
+"""Every field of a training config, with its meaning and default value.
+
+Config files under ``configs/`` start from ``base()`` and change what differs,
+so a field is documented once, here. Unknown keys given on the command line
+(``--config.a.b=v``) fail before anything is built, naming the key.
+"""
+from ml_collections import ConfigDict
+
+
+def base() -> ConfigDict:
+    """Every field of a training config, with its meaning."""
+    c = ConfigDict()
+    c.seed = 0                       # root of every random stream (rollouts, init, shuffles)
+    c.algorithm = "grpo"             # grpo | dr_grpo | dapo | gspo | rloo | gigpo | ppo | archer | etpo
+    c.total_steps = 60               # training iterations (one rollout batch each)
+    c.progress_bar = False           # force the progress bar on (it shows anyway on a terminal)
+    c.max_nonfinite_in_a_row = 5     # stop after this many skipped (non-finite) updates in a row
+    c.distributed = False            # force jax.distributed.initialize() (auto-detected otherwise)
+
+    c.env = ConfigDict()
+    c.env.name = "treasure"          # registered environment (aem_jax.envs.registered())
+    c.env.kwargs = ConfigDict()      # keyword arguments of aem_jax.envs.make
+    c.env.kwargs.num_boxes = 6       # boxes in the room
+    c.env.kwargs.num_clues = 1       # notes to follow before the gold
+
+    c.model = ConfigDict()
+    c.model.source = "scratch"       # "scratch" (word-level tokenizer from the env) or HF dir / hub id
+    c.model.model_type = "qwen3"     # architecture of a scratch model: qwen2 | qwen3 | llama
+    c.model.hidden_size = 64         # D of a scratch model
+    c.model.intermediate_size = 192  # MLP width of a scratch model
+    c.model.num_layers = 2           # decoder blocks of a scratch model
+    c.model.num_heads = 4            # attention heads of a scratch model
+    c.model.num_kv_heads = 2         # key/value heads (GQA) of a scratch model
+    c.model.head_dim = 16            # per-head size of a scratch model
+    c.model.tie_embeddings = True    # share embedding and unembedding
+    c.model.dtype = "float32"        # parameter and compute dtype: float32 | bfloat16
+
+    c.rollout = ConfigDict()
+    c.rollout.num_tasks = 16         # N tasks per batch
+    c.rollout.group_size = 8         # G rollouts per task (B = N * G episodes)
+    c.rollout.max_turns = 4          # turns before an episode is truncated
+    c.rollout.history = "concatenated"  # concatenated | windowed
+    c.rollout.window = 2             # h past turns kept in windowed mode
+    c.rollout.max_context_tokens = 128  # T: longest prompt + action of a turn (also the KV cache)
+    c.rollout.max_action_tokens = 6  # tokens one action may take
+    c.rollout.invalid_penalty = 0.0  # subtracted from the reward of an invalid action
+    c.rollout.temperature = 1.0      # sampling temperature (0 = greedy)
+    c.rollout.top_k = 0              # 0 = off
+    c.rollout.top_p = 1.0            # 1 = off
+    c.rollout.step_timeout_s = 30.0  # an env step slower than this ends its episode as failed
+    c.rollout.num_threads = 8        # threads stepping environments
+    c.rollout.system_prompt = ""     # optional system message
+    c.rollout.action_pattern = ""    # optional regex extracting the action from the reply
+
+    c.advantage = ConfigDict()
+    c.advantage.normalize_std = True   # GRPO divides by the group std (False: Dr.GRPO)
+    c.advantage.gamma = 0.95           # GiGPO step-return discount
+    c.advantage.gigpo_step_weight = 1.0  # GiGPO weight of the step-level advantage
+
+    c.aem = ConfigDict()
+    c.aem.enabled = True             # rescale advantages by AEM's alpha (2605.00425)
+    c.aem.lam = 1.0                  # modulation strength; alpha in (e^-lam, e^lam); < 0 reverses
+    c.aem.min_range = 0.1            # groups with an entropy range below this keep alpha = 1
+    c.aem.scope = "group"            # group | batch | trajectory
+    c.aem.signal = "mean_token_entropy"  # mean_token_entropy | surprisal_per_token
+    c.aem.shuffle = False            # ablation: shuffle alpha within each group
+
+    c.loss = ConfigDict()
+    c.loss.clip_low = 0.2            # PPO ratio clip below 1
+    c.loss.clip_high = 0.2           # PPO ratio clip above 1 (DAPO: 0.28)
+    c.loss.dual_clip = 0.0           # dual-clip constant c > 1 (0 = off)
+    c.loss.agg = "token-mean"        # token-mean | seq-mean-token-sum | seq-mean-token-mean | seq-mean-token-sum-norm
+    c.loss.entropy_coef = 0.0        # entropy bonus weight
+    c.loss.kl_coef = 0.0             # KL-to-reference weight (0 = no reference model)
+    c.loss.kl_kind = "low_var_kl"    # k1 | k2 | k3 | low_var_kl
+    c.loss.chunk_size = 1024         # tokens per chunk of the log-prob computation
+
+    c.ppo = ConfigDict()
+    c.ppo.value_coef = 0.5           # value-loss weight (algorithm=ppo)
+    c.ppo.gamma = 0.95               # turn-level discount of bi-level GAE
+    c.ppo.lam = 0.95                 # turn-level GAE lambda
+    c.ppo.token_lam = 1.0            # token-level GAE lambda inside a turn
+
+    c.dapo = ConfigDict()
+    c.dapo.max_resample = 2          # extra rollout batches to refill uninformative groups
+
+    c.learner = ConfigDict()
+    c.learner.epochs = 1              # passes over each rollout batch
+    c.learner.minibatch_size = 64     # rows per optimiser step
+
+    c.optim = ConfigDict()
+    c.optim.learning_rate = 3e-3     # AdamW peak learning rate
+    c.optim.warmup_steps = 5         # linear warm-up (optimiser steps)
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.99
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 0.0
+    c.optim.grad_clip = 1.0          # global-norm gradient clipping
+
+    c.mesh = ConfigDict()
+    c.mesh.data = -1                 # data-parallel axis (-1: all remaining devices)
+    c.mesh.fsdp = 1                  # parameter-sharding axis
+    c.mesh.tensor = 1                # tensor-parallel axis
+
+    c.checkpoint = ConfigDict()
+    c.checkpoint.every = 10          # save every this many steps (and at the end)
+    c.checkpoint.keep = 3            # checkpoints kept
+
+    c.eval = ConfigDict()
+    c.eval.num_tasks = 64            # held-out tasks for success before / after (0 = skip)
+    return c
+
+
+def smoke(c: ConfigDict) -> ConfigDict:
+    """Shrinks a config in place to 2 quick steps on CPU with a tiny model."""
+    c.total_steps = 2
+    c.rollout.num_tasks = 2
+    c.rollout.group_size = 2
+    c.learner.minibatch_size = 4
+    c.eval.num_tasks = 2
+    c.checkpoint.every = 1
+    if c.model.source == "scratch":
+        c.model.hidden_size = 32
+        c.model.intermediate_size = 64
+        c.model.num_layers = 1
+        c.model.num_heads = 2
+        c.model.num_kv_heads = 1
+        c.model.head_dim = 16
+    return c
