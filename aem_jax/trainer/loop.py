@@ -175,6 +175,17 @@ class Trainer:
         update_metrics = self._run_epochs(arrays, step)
         jax.block_until_ready(self.state)
         t_update = time.perf_counter() - t1
+        out = self.episode_metrics(batch, records, roll, t_roll=t_roll, t_update=t_update,
+                                   train_passes=c.learner.epochs)
+        out.update({k: float(v) for k, v in adv_info.items()})
+        out.update(update_metrics)
+        return out
+
+    def episode_metrics(self, batch, records, roll, *, t_roll: float, t_update: float,
+                        train_passes: int) -> dict[str, Any]:
+        """Metrics of a rollout batch every algorithm logs (success, return,
+        entropy, throughput); ``train_passes`` is how many times the update
+        read each token (for tokens/s)."""
         mask = np.asarray(batch.loss_mask)
         n_tok = max(mask.sum(), 1.0)
         out = {
@@ -186,11 +197,9 @@ class Trainer:
             "truncated_rate": np.mean([r.truncated for r in records]),
             "token_entropy": float((np.asarray(batch.old_entropy) * mask).sum() / n_tok),
             "rollout_tokens_per_s": float(mask.sum() / max(t_roll, 1e-9)),
-            "train_tokens_per_s": float(np.asarray(batch.attention_mask).sum() * c.learner.epochs / max(t_update, 1e-9)),
+            "train_tokens_per_s": float(np.asarray(batch.attention_mask).sum() * train_passes / max(t_update, 1e-9)),
             "time_rollout_s": t_roll, "time_update_s": t_update,
         }
-        out.update({k: float(v) for k, v in adv_info.items()})
-        out.update(update_metrics)
         out.update({f"rollout_{k}": float(v) for k, v in roll.items() if k.startswith("time") or k == "dapo_informative_frac"})
         return out
 
