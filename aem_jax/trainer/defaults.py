@@ -34,6 +34,9 @@ def base() -> ConfigDict:
     c.model.head_dim = 16            # per-head size of a scratch model
     c.model.tie_embeddings = True    # share embedding and unembedding
     c.model.dtype = "float32"        # parameter and compute dtype: float32 | bfloat16
+    c.model.tokenizer = "auto"       # scratch tokenizer: auto (word-level if the env has a vocabulary, else bpe) | word | bpe
+    c.model.bpe_vocab_size = 512     # vocabulary of a scratch byte-level BPE tokenizer
+    c.model.tokenizer_corpus_tasks = 8  # first observations of this many tasks train the BPE tokenizer
 
     c.rollout = ConfigDict()
     c.rollout.num_tasks = 16         # N tasks per batch

@@ -8,6 +8,7 @@ import optax
 from flax import nnx
 
 from aem_jax import envs, models
+from aem_jax.models import bpe
 from aem_jax.rollout import RolloutConfig
 from aem_jax.trainer import algorithms, sharding
 
@@ -64,17 +65,33 @@ def rollout_config(config, *, num_tasks: int | None = None, group_size: int | No
     )
 
 
+def scratch_tokenizer(config):
+    """Word-level tokenizer over the environment's vocabulary when it has one,
+    else a byte-level BPE trained on the first observations of a few tasks."""
+    env = envs.make(config.env.name, **dict(config.env.kwargs))
+    kind = config.model.tokenizer
+    if kind not in ("auto", "word", "bpe"):
+        _fail("model.tokenizer", kind, "allowed: auto, word, bpe")
+    has_vocab = hasattr(env, "vocabulary")
+    if kind == "word" or (kind == "auto" and has_vocab):
+        if not has_vocab:
+            _fail("model.tokenizer", kind, f"environment {config.env.name!r} has no vocabulary(); use bpe")
+        return models.build_tokenizer(env.vocabulary())
+    corpus = list(env.corpus()) if hasattr(env, "corpus") else []
+    for seed in range(config.model.tokenizer_corpus_tasks):
+        corpus.append(env.reset(seed=2**29 + seed).text)
+    close = getattr(env, "close", None)
+    if close:
+        close()
+    return bpe.train_bpe_tokenizer(corpus, vocab_size=config.model.bpe_vocab_size)
+
+
 def build_model(config, mesh):
     """(model, tokenizer), the model's parameters created already sharded on ``mesh``."""
     m = config.model
     env_kwargs = dict(config.env.kwargs)
     if m.source == "scratch":
-        env = envs.make(config.env.name, **env_kwargs)
-        if not hasattr(env, "vocabulary"):
-            raise ValueError(
-                f"config.model.source='scratch' needs an environment with vocabulary() for a word-level "
-                f"tokenizer; {config.env.name!r} has none: set config.model.source to a Hugging Face path")
-        tokenizer = models.build_tokenizer(env.vocabulary())
+        tokenizer = scratch_tokenizer(config)
         mc = models.ModelConfig(
             vocab_size=len(tokenizer), hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
             num_layers=m.num_layers, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
