@@ -26,6 +26,7 @@ import errno
 import logging
 import os
 import shutil
+import threading
 import time
 import uuid
 import warnings
@@ -207,6 +208,7 @@ class Checkpointer:
         )
         self.save_interval_steps = save_interval_steps
         self._pending_step: int | None = None
+        self._threads_before_save: set[threading.Thread] = set(threading.enumerate())
         self._manager = self._new_manager()
 
     def _new_manager(self) -> ocp.CheckpointManager:
@@ -231,10 +233,19 @@ class Checkpointer:
         Raises :class:`CheckpointError` if this or the previous pending save
         failed (for example ``ENOSPC``); no partial step directory remains.
         """
-        self.wait()
         # The interval rule is ours: orbax would also save the first step seen.
         if not force and step % self.save_interval_steps:
+            # Off-interval steps never block on a save in flight, but report
+            # one that has already finished with an error (single process
+            # only: processes may disagree on "finished", and wait() syncs).
+            if (
+                self._pending_step is not None
+                and jax.process_count() == 1
+                and not self._manager.is_saving_in_progress()
+            ):
+                self.wait()
             return False
+        self.wait()
         self._check_space(step, state, host)
         record = {"step": int(step), **dict(meta or {})}
         items = {"state": ocp.args.StandardSave(_keys_to_data(state))}
@@ -243,6 +254,7 @@ class Checkpointer:
             items["host"] = ocp.args.StandardSave(host)
         items["meta"] = ocp.args.JsonSave(record)
         self._pending_step = int(step)
+        self._threads_before_save = set(threading.enumerate())
         try:
             saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
         except Exception as e:  # orbax raises whatever the file system raised
@@ -278,6 +290,7 @@ class Checkpointer:
             self._manager.close()
         except Exception as e:  # the manager is already broken; keep the first error
             log.debug("ignoring error while closing a failed CheckpointManager: %s", e)
+        self._join_writer_threads()
         self._remove_tmp(step)
         self._manager = self._new_manager()
         reason = "disk full" if isinstance(error, OSError) and error.errno == errno.ENOSPC else "error"
@@ -286,25 +299,40 @@ class Checkpointer:
             "the partial checkpoint was removed"
         ) from error
 
+    def _join_writer_threads(self, timeout_s: float = 10.0) -> None:
+        """Waits for threads the failed save started: after a failure orbax
+        stops waiting for its helpers, which may still create directories."""
+        deadline = time.monotonic() + timeout_s
+        for thread in threading.enumerate():
+            if (
+                thread not in self._threads_before_save
+                and type(thread).__module__.startswith("orbax")
+                and thread is not threading.current_thread()
+            ):
+                try:  # orbax's threads re-raise their own failure from join()
+                    thread.join(max(0.0, deadline - time.monotonic()))
+                except Exception as e:
+                    log.debug("checkpoint writer thread %s failed: %s", thread.name, e)
+
     def _remove_tmp(self, step: int | None) -> None:
         """Deletes ``<step>.orbax-checkpoint-tmp*`` (all steps' when step is None)."""
-        for attempt in range(10):
-            if jax.process_index() != 0 or not self.directory.exists():
+        quiet_checks = 0
+        for attempt in range(20):
+            if jax.process_index() != 0 or not self.directory.exists() or quiet_checks == 2:
                 break
             leftovers = [
                 child
                 for child in self.directory.iterdir()
                 if _TMP_MARK in child.name and (step is None or child.name.split(".")[0] == str(step))
             ]
-            if not leftovers:
-                break
+            # Done once two looks in a row, a moment apart, find nothing.
+            quiet_checks = 0 if leftovers else quiet_checks + 1
             for child in leftovers:
-                # A straggling writer thread may still add files: retry.
                 if _is_local(child):
                     shutil.rmtree(os.fspath(child), ignore_errors=True)
                 else:
                     child.rmtree()
-            time.sleep(0.05 * attempt)
+            time.sleep(0.05 * min(attempt + 1, 4))
         _sync(f"checkpoint_remove_tmp_{step}")
 
     # Restoring ------------------------------------------------------------
