@@ -45,6 +45,8 @@ ALGORITHMS: dict[str, Algorithm] = {
         Algorithm("rloo", estimator="rloo", paper="2402.14740"),
         Algorithm("gigpo", estimator="gigpo", paper="2505.10978"),
         Algorithm("ppo", estimator="gae", value_head=True, paper="1707.06347"),
+        Algorithm("archer", runner="aem_jax.trainer.archer:ArcherTrainer", paper="2402.19446"),
+        Algorithm("etpo", runner="aem_jax.trainer.etpo:EtpoTrainer", paper="2402.06700"),
     )
 }
 
