@@ -176,7 +176,8 @@ class TreasureHunt:
                 return f"you open box {box} and find the gold . you win !", 1.0, True, True
             self._stage += 1
             self._known = self._path[self._stage]
-            return f"you open box {box} . it holds a note that says : {self._clue(self._stage)}", 0.0, False, False
+            text = f"you open box {box} . it holds a note that says : {self._clue(self._stage)}"
+            return text, 0.0, False, False
         if box in self._opened:
             return f"box {box} is empty now .", 0.0, False, False
         return f"you open box {box} . it holds a trap . you lose .", 0.0, True, False

@@ -268,7 +268,7 @@ def collect(
       windowed mode), one `EpisodeRecord` per episode, and scalar metrics
       including the time spent in generation, environments and batching.
     """
-    N, G = config.num_tasks, config.group_size
+    N = config.num_tasks
     seeds = list(range(seed_offset, seed_offset + N)) if task_seeds is None else list(task_seeds)
     if len(seeds) != N:
         raise ValueError(f"task_seeds has {len(seeds)} entries; config.num_tasks is {N}")
