@@ -21,6 +21,10 @@ product of its mesh axes keeps the longest prefix of those axes that divides
 it and is replicated on the rest (e.g. ``kv_heads=2`` on ``tensor=4`` is
 replicated): the rule stays as written and nothing crashes.
 
+Activations use the same table minus the mesh axes the batch is split over
+(:func:`activation_rules`): an ``[B, T, D]`` activation is split by batch over
+``("data", "fsdp")`` and whole along ``embed``.
+
 Axis types are set explicitly to ``AxisType.Auto`` by default: XLA's sharding
 propagation then fills in every intermediate from the parameter shardings and
 the activation constraints, which is what the logical-annotation style of the
@@ -211,11 +215,37 @@ def create_sharded(init_fn: Callable[[], Any], mesh: Mesh, rules: LogicalRules =
     return nnx.merge(graphdef, state)
 
 
+def activation_rules(rules: LogicalRules = DEFAULT_RULES) -> LogicalRules:
+    """``rules`` for activations: every name except ``batch`` loses the mesh
+    axes the batch is split over.
+
+    An activation ``[B, T, D]`` has both a batch and an ``embed`` dimension;
+    with FSDP both rules name ``fsdp``, and a mesh axis may shard only one
+    dimension. Activations keep the batch split (each device computes its own
+    examples, which is the point of FSDP) and are whole along ``embed``.
+    """
+    table = dict(rules)
+    batch_axes = set(_as_tuple(table.get("batch")))
+    out = []
+    for name, axes in rules:
+        if name != "batch":
+            kept = tuple(a for a in _as_tuple(axes) if a not in batch_axes)
+            axes = None if not kept else kept[0] if len(kept) == 1 else kept
+        out.append((name, axes))
+    return tuple(out)
+
+
 @contextlib.contextmanager
 def use_mesh(mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> Iterator[Mesh]:
-    """Sets ``mesh`` as the current mesh (``jax.set_mesh``) and ``rules`` as
-    flax's logical axis rules for the duration of the block."""
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    """Sets ``mesh`` as the current mesh (``jax.set_mesh``) and
+    ``activation_rules(rules)`` as flax's logical axis rules in the block.
+
+    Parameters are placed by :func:`create_sharded` / :func:`state_shardings`
+    with ``rules`` themselves; the context rules are what activation
+    constraints (``constrain`` here and in the models) read, so code that maps
+    names one by one never assigns one mesh axis to two dimensions.
+    """
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(activation_rules(rules)):
         yield mesh
 
 
@@ -234,7 +264,7 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None], rules: LogicalRu
 def _current_rules() -> LogicalRules:
     from flax.core import spmd as core_spmd  # flax keeps the active rules here
 
-    return tuple(core_spmd.get_logical_axis_rules()) or DEFAULT_RULES
+    return tuple(core_spmd.get_logical_axis_rules()) or activation_rules(DEFAULT_RULES)
 
 
 def batch_sharding(mesh: Mesh, ndim: int, rules: LogicalRules = DEFAULT_RULES) -> NamedSharding:

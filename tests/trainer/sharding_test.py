@@ -68,6 +68,20 @@ def test_logical_to_spec_rules_and_divisibility_fallback():
     assert sharding.logical_to_spec(("unknown_name",)) == P(None)
 
 
+def test_activation_rules_leave_batch_axes_to_the_batch():
+    from flax.core import spmd
+
+    rules = dict(sharding.activation_rules())
+    assert rules["batch"] == ("data", "fsdp") and rules["embed"] is None and rules["mlp"] == "tensor"
+    custom = dict(sharding.activation_rules((("batch", "data"), ("embed", ("data", "fsdp")))))
+    assert custom == {"batch": "data", "embed": "fsdp"}
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    with sharding.use_mesh(mesh):
+        assert jax.sharding.get_abstract_mesh().shape == mesh.shape
+        assert dict(spmd.get_logical_axis_rules())["embed"] is None
+    assert spmd.get_logical_axis_rules() == ()
+
+
 def test_create_sharded_splits_params_and_matches_unsharded():
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     model = sharding.create_sharded(_make, mesh)
