@@ -12,6 +12,11 @@ step > k (they were logged after the checkpoint the run resumes from and will
 be logged again), so the file of a resumed run equals that of an
 uninterrupted run. TensorBoard gets a ``SessionLog.START`` event at step k+1,
 which makes its readers discard the orphaned events after k.
+
+Object-store workdirs (``gs://...``) cannot be appended to: the files are
+written to a local staging directory and copied to the workdir every
+``sync_interval_s`` seconds and on :meth:`MetricsWriter.close`. Only process 0
+writes (by default).
 """
 
 from __future__ import annotations
