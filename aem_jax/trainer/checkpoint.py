@@ -11,9 +11,10 @@ One step directory holds up to three items:
   shapes need not be known before restoring.
 * ``meta``: a JSON dict: step, task/data cursor, RNG stream position, config.
 
-Atomicity: orbax writes ``<step>.orbax-checkpoint-tmp`` and renames it to
-``<step>`` only after every item committed, so a crash or a full disk never
-leaves a directory that looks like a finished step. If a save fails, this
+Atomicity: on a local disk orbax writes ``<step>.orbax-checkpoint-tmp`` and
+renames it to ``<step>`` only after every item committed (on GCS, which has no
+rename, a ``commit_success`` marker is written last), so a crash or a full
+disk never leaves a directory that looks like a finished step. If a save fails, this
 module deletes the temporary directory and raises :class:`CheckpointError`
 naming the step. A step that no longer restores (deleted or corrupted files)
 is reported by step, moved aside to ``corrupt_<step>`` and the previous step
