@@ -18,13 +18,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
 from aem_jax import objectives as obj
 from aem_jax.rollout import SamplerPolicy, collect
 from aem_jax.trainer import algorithms, checkpoint, distributed, metrics, setup, sharding
 from aem_jax.trainer.advantages import AdvantageSettings, compute_advantages
-from aem_jax.trainer.update import LossSettings, TrainState, forward_stats, init_value_head, pg_update_step
+from aem_jax.trainer.update import (
+    LossSettings, TrainState, forward_stats, init_value_head, pg_update_step, place_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +62,7 @@ class Trainer:
         opt_state = jax.jit(self.optimizer.init)((params, extra))
         state = TrainState(step=jnp.zeros((), jnp.int32), params=params, extra=extra,
                            opt_state=opt_state, nonfinite=jnp.zeros((), jnp.int32))
-        # Every leaf gets a mesh sharding (replicated unless the rules split it),
-        # so the update compiles once: its outputs come back with these shardings.
-        replicated = NamedSharding(self.mesh, PartitionSpec())
-        self.state = jax.tree.map(
-            lambda x: jax.device_put(x, x.sharding if isinstance(x.sharding, NamedSharding) else replicated),
-            state)
+        self.state = place_state(state, self.mesh)
         self.state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
         self.ref_params = params if config.loss.kl_coef else None
         self._build_steps()

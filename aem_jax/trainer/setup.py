@@ -10,6 +10,7 @@ from flax import nnx
 from aem_jax import envs, models
 from aem_jax.models import bpe
 from aem_jax.rollout import RolloutConfig
+from aem_jax.rollout.config import message_words
 from aem_jax.trainer import algorithms, sharding
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -61,7 +62,7 @@ def rollout_config(config, *, num_tasks: int | None = None, group_size: int | No
         max_context_tokens=r.max_context_tokens, max_action_tokens=r.max_action_tokens,
         invalid_penalty=r.invalid_penalty, step_timeout_s=r.step_timeout_s,
         num_threads=r.num_threads, seq_len=r.max_context_tokens, system_prompt=r.system_prompt or None,
-        action_pattern=r.action_pattern or None,
+        action_pattern=r.action_pattern or None, row_bucket=config.learner.minibatch_size,
     )
 
 
@@ -76,7 +77,7 @@ def scratch_tokenizer(config):
     if kind == "word" or (kind == "auto" and has_vocab):
         if not has_vocab:
             _fail("model.tokenizer", kind, f"environment {config.env.name!r} has no vocabulary(); use bpe")
-        return models.build_tokenizer(env.vocabulary())
+        return models.build_tokenizer(list(env.vocabulary()) + message_words(rollout_config(config)))
     corpus = list(env.corpus()) if hasattr(env, "corpus") else []
     for seed in range(config.model.tokenizer_corpus_tasks):
         corpus.append(env.reset(seed=2**29 + seed).text)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from aem_jax import models
 from aem_jax import objectives as obj
@@ -112,6 +113,18 @@ def pg_loss(trainable, graphdef, mb, settings: LossSettings):
         metrics["value_loss"] = v_loss
     metrics["loss"] = total
     return total, metrics
+
+
+def place_state(state, mesh):
+    """Gives every leaf a mesh sharding: its own if the rules split it, else replicated.
+
+    The jitted update returns its outputs with these same shardings, so it
+    compiles once however many steps run.
+    """
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(
+        lambda x: jax.device_put(x, x.sharding if isinstance(x.sharding, NamedSharding) else replicated),
+        state)
 
 
 def _select(ok, new, old):

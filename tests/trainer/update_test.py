@@ -1,0 +1,86 @@
+"""The jitted policy update: sharded == unsharded, non-finite updates are skipped."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from aem_jax import models
+from aem_jax.trainer import sharding
+from aem_jax.trainer.update import LossSettings, TrainState, pg_update_step, place_state
+
+CONFIG = models.ModelConfig(
+    vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2,
+    head_dim=8, model_type="qwen3", qkv_bias=False, qk_norm=True, max_position_embeddings=64)
+
+
+def _batch(B=8, T=16, seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, CONFIG.vocab_size, size=(B, T)).astype(np.int32)
+    attention = np.ones((B, T), np.int32)
+    attention[::3, :4] = 0  # some left padding
+    loss_mask = np.zeros((B, T), np.float32)
+    loss_mask[:, 8:12] = 1.0
+    turn_ids = np.where(loss_mask > 0, 0, -1).astype(np.int32)
+    return {
+        "tokens": tokens, "attention_mask": attention, "loss_mask": loss_mask, "turn_ids": turn_ids,
+        "old_logp": (-rng.random((B, T)) * 4).astype(np.float32),
+        "ref_logp": np.zeros((B, T), np.float32),
+        "advantages": (rng.normal(size=(B, T)) * loss_mask).astype(np.float32),
+    }
+
+
+def _one_update(mesh, batch):
+    with sharding.use_mesh(mesh):
+        model = sharding.create_sharded(lambda: models.Decoder(CONFIG, rngs=nnx.Rngs(0)), mesh)
+        graphdef, params, _ = nnx.split(model, nnx.Param, ...)
+        optimizer = optax.adam(1e-2)
+        state = place_state(TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, extra={},
+            opt_state=optimizer.init((params, {})), nonfinite=jnp.zeros((), jnp.int32)), mesh)
+        step = jax.jit(functools.partial(pg_update_step, graphdef=graphdef, optimizer=optimizer,
+                                         settings=LossSettings(chunk_size=32)))
+        new_state, metrics = step(state, sharding.put_batch(batch, mesh))
+        return new_state, metrics
+
+
+def test_sharded_update_equals_single_device():
+    assert jax.device_count() == 8
+    batch = _batch()
+    one = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    eight = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    s1, m1 = _one_update(one, batch)
+    s8, m8 = _one_update(eight, batch)
+    np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(s8.params), jax.tree.leaves(s1.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    # parameters are really split: each device holds well under the full size
+    total = sum(x.nbytes for x in jax.tree.leaves(s1.params))
+    per_device = sharding.bytes_per_device(s8.params)
+    assert len(per_device) == 8
+    assert max(per_device.values()) < 0.6 * total, (per_device, total)
+    embed = s8.params["embed"][...]
+    assert embed.addressable_shards[0].data.shape == (CONFIG.vocab_size // 2, CONFIG.hidden_size // 2)
+
+
+def test_non_finite_update_is_skipped():
+    batch = _batch(seed=1)
+    batch["advantages"][0, 8] = np.nan
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    with sharding.use_mesh(mesh):
+        model = models.Decoder(CONFIG, rngs=nnx.Rngs(0))
+        graphdef, params, _ = nnx.split(model, nnx.Param, ...)
+        optimizer = optax.adam(1e-2)
+        state = TrainState(step=jnp.zeros((), jnp.int32), params=params, extra={},
+                           opt_state=optimizer.init((params, {})), nonfinite=jnp.zeros((), jnp.int32))
+        before = jax.tree.map(np.asarray, state.params)
+        new, metrics = pg_update_step(state, batch, graphdef=graphdef, optimizer=optimizer,
+                                      settings=LossSettings(chunk_size=32))
+    assert float(metrics["skipped"]) == 1.0
+    assert int(new.nonfinite) == 1 and int(new.step) == 0
+    for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(before)):
+        np.testing.assert_array_equal(np.asarray(a), b)
