@@ -1,0 +1,122 @@
+"""ArCHer trainer: turn positions, replay buffer, and a 2-step smoke run that
+checks the warm-up, the Polyak target and the replay buffer's checkpoint."""
+import importlib.util
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from aem_jax.batch import TurnBatch
+from aem_jax.trainer import checkpoint, loop, sharding
+from aem_jax.trainer.archer import ArcherTrainer, ReplayBuffer, turn_positions
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
+
+
+def load_config(name: str, arg: str | None = None):
+    spec = importlib.util.spec_from_file_location(f"test_config_{name}", CONFIGS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def host_copy(tree):
+    return [np.array(x, np.float64) for x in jax.tree.leaves(tree)]
+
+
+def sq_dist(a, b) -> float:
+    return sum(float(np.sum((x - y) ** 2)) for x, y in zip(a, b))
+
+
+def test_turn_positions_hand_fixture():
+    #            t: 0   1   2  3  4   5  6   7
+    turn_ids = np.array([[-1, -1, 0, 0, -1, 1, -1, -1]], np.int32)
+    mask = (turn_ids >= 0).astype(np.float32)
+    first, last, present = turn_positions(turn_ids, mask, num_turns=3)
+    np.testing.assert_array_equal(first, [[2, 5, 8]])
+    np.testing.assert_array_equal(last, [[3, 5, -1]])
+    np.testing.assert_array_equal(present, [[True, True, False]])
+
+
+def _rows(start: int, n: int, T: int = 3, K: int = 2) -> TurnBatch:
+    tok = np.arange(start, start + n, dtype=np.int32)[:, None] * np.ones((1, T), np.int32)
+    bk = np.zeros((n, K), np.float32)
+    return TurnBatch(tokens=tok, loss_mask=np.ones((n, T), np.float32), turn_ids=np.zeros((n, T), np.int32),
+                     old_logp=tok * 0.0, ref_logp=tok * 0.0, old_entropy=tok * 0.0, turn_rewards=bk,
+                     turn_valid=bk > -1, anchor_ids=bk.astype(np.int32), group_ids=np.zeros(n, np.int32),
+                     episode_ids=np.arange(n, dtype=np.int32), turn_offset=np.zeros(n, np.int32),
+                     attention_mask=np.ones((n, T), np.int32), done=bk > 0)
+
+
+def test_replay_buffer_is_fifo_and_round_trips_its_state():
+    buf = ReplayBuffer(5)
+    buf.add(_rows(0, 3))
+    buf.add(_rows(3, 4))  # 7 episodes into 5 slots: 0 and 1 are dropped
+    assert len(buf) == 5
+    assert sorted(buf.arrays["tokens"][:, 0].tolist()) == [2, 3, 4, 5, 6]
+    again = ReplayBuffer(5)
+    again.load_state_dict(buf.state_dict())
+    for k, v in buf.arrays.items():
+        np.testing.assert_array_equal(again.arrays[k], v)
+    assert again.cursor == buf.cursor == 2
+    again.add(_rows(7, 1))  # the next write replaces the oldest episode (2)
+    assert sorted(again.arrays["tokens"][:, 0].tolist()) == [3, 4, 5, 6, 7]
+    with pytest.raises(ValueError, match="buffer_episodes"):
+        ReplayBuffer(2).load_state_dict(buf.state_dict())
+    with pytest.raises(ValueError, match="row shape"):
+        buf.add(_rows(0, 1, T=4))
+
+
+def test_archer_smoke_warmup_polyak_and_checkpointed_replay(tmp_path):
+    config = load_config("archer", "smoke")
+    config.rollout.invalid_penalty = 0.5  # untrained actions are invalid: non-zero rewards for the critic
+    config.archer.actor_steps = 2         # the first optimiser step has learning rate 0 (warm-up from 0)
+    config.archer.buffer_episodes = 10    # three batches of 4 episodes wrap around
+    trainer = loop.trainer_class(config)(config, str(tmp_path))
+    assert isinstance(trainer, ArcherTrainer)
+    with sharding.use_mesh(trainer.mesh):
+        policy0 = host_copy(trainer.state.params)
+        critic0, target0 = host_copy(trainer.critic_state.params), host_copy(trainer.target_params)
+        assert sq_dist(critic0, target0) == 0.0
+
+        warm = trainer.train_step(0)  # actor warm-up: only the critic learns
+        assert warm["actor_updated"] == 0.0 and int(trainer.state.step) == 0
+        assert sq_dist(host_copy(trainer.state.params), policy0) == 0.0
+        critic1, target1 = host_copy(trainer.critic_state.params), host_copy(trainer.target_params)
+        assert int(trainer.critic_state.step) == config.archer.critic_steps
+        assert sq_dist(critic1, critic0) > 0.0
+        # Polyak: the target moved towards the online critic without reaching it.
+        assert 0.0 < sq_dist(target1, critic1) < sq_dist(target0, critic1)
+        assert np.isfinite([warm["q_loss"], warm["v_loss"]]).all() and warm["q_loss"] > 0.0
+        assert warm["buffer_size"] == 4.0
+
+        act = trainer.train_step(1)
+        assert act["actor_updated"] == 1.0 and int(trainer.state.step) == config.archer.actor_steps
+        assert sq_dist(host_copy(trainer.state.params), policy0) > 0.0
+        assert np.isfinite([act["actor_loss"], act["advantage_abs_mean"], act["alpha_mean"]]).all()
+
+    # The run itself (what loop.train does): steps 0..1 again, checkpointed each step.
+    config.total_steps = 3
+    trainer.run()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for r in records:
+        assert np.isfinite([r["q_loss"], r["v_loss"], r["q_mean"], r["v_mean"], r["success"]]).all()
+        assert r["nonfinite_in_a_row"] == 0
+    assert records[-1]["buffer_size"] == 10.0  # 5 batches of 4 into 10 slots
+
+    # The replay buffer, critic and target come back from the last checkpoint.
+    saved_buffer = trainer.buffer.state_dict()
+    saved_target = host_copy(trainer.target_params)
+    trainer.buffer = ReplayBuffer(config.archer.buffer_episodes)
+    ckpt = checkpoint.Checkpointer(tmp_path / "checkpoints")
+    with sharding.use_mesh(trainer.mesh):
+        step, _ = trainer.restore(ckpt)
+    ckpt.close()
+    assert step == 3
+    assert trainer.buffer.cursor == int(saved_buffer["cursor"]) == 0
+    for k, v in saved_buffer["arrays"].items():
+        np.testing.assert_array_equal(trainer.buffer.state_dict()["arrays"][k], v)
+    assert sq_dist(host_copy(trainer.target_params), saved_target) == 0.0
