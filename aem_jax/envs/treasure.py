@@ -81,6 +81,7 @@ _TEXTS = (
     "box {k} is empty now .",
     "i do not understand . say read note or open box with a number from 1 to {n} .",
     "you are out of turns . you lose .",
+    "box {k} is locked . read the note first .",
 )
 
 
@@ -110,10 +111,14 @@ class TreasureHunt:
         ``num_clues + 3`` (room for one wasted turn and a re-read).
       strict: accept only the exact phrases "read note" / "open box N"
         (default: lenient, see `parse_action`).
+      locked: boxes stay locked until the note on the floor has been read,
+        so blind guessing never wins and every success needs the copy of a
+        revealed number (without it, a policy trained from scratch tends to
+        settle on guessing the first box: 1 / num_boxes success).
     """
 
     def __init__(self, num_boxes: int = 6, num_clues: int = 1, max_turns: int | None = None,
-                 strict: bool = False):
+                 strict: bool = False, locked: bool = True):
         if not 2 <= num_boxes <= MAX_BOXES:
             raise ValueError(f"num_boxes={num_boxes!r}; allowed: 2..{MAX_BOXES}")
         if not 1 <= num_clues <= num_boxes:
@@ -126,6 +131,7 @@ class TreasureHunt:
         self.num_clues = num_clues
         self.max_turns = max_turns
         self.strict = strict
+        self.locked = locked
         self._path: list[int] = []
         self._stage = 0          # notes followed so far (0 = the note on the floor)
         self._known: int | None = None  # box the agent has been told to open next
@@ -170,6 +176,8 @@ class TreasureHunt:
 
     def _open(self, box: int) -> tuple[str, float, bool, bool]:
         """(text, reward, done, success) of opening `box`."""
+        if self.locked and self._known is None:
+            return f"box {box} is locked . read the note first .", 0.0, False, False
         if box == self._path[self._stage]:
             self._opened.add(box)
             if self._stage == self.num_clues - 1:

@@ -12,7 +12,7 @@ def base() -> ConfigDict:
     c = ConfigDict()
     c.seed = 0                       # root of every random stream (rollouts, init, shuffles)
     c.algorithm = "grpo"             # grpo | dr_grpo | dapo | gspo | rloo | gigpo | ppo | archer | etpo
-    c.total_steps = 60               # training iterations (one rollout batch each)
+    c.total_steps = 150              # training iterations (one rollout batch each)
     c.progress_bar = False           # force the progress bar on (it shows anyway on a terminal)
     c.max_nonfinite_in_a_row = 5     # stop after this many skipped (non-finite) updates in a row
     c.distributed = False            # force jax.distributed.initialize() (auto-detected otherwise)
@@ -46,7 +46,7 @@ def base() -> ConfigDict:
     c.rollout.window = 2             # h past turns kept in windowed mode
     c.rollout.max_context_tokens = 128  # T: longest prompt + action of a turn (also the KV cache)
     c.rollout.max_action_tokens = 6  # tokens one action may take
-    c.rollout.invalid_penalty = 0.0  # subtracted from the reward of an invalid action
+    c.rollout.invalid_penalty = 0.05  # subtracted from the reward of an invalid action
     c.rollout.temperature = 1.0      # sampling temperature (0 = greedy)
     c.rollout.top_k = 0              # 0 = off
     c.rollout.top_p = 1.0            # 1 = off
@@ -88,8 +88,8 @@ def base() -> ConfigDict:
     c.dapo.max_resample = 2          # extra rollout batches to refill uninformative groups
 
     c.learner = ConfigDict()
-    c.learner.epochs = 1              # passes over each rollout batch
-    c.learner.minibatch_size = 64     # rows per optimiser step
+    c.learner.epochs = 2              # passes over each rollout batch
+    c.learner.minibatch_size = 32     # rows per optimiser step
 
     c.optim = ConfigDict()
     c.optim.learning_rate = 3e-3     # AdamW peak learning rate
