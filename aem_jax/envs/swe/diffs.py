@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import posixpath
 import re
-from typing import Iterable, Mapping
+from typing import Mapping
 
 _GIT_HEADER = re.compile(r'^diff --git "?a/(.+?)"? "?b/(.+?)"?$')
 _FILE_HEADER = re.compile(r"^(?:---|\+\+\+) (.+?)(?:\t.*)?$")
@@ -90,15 +90,3 @@ def is_protected_path(path: str) -> bool:
 def protected_paths(diff: str) -> list[str]:
     """The paths of ``diff`` that ``is_protected_path`` forbids."""
     return [p for p in touched_paths(diff) if is_protected_path(p)]
-
-
-def apply_to_snapshot(snapshot: Mapping[str, str], diffs: Iterable[tuple[str, str | None]]
-                      ) -> dict[str, str]:
-    """Replaces (or deletes, for ``None``) whole files of a snapshot."""
-    result = dict(snapshot)
-    for path, text in diffs:
-        if text is None:
-            result.pop(path, None)
-        else:
-            result[path] = text
-    return result

@@ -19,7 +19,6 @@ failed with ``info["env_error"]``.
 """
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import time
@@ -161,7 +160,10 @@ class SWEEnv:
         if call is not None and call.name == "submit":
             return self._score("submitted", truncated=False)
         if call is not None:
-            observation = self._run_tool(call)
+            try:
+                observation = self._run_tool(call)
+            except Exception as err:  # a broken tool run is an observation, not a crash
+                observation = f"tool error: {type(err).__name__}: {err}"
         if self._turn >= self.max_turns or time.monotonic() - self._start > self.episode_time_s:
             return self._score(f"{observation}\n\nlimit reached (turns or time); scoring the "
                                "current changes", truncated=True, invalid=invalid)

@@ -25,6 +25,7 @@ import concurrent.futures
 import hashlib
 import os
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -36,6 +37,7 @@ from aem_jax.envs.swe import diffs, mutations, reward, tasks as tasks_lib
 REPOS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "repos")
 REPOS = ("textkit", "numkit", "shopcart", "gridlib", "intervals")
 _RUN_TIMEOUT_S = 8.0
+_ADDRESS = re.compile(r" at 0x[0-9a-f]+")  # object reprs differ between runs
 
 
 def load_repo(name: str) -> dict[str, str]:
@@ -58,7 +60,9 @@ def run_tests(snapshot: dict[str, str]) -> tuple[dict[str, str], str]:
     """Runs the whole pytest suite of a snapshot (unsandboxed: project code only)."""
     with tempfile.TemporaryDirectory(prefix="aem_swe_gen_") as directory:
         tasks_lib.materialize(snapshot, directory)
+        # A fixed hash seed orders sets in assertion messages: same output every run.
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONDONTWRITEBYTECODE": "1",
+               "PYTHONHASHSEED": "0",
                "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1", "LANG": "C.UTF-8"}
         command = [sys.executable, "-m", "pytest", "-rA", "-q", "-p", "no:cacheprovider", "--tb=short"]
         try:
@@ -107,7 +111,8 @@ def _test_source(snapshot: dict[str, str], test_id: str) -> str:
 def problem_statement(name: str, original: dict[str, str], fail: list[str], output: str) -> str:
     """An issue-style report written from the failing behaviour."""
     first = fail[0]
-    errors = [line[1:].strip() for line in _failure_section(output, first.partition("::")[2])
+    errors = [_ADDRESS.sub(" at 0x...", line[1:].strip())
+              for line in _failure_section(output, first.partition("::")[2])
               if line.startswith("E ") and line[1:].strip() and "-v to get" not in line][:6]
     package = sorted({p.split("/")[0] for p in original if p.endswith("__init__.py")})
     imports = [line for line in original[first.partition("::")[0]].splitlines()
