@@ -37,6 +37,20 @@ def task_seeds(seed: int, step: int, num_tasks: int) -> list[int]:
     return [(seed * 1_000_003 + step * num_tasks + n) % (2**30) for n in range(num_tasks)]
 
 
+def to_host(x: Any) -> np.ndarray:
+    """The global value of an array as numpy, on every process.
+
+    Multi-host: batch arrays are split over the devices of all processes and
+    no process can read the others' rows; every process holds the same
+    global batch (same rollouts), so gathering gives each the same value.
+    """
+    if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
 def eval_seeds(num_tasks: int) -> list[int]:
     return [2**30 + n for n in range(num_tasks)]
 
@@ -203,7 +217,7 @@ class Trainer:
         c = self.config
         B = arrays["tokens"].shape[0]
         mb = min(c.learner.minibatch_size, B)
-        host = jax.tree.map(np.asarray, arrays)
+        host = jax.tree.map(to_host, arrays)
         history = []
         for epoch in range(c.learner.epochs):
             perm = np.asarray(jax.random.permutation(jax.random.fold_in(jax.random.key(c.seed + 2), step * 1000 + epoch), B))
