@@ -215,9 +215,24 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, key: jax.Array
         top_k=params.top_k, use_top_p=params.top_p < 1.0,
         stop_ids=tuple(int(t) for t in params.stop_token_ids), pad_id=int(pad_id))
     b, n = len(prompts), params.max_new_tokens
-    toks, logp, ent, lengths = (np.asarray(x) for x in jax.device_get(out))
+    toks, logp, ent, lengths = (_to_host(x) for x in out)
     return SampleOutput(tokens=toks[:b, :n], logprobs=logp[:b, :n], entropy=ent[:b, :n],
                         lengths=lengths[:b])
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    """The global value of ``x`` as numpy on every process.
+
+    With parameters on a mesh spanning several processes (multi-host), the
+    outputs are split over devices this process cannot read; every process
+    calls `generate` with the same prompts and key, so gathering gives each
+    the same full result.
+    """
+    if x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def compiled_cache_size() -> int:
