@@ -1,35 +1,27 @@
 """ArCHer (Zhou et al. 2024, arXiv 2402.19446): utterance critic + token actor.
 
-One training iteration (``ArcherTrainer.train_step``):
-
+One iteration (``ArcherTrainer.train_step``):
 1. collect an on-policy batch of whole episodes (concatenated history) and
    append its rows to a FIFO replay buffer of episodes (host numpy);
-2. ``archer.critic_steps`` critic updates. Each samples replayed episodes for
-   the Q loss and rows of the *latest on-policy batch* for the V loss:
-
+2. ``archer.critic_steps`` critic updates, each on replayed episodes (Q loss)
+   and rows of the latest on-policy batch (V loss), then a Polyak step
+   ``theta_bar <- (1 - tau) theta_bar + tau theta`` of the target critic:
      L_Q = sum_k mean (Q_k(s,a) - r - gamma (1 - d) Vbar_k(s'))^2   (replay)
      L_V = sum_k mean (V_k(s) - Qbar_k(s, a~pi(.|s)))^2             (on-policy)
-
-   The on-policy batch was sampled by the current actor, so its actions are
-   fresh samples a ~ pi(.|s) for the V target (no extra generation needed).
-   After every critic step the target critic moves by Polyak averaging,
-   ``theta_bar <- (1 - tau) theta_bar + tau theta``;
+   The on-policy batch was sampled by the current actor, so its actions ARE
+   fresh samples a ~ pi(.|s) for the V target (no extra generation);
 3. after ``archer.actor_warmup`` iterations, ``archer.actor_steps`` actor
-   updates with the token-level REINFORCE loss on utterance advantages
-   ``A = min(Q_1, Q_2)(s,a) - min(V_1, V_2)(s)`` of the on-policy batch (online
+   updates with the token-level REINFORCE loss on the on-policy batch's
+   utterance advantages ``A = min(Q_1,Q_2)(s,a) - min(V_1,V_2)(s)`` (online
    critic), rescaled by AEM's alpha when ``aem.enabled`` (through
-   ``compute_advantages``, exactly as for the policy-gradient family).
+   ``compute_advantages``, as for the policy-gradient family).
 
-The critic is a separate small decoder trunk (``archer.critic``) with four
-MLP heads: V_k(s) reads the hidden state just before a turn's first agent
-token (the state: everything the agent saw), Q_k(s,a) the hidden state at the
-turn's last agent token (state and whole utterance; the trunk is causal).
-The transition of turn k goes to s' = the state before turn k+1. A turn with
-no next turn in its episode is terminal (``d = 1``): either the environment
-ended the episode, or it was truncated and the agent gets nothing after it.
-
-Off-policy note: the Q loss is off-policy (any replayed transition is valid);
-the V loss and the actor use only the latest batch.
+The critic is a separate small decoder trunk (``archer.critic``) with four MLP
+heads: V_k(s) reads the hidden state just before a turn's first agent token
+(everything the agent saw), Q_k(s,a) the one at the turn's last agent token
+(the trunk is causal). Turn k's next state s' is the state before turn k+1; a
+turn with no next turn is terminal (d = 1): the environment ended the episode,
+or it was truncated and nothing follows it.
 """
 from __future__ import annotations
 
@@ -43,21 +35,19 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
 from aem_jax import models
 from aem_jax import objectives as obj
 from aem_jax.trainer import algorithms, setup, sharding
 from aem_jax.trainer.advantages import compute_advantages
 from aem_jax.trainer.loop import Trainer
-from aem_jax.trainer.update import TrainState, apply_gradients, shifted_logp_entropy
+from aem_jax.trainer.update import TrainState, apply_gradients, place_state, shifted_logp_entropy
 
 # The registry entry lives in ``algorithms.ALGORITHMS`` (the single list);
 # this module is its runner.
 ALGORITHM = algorithms.get("archer")
 
-# Fields of a concatenated TurnBatch the replay buffer keeps, with the
-# (compact) dtypes they are stored in.
+# TurnBatch fields the replay buffer keeps, in compact storage dtypes.
 REPLAY_FIELDS: dict[str, Any] = {
     "tokens": np.int32, "attention_mask": np.int8, "loss_mask": np.int8, "turn_ids": np.int32,
     "turn_rewards": np.float32, "turn_valid": np.bool_, "done": np.bool_,
@@ -83,14 +73,10 @@ def side_optimizer(config, learning_rate: float):
 
 
 def new_train_state(params, optimizer, mesh) -> TrainState:
-    """A TrainState over ``params`` with every leaf placed on ``mesh`` (replicated
-    unless already sharded), so that jitted updates compile once."""
+    """A TrainState over ``params`` placed on ``mesh`` (so its update compiles once)."""
     opt_state = jax.jit(optimizer.init)((params, {}))
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, extra={}, opt_state=opt_state,
-                       nonfinite=jnp.zeros((), jnp.int32))
-    replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.tree.map(
-        lambda x: jax.device_put(x, x.sharding if isinstance(x.sharding, NamedSharding) else replicated), state)
+    return place_state(TrainState(step=jnp.zeros((), jnp.int32), params=params, extra={}, opt_state=opt_state,
+                                  nonfinite=jnp.zeros((), jnp.int32)), mesh)
 
 
 def polyak(target, online, tau: float):
@@ -256,9 +242,6 @@ class ReplayBuffer:
         self.size = 0
         self.cursor = 0  # next slot to write
 
-    def __len__(self) -> int:
-        return self.size
-
     def add(self, batch) -> None:
         """Appends the rows of ``batch`` (a TurnBatch), dropping the oldest when full."""
         rows = {k: np.asarray(getattr(batch, k)).astype(dt) for k, dt in REPLAY_FIELDS.items()}
@@ -284,9 +267,12 @@ class ReplayBuffer:
         return {k: v[idx] for k, v in self.arrays.items()}
 
     def state_dict(self) -> dict[str, Any]:
-        """The filled part and the write cursor (what a checkpoint saves)."""
-        arrays = {} if self.arrays is None else {k: v[:self.size] for k, v in self.arrays.items()}
-        return {"arrays": arrays, "cursor": np.asarray(self.cursor, np.int64)}
+        """The stored episodes, oldest first (what a checkpoint saves)."""
+        if self.arrays is None:
+            return {"arrays": {}}
+        order = (self.cursor + np.arange(self.size)) % self.capacity if self.size == self.capacity \
+            else np.arange(self.size)
+        return {"arrays": {k: v[order] for k, v in self.arrays.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         arrays = state.get("arrays") or {}
@@ -294,7 +280,7 @@ class ReplayBuffer:
         if size > self.capacity:
             raise ValueError(f"checkpointed replay buffer holds {size} episodes; config.archer.buffer_episodes="
                              f"{self.capacity} is smaller: raise it to at least {size}")
-        self.arrays, self.size, self.cursor = None, size, int(np.asarray(state["cursor"])) % self.capacity
+        self.arrays, self.size, self.cursor = None, size, size % self.capacity
         if size:
             self.arrays = {k: np.zeros((self.capacity,) + np.shape(v)[1:], REPLAY_FIELDS[k])
                            for k, v in arrays.items()}
@@ -308,18 +294,14 @@ class ReplayBuffer:
 def validate(config) -> None:
     """Checks the ``archer`` fields; names the bad key, its value and what is allowed."""
     a = config.archer
-    checks = [
-        ("rollout.history", config.rollout.history, config.rollout.history == "concatenated",
-         "ArCHer replays whole episodes: use 'concatenated'"),
-        ("archer.tau", a.tau, 0 < a.tau <= 1, "must be in (0, 1]"),
-        ("archer.gamma", a.gamma, 0 <= a.gamma <= 1, "must be in [0, 1]"),
-        ("archer.critic_steps", a.critic_steps, a.critic_steps >= 1, "must be >= 1"),
-        ("archer.actor_steps", a.actor_steps, a.actor_steps >= 1, "must be >= 1"),
-        ("archer.actor_warmup", a.actor_warmup, a.actor_warmup >= 0, "must be >= 0"),
-        ("archer.buffer_episodes", a.buffer_episodes, a.buffer_episodes >= 1, "must be >= 1"),
-        ("archer.critic_minibatch_size", a.critic_minibatch_size, a.critic_minibatch_size >= 1, "must be >= 1"),
-        ("archer.critic_learning_rate", a.critic_learning_rate, a.critic_learning_rate > 0, "must be > 0"),
-    ]
+    checks = [("rollout.history", config.rollout.history, config.rollout.history == "concatenated",
+               "ArCHer replays whole episodes: use 'concatenated'"),
+              ("archer.tau", a.tau, 0 < a.tau <= 1, "must be in (0, 1]"),
+              ("archer.gamma", a.gamma, 0 <= a.gamma <= 1, "must be in [0, 1]"),
+              ("archer.actor_warmup", a.actor_warmup, a.actor_warmup >= 0, "must be >= 0"),
+              ("archer.critic_learning_rate", a.critic_learning_rate, a.critic_learning_rate > 0, "must be > 0")]
+    checks += [(f"archer.{k}", a[k], a[k] >= 1, "must be >= 1")
+               for k in ("critic_steps", "actor_steps", "buffer_episodes", "critic_minibatch_size")]
     for key, value, ok, allowed in checks:
         if not ok:
             raise ValueError(f"config.{key}={value!r} is not allowed; {allowed}")
@@ -333,16 +315,14 @@ class ArcherTrainer(Trainer):
         super().__init__(config, workdir)
         a = config.archer
         with sharding.use_mesh(self.mesh):
-            if a.critic.from_policy:  # trunk = a copy of the (pretrained) policy
-                mc = self.model.config
-            else:
-                mc = side_model_config(self.model.config, a.critic)
+            # from_policy: the trunk is a copy of the (pretrained) policy
+            mc = self.model.config if a.critic.from_policy else side_model_config(self.model.config, a.critic)
             critic = sharding.create_sharded(
                 lambda: UtteranceCritic(mc, head_width=a.critic.head_width, rngs=nnx.Rngs(config.seed + 1)),
                 self.mesh)
             if a.critic.from_policy:
                 nnx.update(critic.trunk, copy_tree(self.state.params))
-        self.critic_graphdef, critic_params, self.critic_rest = nnx.split(critic, nnx.Param, ...)
+        self.critic_graphdef, critic_params, _ = nnx.split(critic, nnx.Param, ...)
         self.critic_optimizer = side_optimizer(config, a.critic_learning_rate)
         self.critic_state = new_train_state(critic_params, self.critic_optimizer, self.mesh)
         self.target_params = copy_tree(self.critic_state.params)
@@ -365,7 +345,7 @@ class ArcherTrainer(Trainer):
             actor_advantages, graphdef=self.critic_graphdef, settings=self.adv_settings))
 
     def train_step(self, step: int) -> dict[str, Any]:
-        c, a = self.config, self.config.archer
+        a = self.config.archer
         t0 = time.perf_counter()
         batch, records, roll = self.collect(step)
         self.buffer.add(batch)
@@ -382,7 +362,7 @@ class ArcherTrainer(Trainer):
                                    train_passes=a.critic_steps + (a.actor_steps if actor_metrics else 0))
         out.update(critic_metrics)
         out.update(actor_metrics)
-        out.update({"buffer_size": float(len(self.buffer)), "actor_updated": float(bool(actor_metrics)),
+        out.update({"buffer_size": float(self.buffer.size), "actor_updated": float(bool(actor_metrics)),
                     "time_critic_s": t_critic, "time_actor_s": t_update - t_critic,
                     "nonfinite_in_a_row": int(max(int(self.state.nonfinite), int(self.critic_state.nonfinite)))})
         return out
