@@ -25,6 +25,7 @@ def _default_module():
 
 
 def get_config(arg: str | None = None) -> ConfigDict:
+    """The archer config; variant smoke: 2 steps of a tiny model and critic on CPU (eval off)."""
     c = _default_module().base()
     c.algorithm = "archer"           # trainer: aem_jax.trainer.archer.ArcherTrainer
     c.aem.enabled = True             # scale the actor's utterance advantages by AEM's alpha (False: plain ArCHer)

@@ -26,6 +26,7 @@ def _default_module():
 
 
 def get_config(arg: str | None = None) -> ConfigDict:
+    """The etpo config; variant smoke: 2 steps of a tiny policy and Q network on CPU (eval off)."""
     c = _default_module().base()
     c.algorithm = "etpo"             # trainer: aem_jax.trainer.etpo.EtpoTrainer
     c.aem.enabled = False            # ETPO has no advantages for AEM to rescale (required False)
