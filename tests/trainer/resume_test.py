@@ -1,0 +1,227 @@
+"""Reliability of ``python -m aem_jax.train``: resume after SIGKILL, corrupted
+checkpoints and runs of non-finite updates.
+
+Every run is a real subprocess of the CLI on ``configs/default.py:smoke``.
+The runs share a persistent XLA compilation cache (one per test module) so
+that only the first one pays for compilation.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+CONFIG = f"--config={REPO / 'configs' / 'default.py'}:smoke"
+# Keys whose values depend on the wall clock, not on the run's maths.
+TIMING_SUFFIXES = ("_per_s",)
+TIMING_PREFIXES = ("time_", "rollout_time_")
+TIMING_KEYS = ("wall_s",)
+
+
+def train_env(cache_dir: pathlib.Path, **extra: str) -> dict[str, str]:
+    """Environment of a CLI subprocess: CPU, the shared compilation cache."""
+    env = dict(os.environ)
+    env.update(
+        JAX_PLATFORMS="cpu",
+        JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
+    )
+    env.update(extra)
+    return env
+
+
+def train_cmd(workdir: pathlib.Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "aem_jax.train", CONFIG, f"--workdir={workdir}", *overrides]
+
+
+def run_train(workdir, *overrides, env, timeout=240, check=True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(train_cmd(workdir, *overrides), env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def is_timing(key: str) -> bool:
+    return key in TIMING_KEYS or key.startswith(TIMING_PREFIXES) or key.endswith(TIMING_SUFFIXES)
+
+
+def deterministic_metrics(workdir: pathlib.Path) -> list[dict]:
+    """metrics.jsonl without the wall-clock keys."""
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if not is_timing(k)} for line in lines if line]
+
+
+def load_state(step_dir: pathlib.Path) -> dict[str, np.ndarray]:
+    """The ``state`` item of a checkpoint step as flat numpy arrays, read on one
+    device whatever mesh (or number of processes) saved it."""
+    path = step_dir / "state"
+    with ocp.StandardCheckpointer() as ckptr:
+        meta = ckptr.metadata(path)
+        tree = getattr(meta, "item_metadata", meta)
+        tree = getattr(tree, "tree", tree)
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+        restored = ckptr.restore(path, target)
+    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(restored)}
+
+
+def assert_same_state(a: dict[str, np.ndarray], b: dict[str, np.ndarray], atol: float = 1e-6) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], atol=atol, rtol=0, err_msg=name)
+
+
+def assert_same_metrics(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b), (len(a), len(b))
+    for line_a, line_b in zip(a, b):
+        assert line_a.keys() == line_b.keys(), (line_a.keys() ^ line_b.keys())
+        for key in line_a:
+            assert line_a[key] == pytest.approx(line_b[key], rel=1e-6, abs=1e-6), (line_a["step"], key)
+
+
+def finished_steps(ckpt_dir: pathlib.Path) -> list[int]:
+    """Committed step directories (orbax writes ``<step>.orbax-checkpoint-tmp*``
+    first and renames it to ``<step>`` at the end)."""
+    if not ckpt_dir.exists():
+        return []
+    return sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> pathlib.Path:
+    return tmp_path_factory.mktemp("xla_cache")
+
+
+# N steps, killed once step K is checkpointed; no eval (it does not touch the
+# trained state and would only add compile time). The untrained smoke model
+# never finds the gold, so a penalty for invalid actions is what makes returns,
+# advantages and gradients non-zero.
+N, K = 6, 2
+COMMON = ("--config.eval.num_tasks=0", "--config.checkpoint.every=1", "--config.checkpoint.keep=3",
+          "--config.rollout.invalid_penalty=0.5")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, cache_dir) -> pathlib.Path:
+    """A finished N-step run (the reference)."""
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    run_train(workdir, f"--config.total_steps={N}", *COMMON, env=train_env(cache_dir))
+    return workdir
+
+
+def test_sigkill_and_resume_matches_an_uninterrupted_run(uninterrupted, tmp_path, cache_dir):
+    """Issue 7a: kill -9 after step K is checkpointed, resume to N: the final
+    parameters, optimizer state and every logged metric equal the run that was
+    never interrupted."""
+    workdir = tmp_path / "killed"
+    proc = subprocess.Popen(train_cmd(workdir, f"--config.total_steps={N}", *COMMON), env=train_env(cache_dir),
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    try:
+        while not any(s >= K for s in finished_steps(workdir / "checkpoints")):
+            assert proc.poll() is None, proc.stderr.read()[-4000:]
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = finished_steps(workdir / "checkpoints")
+    assert killed_at and max(killed_at) < N, f"the run was not interrupted: {killed_at}"
+
+    resumed = run_train(workdir, f"--config.total_steps={N}", *COMMON, env=train_env(cache_dir))
+    assert "success before" not in resumed.stdout  # a resumed run does not evaluate the start again
+
+    assert finished_steps(workdir / "checkpoints")[-1] == N
+    assert_same_state(load_state(uninterrupted / "checkpoints" / str(N)), load_state(workdir / "checkpoints" / str(N)))
+    reference = deterministic_metrics(uninterrupted)
+    assert [r["step"] for r in reference] == list(range(1, N + 1))
+    assert sum(r["grad_norm"] > 0 for r in reference) >= N // 2  # the parameters really moved
+    assert_same_metrics(reference, deterministic_metrics(workdir))
+
+
+def test_corrupted_latest_checkpoint_falls_back_to_the_previous_step(uninterrupted, tmp_path, cache_dir):
+    """Issue 7b: garbage in the latest step's array files: the restore names
+    that step, uses step N-1 and training continues to the new end."""
+    workdir = tmp_path / "corrupted"
+    shutil.copytree(uninterrupted, workdir)
+    latest = workdir / "checkpoints" / str(N)
+    damaged = 0
+    for path in (latest / "state").rglob("*"):
+        if path.is_file() and ("ocdbt" in path.parts[-2] or path.parent.name == "d"):
+            path.write_bytes(b"\x00garbage" * 8)
+            damaged += 1
+    assert damaged, sorted(p.name for p in (latest / "state").rglob("*"))
+
+    proc = run_train(workdir, f"--config.total_steps={N + 2}", *COMMON, env=train_env(cache_dir))
+    assert f"checkpoint step {N} " in proc.stderr and "failed to restore" in proc.stderr, proc.stderr[-3000:]
+    assert (workdir / "checkpoints" / f"corrupt_{N}").exists()
+    assert finished_steps(workdir / "checkpoints")[-1] == N + 2
+    steps = [r["step"] for r in deterministic_metrics(workdir)]
+    assert steps == list(range(1, N + 3)), steps  # step N was trained again from N-1
+    # Step N retrained from the good step N-1 repeats the original step N.
+    assert_same_metrics(deterministic_metrics(uninterrupted)[N - 1:N], deterministic_metrics(workdir)[N - 1:N])
+
+
+_NAN_ADVANTAGES = r"""
+import sys
+import jax.numpy as jnp
+from absl import app
+from aem_jax import train
+from aem_jax.trainer import loop
+
+compute = loop.compute_advantages
+
+def nan_advantages(*args, **kwargs):
+    adv, info, rest = compute(*args, **kwargs)
+    return jnp.full_like(adv, jnp.nan), info, rest
+
+# _build_steps reads the module global when the Trainer is built.
+loop.compute_advantages = nan_advantages
+sys.argv = ["aem_jax.train"] + sys.argv[1:]
+app.run(train.main)
+"""
+
+
+def test_nonfinite_updates_are_skipped_then_the_run_stops(tmp_path, cache_dir):
+    """Issue 8: NaN advantages make every loss non-finite: each update is
+    skipped (parameters unchanged, counted in metrics.jsonl) and the run stops
+    after config.max_nonfinite_in_a_row of them with a FloatingPointError."""
+    workdir = tmp_path / "nan"
+    limit = 3
+    cmd = [sys.executable, "-c", _NAN_ADVANTAGES, CONFIG, f"--workdir={workdir}", "--config.total_steps=6",
+           f"--config.max_nonfinite_in_a_row={limit}", *COMMON]
+    proc = subprocess.run(cmd, env=train_env(cache_dir), cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    assert "FloatingPointError" in proc.stderr and f"max_nonfinite_in_a_row={limit}" in proc.stderr, \
+        proc.stderr[-3000:]
+    records = deterministic_metrics(workdir)
+    # Every optimiser step of every training step was skipped, and counted.
+    skipped = np.array([r["skipped_updates"] for r in records])
+    assert len(records) >= 2 and (skipped >= 1).all(), skipped
+    in_a_row = [r["nonfinite_in_a_row"] for r in records]
+    assert in_a_row == np.cumsum(skipped).astype(int).tolist()
+    # The run stopped at the first step that reached the limit.
+    assert in_a_row[-1] >= limit > in_a_row[-2]
+    assert all(np.isnan(r["loss"]) for r in records)
+    # Skipped updates leave the parameters where they started.
+    first, second = (load_state(workdir / "checkpoints" / str(s)) for s in (1, len(records)))
+    params = [k for k in first if k.startswith("['params']")]
+    assert params
+    for name in params:
+        np.testing.assert_array_equal(first[name], second[name], err_msg=name)

@@ -1,0 +1,84 @@
+"""``python -m aem_jax.train``: bad input fails before compiling, naming what
+is wrong; the smoke job leaves metrics, TensorBoard events, checkpoints and
+a plot in its workdir and prints success before and after training.
+
+Every run is a subprocess with ``JAX_LOG_COMPILES=1``, so any XLA
+compilation prints a ``Compiling ...`` line that the fail-fast tests look for.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import time
+
+import pytest
+
+from tests.trainer.resume_test import REPO, run_train, train_env
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> pathlib.Path:
+    return tmp_path_factory.mktemp("xla_cache")
+
+
+def _fails_fast(tmp_path, cache_dir, *overrides, workdir=None, **env) -> str:
+    """Runs the CLI, expects a failure with no compilation; returns stderr."""
+    t0 = time.monotonic()
+    proc = run_train(workdir or tmp_path / "run", *overrides, check=False, timeout=120,
+                     env=train_env(cache_dir, JAX_LOG_COMPILES="1", **env))
+    elapsed = time.monotonic() - t0
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    assert "Compiling" not in proc.stderr, proc.stderr[-3000:]
+    # Only interpreter and library start-up: no model is built.
+    assert elapsed < 60, elapsed
+    return proc.stderr
+
+
+def _last_line(stderr: str) -> str:
+    return [line for line in stderr.splitlines() if line.strip()][-1]
+
+
+def test_unknown_config_key_names_the_key(tmp_path, cache_dir):
+    stderr = _fails_fast(tmp_path, cache_dir, "--config.no_such_key=1")
+    assert "no_such_key" in _last_line(stderr)
+    assert not (tmp_path / "run").exists()  # rejected while parsing flags
+
+
+def test_unknown_algorithm_lists_the_registered_ones(tmp_path, cache_dir):
+    last = _last_line(_fails_fast(tmp_path, cache_dir, "--config.algorithm=nope"))
+    assert "'nope'" in last and "registered:" in last
+    for name in ("grpo", "dapo", "gigpo", "ppo", "archer", "etpo"):
+        assert name in last
+
+
+def test_bad_value_names_the_key_and_the_allowed_values(tmp_path, cache_dir):
+    last = _last_line(_fails_fast(tmp_path, cache_dir, "--config.aem.scope=episode"))
+    assert "config.aem.scope='episode'" in last and "group" in last and "trajectory" in last
+
+
+def test_unwritable_workdir_is_reported_before_compiling(tmp_path, cache_dir):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    last = _last_line(_fails_fast(tmp_path, cache_dir, workdir=blocker / "run"))
+    assert "CheckpointError" in last and "not writable" in last and str(blocker / "run") in last
+
+
+def test_unreachable_model_source_says_how_to_use_a_local_copy(tmp_path, cache_dir):
+    last = _last_line(_fails_fast(tmp_path, cache_dir, "--config.model.source=no-such-org/no-such-model",
+                                  HF_HUB_OFFLINE="1"))
+    assert "config.model.source='no-such-org/no-such-model'" in last and "local copy" in last
+
+
+def test_smoke_job_leaves_metrics_events_checkpoints_and_a_plot(tmp_path, cache_dir):
+    """Issue 3 on the smoke config: 2 steps, 2 tasks x 2 rollouts, 2 eval tasks."""
+    workdir = tmp_path / "smoke"
+    proc = run_train(workdir, env=train_env(cache_dir), timeout=240)
+    assert "success before training:" in proc.stdout and "success after training:" in proc.stdout
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    for key in ("success", "token_entropy", "alpha_std", "loss", "skipped_updates"):
+        assert all(key in r for r in records), key
+    assert list((workdir / "tb").glob("events.out.tfevents.*"))
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["1", "2"]
+    assert (workdir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
