@@ -5,28 +5,17 @@ Run:
   python -m aem_jax.train --config=configs/archer.py:smoke --workdir=/tmp/archer_smoke
   python -m aem_jax.train --config=configs/archer.py --config.aem.enabled=False   # plain ArCHer
 
-Starts from ``base()`` of configs/default.py (every shared field is
-documented there) and adds the ``archer`` block.
+Starts from ``base()`` of aem_jax/trainer/defaults.py (every shared field
+is documented there) and adds the ``archer`` block.
 """
-import importlib.util
-import pathlib
-
 from ml_collections import ConfigDict
 
-
-def _default_module():
-    """configs/default.py, loaded by path: configs/ is not a package, and
-    ml_collections loads config files by path without touching sys.path."""
-    path = pathlib.Path(__file__).resolve().with_name("default.py")
-    spec = importlib.util.spec_from_file_location("aem_jax_configs_default", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from aem_jax.trainer.defaults import base, smoke
 
 
 def get_config(arg: str | None = None) -> ConfigDict:
-    """The archer config; variant smoke: 2 steps of a tiny model and critic on CPU (eval off)."""
-    c = _default_module().base()
+    """The archer config; variant smoke: 2 steps of a tiny model and critic on CPU."""
+    c = base()
     c.algorithm = "archer"           # trainer: aem_jax.trainer.archer.ArcherTrainer
     c.aem.enabled = True             # scale the actor's utterance advantages by AEM's alpha (False: plain ArCHer)
     c.rollout.history = "concatenated"  # ArCHer replays whole episodes (required)
@@ -35,7 +24,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.archer = ConfigDict()
     c.archer.gamma = 0.95            # discount between utterances in the critic's TD targets
     c.archer.tau = 0.1               # Polyak weight of the online critic in each target update
-    c.archer.critic_steps = 20       # critic updates per iteration (paper: 50)
+    c.archer.critic_steps = 10       # critic updates per iteration (paper: 50; fewer keeps CPU iterations short)
     c.archer.actor_steps = 3         # actor updates per iteration (paper: 3)
     c.archer.actor_warmup = 5        # first iterations train only the critic (paper: 10-20)
     c.archer.buffer_episodes = 4096  # replay buffer capacity in episodes (FIFO)
@@ -53,15 +42,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.archer.critic.head_width = 64      # hidden width of each Q_k / V_k MLP head
 
     if arg == "smoke":
-        c.total_steps = 2
-        c.rollout.num_tasks = 2
-        c.rollout.group_size = 2
-        c.rollout.max_turns = 2
-        c.rollout.max_context_tokens = 64
-        c.learner.minibatch_size = 4
-        c.model.hidden_size = 32
-        c.model.intermediate_size = 64
-        c.model.num_layers = 1
+        smoke(c)
         c.archer.critic.hidden_size = 32
         c.archer.critic.intermediate_size = 64
         c.archer.critic.num_layers = 1
@@ -71,8 +52,6 @@ def get_config(arg: str | None = None) -> ConfigDict:
         c.archer.actor_warmup = 1
         c.archer.buffer_episodes = 16
         c.archer.critic_minibatch_size = 4
-        c.eval.num_tasks = 0
-        c.checkpoint.every = 1
     elif arg:
         raise ValueError(f"unknown variant {arg!r} of configs/archer.py; known: smoke")
     return c

@@ -4,30 +4,19 @@ Run:
   python -m aem_jax.train --config=configs/etpo.py --workdir=runs/etpo
   python -m aem_jax.train --config=configs/etpo.py:smoke --workdir=/tmp/etpo_smoke
 
-Starts from ``base()`` of configs/default.py (every shared field is
-documented there) and adds the ``etpo`` block. ETPO materialises [B,T,V]
+Starts from ``base()`` of aem_jax/trainer/defaults.py (every shared field
+is documented there) and adds the ``etpo`` block. ETPO materialises [B,T,V]
 logits (see aem_jax/trainer/etpo.py): fine for the word-level vocabulary
 here, keep minibatches small with LLM vocabularies.
 """
-import importlib.util
-import pathlib
-
 from ml_collections import ConfigDict
 
-
-def _default_module():
-    """configs/default.py, loaded by path: configs/ is not a package, and
-    ml_collections loads config files by path without touching sys.path."""
-    path = pathlib.Path(__file__).resolve().with_name("default.py")
-    spec = importlib.util.spec_from_file_location("aem_jax_configs_default", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from aem_jax.trainer.defaults import base, smoke
 
 
 def get_config(arg: str | None = None) -> ConfigDict:
-    """The etpo config; variant smoke: 2 steps of a tiny policy and Q network on CPU (eval off)."""
-    c = _default_module().base()
+    """The etpo config; variant smoke: 2 steps of a tiny policy and Q network on CPU."""
+    c = base()
     c.algorithm = "etpo"             # trainer: aem_jax.trainer.etpo.EtpoTrainer
     c.aem.enabled = False            # ETPO has no advantages for AEM to rescale (required False)
     c.rollout.history = "concatenated"  # each turn bootstraps from the next turn of its row (required)
@@ -51,20 +40,10 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.etpo.q.head_dim = 16           # per-head size of the Q network
 
     if arg == "smoke":
-        c.total_steps = 2
-        c.rollout.num_tasks = 2
-        c.rollout.group_size = 2
-        c.rollout.max_turns = 2
-        c.rollout.max_context_tokens = 64
-        c.learner.minibatch_size = 4
-        c.model.hidden_size = 32
-        c.model.intermediate_size = 64
-        c.model.num_layers = 1
+        smoke(c)
         c.etpo.q.hidden_size = 32
         c.etpo.q.intermediate_size = 64
         c.etpo.q.num_layers = 1
-        c.eval.num_tasks = 0
-        c.checkpoint.every = 1
     elif arg:
         raise ValueError(f"unknown variant {arg!r} of configs/etpo.py; known: smoke")
     return c

@@ -75,6 +75,7 @@ def test_replay_buffer_is_fifo_and_round_trips_its_state():
 
 def test_archer_smoke_warmup_polyak_and_checkpointed_replay(tmp_path):
     config = load_config("archer", "smoke")
+    config.eval.num_tasks = 0  # no held-out evaluation (saves a sampler compile)
     config.rollout.invalid_penalty = 0.5  # untrained actions are invalid: non-zero rewards for the critic
     config.archer.actor_steps = 2         # the first optimiser step has learning rate 0 (warm-up from 0)
     config.archer.buffer_episodes = 10    # three batches of 4 episodes wrap around

@@ -25,6 +25,7 @@ def test_bad_config_names_the_key(tmp_path, key, value, message):
 
 def test_etpo_smoke_polyak_reference_and_checkpoint(tmp_path):
     config = load_config("etpo", "smoke")
+    config.eval.num_tasks = 0  # no held-out evaluation (saves a sampler compile)
     config.rollout.invalid_penalty = 0.5  # untrained actions are invalid: non-zero rewards
     config.learner.minibatch_size = 2     # two updates per step (the first has learning rate 0)
     config.etpo.tau = 0.1                 # a target move well above float32 rounding
