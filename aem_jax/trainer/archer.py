@@ -308,7 +308,13 @@ def validate(config) -> None:
 
 
 class ArcherTrainer(Trainer):
-    """The shared loop with ArCHer's critic, target critic, replay buffer and actor."""
+    """The shared loop with ArCHer's critic, target critic, replay buffer and actor.
+
+    Memory: the critic and its target are two extra networks of the
+    ``archer.critic`` sizes (of the policy's size with ``from_policy``), plus
+    the critic's optimiser state; the replay buffer lives in host memory,
+    about ``buffer_episodes * T * 10`` bytes.
+    """
 
     def __init__(self, config, workdir: str):
         validate(config)
@@ -358,8 +364,12 @@ class ArcherTrainer(Trainer):
             actor_metrics = self._actor_phase(batch, step)
         jax.block_until_ready((self.state, self.critic_state))
         t_update = time.perf_counter() - t1
+        # Rows read by the updates, in units of the batch (for train_tokens_per_s).
+        rows = 2 * a.critic_steps * a.critic_minibatch_size
+        if actor_metrics:
+            rows += a.actor_steps * min(self.config.learner.minibatch_size, batch.tokens.shape[0])
         out = self.episode_metrics(batch, records, roll, t_roll=t_roll, t_update=t_update,
-                                   train_passes=a.critic_steps + (a.actor_steps if actor_metrics else 0))
+                                   train_passes=rows / batch.tokens.shape[0])
         out.update(critic_metrics)
         out.update(actor_metrics)
         out.update({"buffer_size": float(self.buffer.size), "actor_updated": float(bool(actor_metrics)),
