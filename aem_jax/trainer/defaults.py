@@ -94,8 +94,8 @@ def base() -> ConfigDict:
     c.optim = ConfigDict()
     c.optim.learning_rate = 3e-3     # AdamW peak learning rate
     c.optim.warmup_steps = 5         # linear warm-up (optimiser steps)
-    c.optim.b1 = 0.9
-    c.optim.b2 = 0.99
+    c.optim.b1 = 0.9                 # AdamW first-moment decay
+    c.optim.b2 = 0.99                # AdamW second-moment decay
     c.optim.eps = 1e-8               # AdamW epsilon
     c.optim.weight_decay = 0.0       # AdamW decoupled weight decay
     c.optim.grad_clip = 1.0          # global-norm gradient clipping
