@@ -78,7 +78,8 @@ class Trainer:
                            opt_state=opt_state, nonfinite=jnp.zeros((), jnp.int32))
         self.state = place_state(state, self.mesh)
         self.state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
-        self.ref_params = params if config.loss.kl_coef else None
+        # A copy: the update donates (and so deletes) the live parameter buffers.
+        self.ref_params = jax.tree.map(jnp.copy, self.state.params) if config.loss.kl_coef else None
         self._build_steps()
 
     # Compiled steps -------------------------------------------------------

@@ -114,7 +114,9 @@ def build_model(config, mesh):
 
 def optimizer(config) -> optax.GradientTransformation:
     o = config.optim
-    schedule = optax.warmup_constant_schedule(0.0, o.learning_rate, max(o.warmup_steps, 1))
+    warmup = max(o.warmup_steps, 1)
+    # starts at lr / warmup, not 0, so the first optimiser step is not a no-op
+    schedule = optax.warmup_constant_schedule(o.learning_rate / warmup, o.learning_rate, warmup)
     return optax.chain(
         optax.clip_by_global_norm(o.grad_clip),
         optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay),
