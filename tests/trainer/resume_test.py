@@ -101,18 +101,30 @@ def finished_steps(ckpt_dir: pathlib.Path) -> list[int]:
     return sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
 
 
+def shared_cache_dir(tmp_path_factory) -> pathlib.Path:
+    """One XLA compilation cache for every CLI run of this pytest session,
+    shared by the pytest-xdist workers (JAX writes cache entries atomically)."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the workers' temp dirs are siblings
+    path = base / "aem_jax_xla_cache"
+    path.mkdir(exist_ok=True)
+    return path
+
+
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory) -> pathlib.Path:
-    return tmp_path_factory.mktemp("xla_cache")
+    return shared_cache_dir(tmp_path_factory)
 
 
 # N steps, killed once step K is checkpointed; no eval (it does not touch the
 # trained state and would only add compile time). The untrained smoke model
-# never finds the gold, so a penalty for invalid actions is what makes returns,
-# advantages and gradients non-zero.
+# plays no valid action, so all returns of a group are equal and advantages
+# are zero; an entropy bonus gives every update a non-zero gradient, so the
+# parameters (and with them the next rollouts) really change from step to step.
 N, K = 6, 2
 COMMON = ("--config.eval.num_tasks=0", "--config.checkpoint.every=1", "--config.checkpoint.keep=3",
-          "--config.rollout.invalid_penalty=0.5")
+          "--config.loss.entropy_coef=0.05")
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +163,7 @@ def test_sigkill_and_resume_matches_an_uninterrupted_run(uninterrupted, tmp_path
     assert_same_state(load_state(uninterrupted / "checkpoints" / str(N)), load_state(workdir / "checkpoints" / str(N)))
     reference = deterministic_metrics(uninterrupted)
     assert [r["step"] for r in reference] == list(range(1, N + 1))
-    assert sum(r["grad_norm"] > 0 for r in reference) >= N // 2  # the parameters really moved
+    assert all(r["grad_norm"] > 0 for r in reference)  # the parameters really moved
     assert_same_metrics(reference, deterministic_metrics(workdir))
 
 

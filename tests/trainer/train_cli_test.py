@@ -14,12 +14,12 @@ import time
 
 import pytest
 
-from tests.trainer.resume_test import REPO, run_train, train_env
+from tests.trainer.resume_test import run_train, shared_cache_dir, train_env
 
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory) -> pathlib.Path:
-    return tmp_path_factory.mktemp("xla_cache")
+    return shared_cache_dir(tmp_path_factory)
 
 
 def _fails_fast(tmp_path, cache_dir, *overrides, workdir=None, **env) -> str:
