@@ -190,11 +190,20 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous_step(uninterrupt
     assert_same_metrics(deterministic_metrics(uninterrupted)[N - 1:N], deterministic_metrics(workdir)[N - 1:N])
 
 
-_NAN_ADVANTAGES = r"""
+# The CLI with one patch applied first: ``{patch}`` is Python run in the
+# training process before ``aem_jax.train.main``.
+_PATCHED_CLI = r"""
 import sys
-import jax.numpy as jnp
 from absl import app
 from aem_jax import train
+{patch}
+sys.argv = ["aem_jax.train"] + sys.argv[1:]
+app.run(train.main)
+"""
+
+# Every advantage NaN (_build_steps reads the module global when the Trainer is built).
+_NAN_ADVANTAGES = """
+import jax.numpy as jnp
 from aem_jax.trainer import loop
 
 compute = loop.compute_advantages
@@ -203,11 +212,40 @@ def nan_advantages(*args, **kwargs):
     adv, info, rest = compute(*args, **kwargs)
     return jnp.full_like(adv, jnp.nan), info, rest
 
-# _build_steps reads the module global when the Trainer is built.
 loop.compute_advantages = nan_advantages
-sys.argv = ["aem_jax.train"] + sys.argv[1:]
-app.run(train.main)
 """
+
+# The disk is full from the second checkpoint on.
+_DISK_FULL_AFTER_FIRST_SAVE = """
+import collections, itertools
+from aem_jax.trainer import checkpoint
+
+usage = checkpoint.shutil.disk_usage
+calls = itertools.count()
+
+def disk_usage(path):
+    real = usage(path)
+    return real if next(calls) == 0 else collections.namedtuple("usage", "total used free")(real.total, real.total, 0)
+
+checkpoint.shutil.disk_usage = disk_usage
+"""
+
+
+def run_patched(patch: str, workdir: pathlib.Path, *overrides: str, env: dict) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-c", _PATCHED_CLI.format(patch=patch), CONFIG, f"--workdir={workdir}", *overrides]
+    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
+
+
+def test_full_disk_at_save_is_reported_by_step_without_a_partial_checkpoint(tmp_path, cache_dir):
+    """Issue 8: a checkpoint that does not fit stops the run naming the step;
+    the step directory is never created, the previous one stays usable."""
+    workdir = tmp_path / "full"
+    proc = run_patched(_DISK_FULL_AFTER_FIRST_SAVE, workdir, "--config.total_steps=3", *COMMON,
+                       env=train_env(cache_dir))
+    assert proc.returncode != 0
+    last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
+    assert "CheckpointError" in last and "checkpoint for step 2" in last and "nothing was written" in last, last
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["1"]
 
 
 def test_nonfinite_updates_are_skipped_then_the_run_stops(tmp_path, cache_dir):
@@ -216,9 +254,8 @@ def test_nonfinite_updates_are_skipped_then_the_run_stops(tmp_path, cache_dir):
     after config.max_nonfinite_in_a_row of them with a FloatingPointError."""
     workdir = tmp_path / "nan"
     limit = 3
-    cmd = [sys.executable, "-c", _NAN_ADVANTAGES, CONFIG, f"--workdir={workdir}", "--config.total_steps=6",
-           f"--config.max_nonfinite_in_a_row={limit}", *COMMON]
-    proc = subprocess.run(cmd, env=train_env(cache_dir), cwd=REPO, capture_output=True, text=True, timeout=240)
+    proc = run_patched(_NAN_ADVANTAGES, workdir, "--config.total_steps=6", f"--config.max_nonfinite_in_a_row={limit}",
+                       *COMMON, env=train_env(cache_dir))
     assert proc.returncode != 0
     assert "FloatingPointError" in proc.stderr and f"max_nonfinite_in_a_row={limit}" in proc.stderr, \
         proc.stderr[-3000:]
