@@ -46,6 +46,7 @@ from flax.core import spmd
 from aem_jax.models.config import ModelConfig
 
 _MASKED = -1e30  # finite, so fully masked (padding) query rows give no NaNs
+CAUSAL_BLOCK = 128  # query block of the causal attention (see _causal_attend)
 
 
 def logical_spec(names: Sequence[str | None], shape: Sequence[int], mesh, rules) -> jax.sharding.PartitionSpec:
@@ -93,8 +94,20 @@ def _param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str, ...], dtype
     return nnx.Param(value.astype(dtype), out_sharding=names, eager_sharding=False)
 
 
+def dense(x: jax.Array, w: jax.Array, in_dims: int = 1, **kwargs) -> jax.Array:
+    """Contracts the last `in_dims` axes of x with the first `in_dims` of w.
+
+    Done as one 2-D matmul ([rows, in] @ [in, out]): XLA:CPU runs the 2-D form,
+    and above all its backward pass, about twice as fast as the equivalent
+    multi-dimensional einsum.
+    """
+    lead, k = x.shape[:x.ndim - in_dims], int(np.prod(w.shape[:in_dims]))
+    y = jnp.matmul(x.reshape(-1, k), w.reshape(k, -1), **kwargs)
+    return y.reshape(*lead, *w.shape[in_dims:])
+
+
 class KVCache(NamedTuple):
-    """A preallocated key/value cache: one [B,S,K,H] array per layer.
+    """A preallocated key/value cache: one [B,K,S,H] array per layer.
 
     `index` is the cache slot where the next call's first token is written.
     """
@@ -105,7 +118,7 @@ class KVCache(NamedTuple):
 
     @classmethod
     def zeros(cls, config: ModelConfig, batch: int, length: int) -> "KVCache":
-        shape = (batch, length, config.num_kv_heads, config.head_dim)
+        shape = (batch, config.num_kv_heads, length, config.head_dim)
         z = tuple(jnp.zeros(shape, config.compute_dtype) for _ in range(config.num_layers))
         return cls(keys=z, values=tuple(jnp.zeros_like(a) for a in z),
                    index=jnp.zeros((), jnp.int32))
@@ -145,13 +158,58 @@ def rope_inverse_frequencies(config: ModelConfig) -> np.ndarray:
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotates pairs (x_i, x_{i+H/2}) by angle position * inv_freq_i."""
+def rope_tables(positions_BT: jax.Array, inv_freq: np.ndarray, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos and sin [B,1,T,H] of the angles position * inv_freq, computed once per forward."""
     angles = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
-    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(angles).astype(x_BTNH.dtype), jnp.sin(angles).astype(x_BTNH.dtype)
-    x1, x2 = jnp.split(x_BTNH, 2, axis=-1)
-    return x_BTNH * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, None]
+    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def apply_rope(x_BNTH: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Rotates pairs (x_i, x_{i+H/2}) by their angles (the "rotate half" layout)."""
+    cos, sin = rope
+    x1, x2 = jnp.split(x_BNTH, 2, axis=-1)
+    return x_BNTH * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+def _attend(q_BNTH, k_BKSH, v_BKSH, allowed_BTS) -> jax.Array:
+    """softmax(q k^T / sqrt(H) + mask) v for grouped heads, float32 scores.
+
+    The softmax is normalised after the value product (divide [..,H] rather
+    than [..,S]) and its max shift carries no gradient (softmax is shift
+    invariant): on CPU this is ~30% faster forward+backward than
+    `jax.nn.softmax` on the masked scores.
+    """
+    b, n, t, h = q_BNTH.shape
+    k, g = k_BKSH.shape[1], n // k_BKSH.shape[1]
+    q_BKQH = (q_BNTH * (h ** -0.5)).reshape(b, k, g * t, h)  # Q = G*T queries per kv head
+    scores_BKQS = jnp.einsum("bkqh,bksh->bkqs", q_BKQH, k_BKSH, preferred_element_type=jnp.float32)
+    scores_BKGTS = jnp.where(allowed_BTS[:, None, None], scores_BKQS.reshape(b, k, g, t, -1), _MASKED)
+    shift = jax.lax.stop_gradient(jnp.max(scores_BKGTS, axis=-1, keepdims=True))
+    weights_BKGTS = jnp.exp(scores_BKGTS - shift)
+    total_BKGT1 = jnp.sum(weights_BKGTS, axis=-1, keepdims=True)
+    out_BKQH = jnp.einsum("bkqs,bksh->bkqh", weights_BKGTS.astype(v_BKSH.dtype).reshape(b, k, g * t, -1),
+                          v_BKSH, preferred_element_type=jnp.float32)
+    out_BKGTH = out_BKQH.reshape(b, k, g, t, h) / total_BKGT1
+    return out_BKGTH.astype(q_BNTH.dtype).reshape(b, n, t, h)
+
+
+def _causal_attend(q_BNTH, k_BKTH, v_BKTH, allowed_BTT) -> jax.Array:
+    """`_attend` for queries at slots 0..T-1, skipping key blocks above the diagonal.
+
+    Queries in [a, a + block) can only see keys < a + block, so computing
+    them against that prefix alone gives the same result with about half the
+    score FLOPs and memory for long T.
+    """
+    t, block = q_BNTH.shape[2], CAUSAL_BLOCK
+    if t <= block:
+        return _attend(q_BNTH, k_BKTH, v_BKTH, allowed_BTT)
+    outs = []
+    for a in range(0, t, block):
+        e = min(a + block, t)
+        outs.append(_attend(q_BNTH[:, :, a:e], k_BKTH[:, :, :e], v_BKTH[:, :, :e],
+                            allowed_BTT[:, a:e, :e]))
+    return jnp.concatenate(outs, axis=2)
 
 
 class Attention(nnx.Module):
@@ -173,37 +231,39 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(c.head_dim, c, names=("head_dim",), rngs=rngs)
 
     def _project(self, x_BTD: jax.Array, name: str) -> jax.Array:
+        """x W (+ b) in the head-major layout [B, heads, T, H]."""
         dt = self.config.compute_dtype
-        y = jnp.einsum("btd,dnh->btnh", x_BTD, getattr(self, name)[...].astype(dt))
+        y_BTNH = dense(x_BTD, getattr(self, name)[...].astype(dt))
         if self.config.qkv_bias:
-            y = y + getattr(self, f"{name}_bias")[...].astype(dt)
-        return y
+            y_BTNH = y_BTNH + getattr(self, f"{name}_bias")[...].astype(dt)
+        return y_BTNH.transpose(0, 2, 1, 3)
 
-    def __call__(self, x_BTD, positions_BT, allowed_BTS, inv_freq, kv=None, index=None):
-        """Returns the attention output [B,T,D] and the (possibly updated) k/v [B,S,K,H]."""
+    def __call__(self, x_BTD, rope, allowed_BTS, kv=None, index=None,
+                 prefill=False):
+        """Returns the attention output [B,T,D] and the (possibly updated) k/v [B,K,S,H].
+
+        Keys and values are kept head-major ([B,K,S,H]) so that a decode step
+        reads the cache without a transpose.
+        """
         c = self.config
-        q_BTNH, k_BTKH, v_BTKH = (self._project(x_BTD, n) for n in ("q", "k", "v"))
+        q_BNTH, k_BKTH, v_BKTH = (self._project(x_BTD, n) for n in ("q", "k", "v"))
         if c.qk_norm:
-            q_BTNH, k_BTKH = self.q_norm(q_BTNH), self.k_norm(k_BTKH)
-        q_BTNH = constrain(apply_rope(q_BTNH, positions_BT, inv_freq), ("batch", "length", "heads", "head_dim"))
-        k_BTKH = constrain(apply_rope(k_BTKH, positions_BT, inv_freq), ("batch", "length", "kv_heads", "head_dim"))
+            q_BNTH, k_BKTH = self.q_norm(q_BNTH), self.k_norm(k_BKTH)
+        q_BNTH = constrain(apply_rope(q_BNTH, rope), ("batch", "heads", "length", "head_dim"))
+        k_BKTH = constrain(apply_rope(k_BKTH, rope), ("batch", "kv_heads", "length", "head_dim"))
         if kv is not None:  # write the new keys/values at slots [index, index + T)
-            start = (0, index, 0, 0)
-            k_BSKH = jax.lax.dynamic_update_slice(kv[0], k_BTKH.astype(kv[0].dtype), start)
-            v_BSKH = jax.lax.dynamic_update_slice(kv[1], v_BTKH.astype(kv[1].dtype), start)
+            start = (0, 0, index, 0)
+            k_BKSH = jax.lax.dynamic_update_slice(kv[0], k_BKTH.astype(kv[0].dtype), start)
+            v_BKSH = jax.lax.dynamic_update_slice(kv[1], v_BKTH.astype(kv[1].dtype), start)
         else:
-            k_BSKH, v_BSKH = k_BTKH, v_BTKH
-        b, t = x_BTD.shape[:2]
-        g = c.num_heads // c.num_kv_heads
-        q_BTKGH = q_BTNH.reshape(b, t, c.num_kv_heads, g, c.head_dim)
-        scores = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH,
-                            preferred_element_type=jnp.float32) * (c.head_dim ** -0.5)
-        scores = jnp.where(allowed_BTS[:, None, None], scores, _MASKED)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKH.dtype)
-        out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs, v_BSKH)
-        out_BTNH = out_BTKGH.reshape(b, t, c.num_heads, c.head_dim)
-        y = jnp.einsum("btnh,nhd->btd", out_BTNH, self.o[...].astype(c.compute_dtype))
-        return y, (k_BSKH, v_BSKH)
+            k_BKSH, v_BKSH = k_BKTH, v_BKTH
+        if kv is None or prefill:  # keys are the T new tokens at slots [0, T): causal blocks
+            t = q_BNTH.shape[2]
+            out_BNTH = _causal_attend(q_BNTH, k_BKTH, v_BKTH, allowed_BTS[:, :, :t])
+        else:
+            out_BNTH = _attend(q_BNTH, k_BKSH, v_BKSH, allowed_BTS)
+        y = dense(out_BNTH.transpose(0, 2, 1, 3), self.o[...].astype(c.compute_dtype), in_dims=2)
+        return y, (k_BKSH, v_BKSH)
 
 
 class MLP(nnx.Module):
@@ -218,10 +278,10 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
         dt = self.dtype
-        gate = jnp.einsum("btd,df->btf", x_BTD, self.gate[...].astype(dt))
-        up = jnp.einsum("btd,df->btf", x_BTD, self.up[...].astype(dt))
+        gate = dense(x_BTD, self.gate[...].astype(dt))
+        up = dense(x_BTD, self.up[...].astype(dt))
         h_BTF = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
-        return jnp.einsum("btf,fd->btd", h_BTF, self.down[...].astype(dt))
+        return dense(h_BTF, self.down[...].astype(dt))
 
 
 class Block(nnx.Module):
@@ -233,8 +293,10 @@ class Block(nnx.Module):
         self.post_attn_norm = RMSNorm(config.hidden_size, config, names=("norm",), rngs=rngs)
         self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, x_BTD, positions_BT, allowed_BTS, inv_freq, kv=None, index=None):
-        y, kv = self.attn(self.input_norm(x_BTD), positions_BT, allowed_BTS, inv_freq, kv, index)
+    def __call__(self, x_BTD, rope, allowed_BTS, kv=None, index=None,
+                 prefill=False):
+        y, kv = self.attn(self.input_norm(x_BTD), rope, allowed_BTS, kv, index,
+                          prefill)
         x_BTD = constrain(x_BTD + y, ("batch", "length", "embed"))
         x_BTD = x_BTD + self.mlp(self.post_attn_norm(x_BTD))
         return constrain(x_BTD, ("batch", "length", "embed")), kv
@@ -252,14 +314,17 @@ class Decoder(nnx.Module):
         if not config.tie_embeddings:
             self.lm_head = _param(rngs, (config.hidden_size, config.vocab_size), ("embed", "vocab"), pd)
 
-    def hidden(self, tokens_BT, positions_BT, attention_mask, cache: KVCache | None = None):
+    def hidden(self, tokens_BT, positions_BT, attention_mask, cache: KVCache | None = None,
+               *, prefill: bool = False):
         """Final-norm hidden states [B,T,D] and the updated cache.
 
         Without a cache, `attention_mask` is [B,T] (1 = real token) and
         attention is causal over the T tokens. With a cache, the T tokens are
         written at slots [cache.index, cache.index + T) and `attention_mask`
         is [B,S] over all cache slots (1 = slot holds a real token); a query
-        at slot i attends to valid slots <= i.
+        at slot i attends to valid slots <= i. `prefill=True` promises that the
+        cache is empty (index 0): attention then reads the T new keys directly
+        instead of all S cache slots.
         """
         c = self.config
         x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0).astype(c.compute_dtype)
@@ -270,11 +335,11 @@ class Decoder(nnx.Module):
         q_slots = index + jnp.arange(t)
         k_slots = jnp.arange(mask.shape[1])
         allowed_BTS = mask[:, None, :] & (k_slots[None, :] <= q_slots[:, None])[None]
-        inv_freq = rope_inverse_frequencies(c)
+        rope = rope_tables(positions_BT, rope_inverse_frequencies(c), c.compute_dtype)
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.keys[i], cache.values[i])
-            x_BTD, (k, v) = layer(x_BTD, positions_BT, allowed_BTS, inv_freq, kv, index)
+            x_BTD, (k, v) = layer(x_BTD, rope, allowed_BTS, kv, index, prefill)
             new_k.append(k)
             new_v.append(v)
         new_cache = None if cache is None else KVCache(tuple(new_k), tuple(new_v), index + t)
@@ -283,7 +348,7 @@ class Decoder(nnx.Module):
     def unembed(self, hidden_BTD: jax.Array) -> jax.Array:
         """Float32 logits [B,T,V] from hidden states."""
         u = unembedding(self).astype(self.config.compute_dtype)
-        out = jnp.einsum("btd,dv->btv", hidden_BTD, u, preferred_element_type=jnp.float32)
+        out = dense(hidden_BTD, u, preferred_element_type=jnp.float32)
         return constrain(out, ("batch", "length", "vocab"))
 
     def __call__(self, tokens_BT, positions_BT, attention_mask, cache: KVCache | None = None):

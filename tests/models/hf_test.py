@@ -165,3 +165,15 @@ def test_tokenizer_without_chat_template(checkpoints, tmp_path):
         M.from_pretrained(str(path))
     model, tok = M.from_pretrained(str(path), require_chat_template=False)
     assert tok.chat_template is None
+
+
+def test_causal_blocks_match_transformers(checkpoints, monkeypatch):
+    """Long inputs run attention in query blocks; force small blocks to check them."""
+    from aem_jax.models import decoder
+
+    monkeypatch.setattr(decoder, "CAUSAL_BLOCK", 5)
+    ckpt = checkpoints["llama"]
+    model, tok = M.from_pretrained(ckpt.path)
+    tokens, mask = padded_batch(len(tok), seed=3)
+    ours = jax.jit(M.logits)(model, jnp.asarray(tokens), jnp.asarray(mask))
+    assert max_rel_err(ours, torch_logits(ckpt.torch_model, tokens, mask), mask) < 1e-4

@@ -134,3 +134,13 @@ def test_compiles_once_per_bucket_and_rejects_long_prompts(models):
     assert S.compiled_cache_size() == before + 1
     with pytest.raises(ValueError, match="top_p"):
         S.SamplingParams(top_p=0.0)
+
+
+def test_inverse_cdf_sampling_matches_the_distribution():
+    logits = jnp.asarray([[0.0, 1.0, -jnp.inf, 2.0, 0.5] + [-jnp.inf] * 600])
+    logp = jax.nn.log_softmax(logits)
+    keys = jax.random.split(jax.random.key(0), 20000)
+    draws = np.asarray(jax.jit(jax.vmap(lambda k: S.inverse_cdf_sample(logp, k)[0]))(keys))
+    freq = np.bincount(draws, minlength=logits.shape[1]) / len(draws)
+    np.testing.assert_allclose(freq[:5], np.exp(np.asarray(logp[0, :5])), atol=0.015)
+    assert freq[2] == 0 and freq[5:].sum() == 0
