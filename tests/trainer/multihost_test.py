@@ -40,20 +40,24 @@ def test_two_processes_train_like_one_process_with_the_same_devices(tmp_path, tm
     cache = shared_cache_dir(tmp_path_factory)
     single, multi = tmp_path / "single", tmp_path / "multi"
     port = _free_port()
-    procs = []
-    for pid in range(2):
+    procs, logs = [], [tmp_path / f"process_{pid}.log" for pid in range(2)]
+    for pid, log in enumerate(logs):
         env = train_env(cache, XLA_FLAGS=_devices(2), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                         JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
         env.pop("AEM_JAX_DISTRIBUTED", None)
-        procs.append(subprocess.Popen(train_cmd(multi, *OVERRIDES), env=env, cwd=REPO, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        # Files, not pipes: a process blocked on a full pipe would stall the other one's collectives.
+        with open(log, "w") as out:
+            procs.append(subprocess.Popen(train_cmd(multi, *OVERRIDES), env=env, cwd=REPO, stdout=out,
+                                          stderr=subprocess.STDOUT))
     try:
-        outputs = [proc.communicate(timeout=300)[0] for proc in procs]
+        for proc in procs:
+            proc.wait(timeout=300)
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+    outputs = [log.read_text() for log in logs]
     for pid, (proc, out) in enumerate(zip(procs, outputs)):
         assert proc.returncode == 0, f"process {pid}:\n{out[-4000:]}"
         assert f"process {pid} of 2, 2 local / 4 global devices" in out, out[-2000:]

@@ -140,12 +140,14 @@ def test_sigkill_and_resume_matches_an_uninterrupted_run(uninterrupted, tmp_path
     parameters, optimizer state and every logged metric equal the run that was
     never interrupted."""
     workdir = tmp_path / "killed"
-    proc = subprocess.Popen(train_cmd(workdir, f"--config.total_steps={N}", *COMMON), env=train_env(cache_dir),
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "killed.log"  # a file, not a pipe: nobody reads while it runs
+    with open(log, "w") as out:
+        proc = subprocess.Popen(train_cmd(workdir, f"--config.total_steps={N}", *COMMON), env=train_env(cache_dir),
+                                cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 240
     try:
         while not any(s >= K for s in finished_steps(workdir / "checkpoints")):
-            assert proc.poll() is None, proc.stderr.read()[-4000:]
+            assert proc.poll() is None, log.read_text()[-4000:]
             assert time.monotonic() < deadline, "no checkpoint appeared"
             time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)
