@@ -347,8 +347,12 @@ class Decoder(nnx.Module):
 
     def unembed(self, hidden_BTD: jax.Array) -> jax.Array:
         """Float32 logits [B,T,V] from hidden states."""
-        u = unembedding(self).astype(self.config.compute_dtype)
-        out = dense(hidden_BTD, u, preferred_element_type=jnp.float32)
+        dt, (b, t, d) = self.config.compute_dtype, hidden_BTD.shape
+        if self.config.tie_embeddings:  # contract with E [V,D] directly: no transposed copy
+            out = jnp.einsum("nd,vd->nv", hidden_BTD.reshape(b * t, d), self.embed[...].astype(dt),
+                             preferred_element_type=jnp.float32).reshape(b, t, -1)
+        else:
+            out = dense(hidden_BTD, self.lm_head[...].astype(dt), preferred_element_type=jnp.float32)
         return constrain(out, ("batch", "length", "vocab"))
 
     def __call__(self, tokens_BT, positions_BT, attention_mask, cache: KVCache | None = None):
