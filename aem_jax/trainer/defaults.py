@@ -20,8 +20,9 @@ def base() -> ConfigDict:
     c.env = ConfigDict()
     c.env.name = "treasure"          # registered environment (aem_jax.envs.registered())
     c.env.kwargs = ConfigDict()      # keyword arguments of aem_jax.envs.make
-    c.env.kwargs.num_boxes = 6       # boxes in the room
+    c.env.kwargs.num_boxes = 4       # boxes in the room
     c.env.kwargs.num_clues = 1       # notes to follow before the gold
+    c.env.kwargs.max_turns = 2       # turns before the game ends as lost (2 = read, then open)
 
     c.model = ConfigDict()
     c.model.source = "scratch"       # "scratch" (word-level tokenizer from the env) or HF dir / hub id
@@ -39,9 +40,9 @@ def base() -> ConfigDict:
     c.model.tokenizer_corpus_tasks = 8  # first observations of this many tasks train the BPE tokenizer
 
     c.rollout = ConfigDict()
-    c.rollout.num_tasks = 16         # N tasks per batch
+    c.rollout.num_tasks = 32         # N tasks per batch
     c.rollout.group_size = 8         # G rollouts per task (B = N * G episodes)
-    c.rollout.max_turns = 4          # turns before an episode is truncated
+    c.rollout.max_turns = 2          # turns before an episode is truncated
     c.rollout.history = "concatenated"  # concatenated | windowed
     c.rollout.window = 2             # h past turns kept in windowed mode
     c.rollout.max_context_tokens = 128  # T: longest prompt + action of a turn (also the KV cache)
@@ -73,7 +74,7 @@ def base() -> ConfigDict:
     c.loss.clip_high = 0.2           # PPO ratio clip above 1 (DAPO: 0.28)
     c.loss.dual_clip = 0.0           # dual-clip constant c > 1 (0 = off)
     c.loss.agg = "token-mean"        # token-mean | seq-mean-token-sum | seq-mean-token-mean | seq-mean-token-sum-norm
-    c.loss.entropy_coef = 0.0        # entropy bonus weight
+    c.loss.entropy_coef = 0.01       # entropy bonus weight (keeps the digit choice open until the copy is learnt)
     c.loss.kl_coef = 0.0             # KL-to-reference weight (0 = no reference model)
     c.loss.kl_kind = "low_var_kl"    # k1 | k2 | k3 | low_var_kl
     c.loss.chunk_size = 1024         # tokens per chunk of the log-prob computation
@@ -88,11 +89,11 @@ def base() -> ConfigDict:
     c.dapo.max_resample = 2          # extra rollout batches to refill uninformative groups
 
     c.learner = ConfigDict()
-    c.learner.epochs = 2              # passes over each rollout batch
-    c.learner.minibatch_size = 32     # rows per optimiser step
+    c.learner.epochs = 1              # passes over each rollout batch
+    c.learner.minibatch_size = 64     # rows per optimiser step
 
     c.optim = ConfigDict()
-    c.optim.learning_rate = 3e-3     # AdamW peak learning rate
+    c.optim.learning_rate = 2e-3     # AdamW peak learning rate
     c.optim.warmup_steps = 5         # linear warm-up (optimiser steps)
     c.optim.b1 = 0.9                 # AdamW first-moment decay
     c.optim.b2 = 0.99                # AdamW second-moment decay
