@@ -137,6 +137,22 @@ def clean_feedback(text: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", text).strip()
 
 
+MAX_COMMAND_CHARS = 80
+
+
+def sanitize_command(action: str) -> str:
+    """The part of a model's reply the Inform interpreter may safely read.
+
+    The Z-machine interpreter (frotz, inside jericho) copies the command into
+    a fixed-size buffer without a bound check: long or multi-line model output
+    crashed the whole process. Keep the first line, printable ASCII only, at
+    most ``MAX_COMMAND_CHARS`` characters.
+    """
+    first = action.strip().splitlines()[0] if action.strip() else ""
+    printable = "".join(ch for ch in first if 32 <= ord(ch) < 127)
+    return " ".join(printable.split())[:MAX_COMMAND_CHARS].strip()
+
+
 class TextWorldEnv:
     """A TextWorld game behind the `Env` protocol (see the module docstring).
 
@@ -175,6 +191,7 @@ class TextWorldEnv:
         self._loaded: str | None = None
         self._score = 0.0
         self._steps = 0
+        self._last_anchor = ""
 
     def _game_path(self, seed: int) -> str:
         if self.game_file is None:
@@ -197,6 +214,7 @@ class TextWorldEnv:
             text = f"{text}\n\nAdmissible commands: {', '.join(commands)}."
         if self._infos.policy_commands:
             info["policy_commands"] = list(gs["policy_commands"] or [])
+        self._last_anchor = info["anchor"]
         return text, info
 
     def reset(self, *, seed: int) -> Observation:
@@ -216,9 +234,18 @@ class TextWorldEnv:
         return Observation(text, info)
 
     def step(self, action: str) -> Step:
+        """Plays ``action`` (sanitised: see `sanitize_command`)."""
         if self._env is None:
             raise RuntimeError("step() before reset(seed=...)")
-        gs, score, done = self._env.step(action)
+        command = sanitize_command(action)
+        if not command:
+            self._steps += 1
+            text = (f"i did not understand {action[:40]!r} . type a short command such as "
+                    f"go north , take coin or look .")
+            info = {"success": False, "invalid_action": True, "anchor": self._last_anchor,
+                    "truncated": self._steps >= self.max_steps, "score": self._score}
+            return Step(text, 0.0, info["truncated"], info)
+        gs, score, done = self._env.step(command)
         self._steps += 1
         reward, self._score = float(score) - self._score, float(score)
         feedback = clean_feedback(gs.feedback)

@@ -61,3 +61,23 @@ def test_clean_feedback_drops_banner_prompt_and_status():
     raw = ("\n\n  ________  ________\n |        \\|        \\\n  \\$$$$$$$$| $$$$$$$$\n\n"
            "Welcome!\n\n-= Kitchen =-\nA kitchen.\n\n\n\n>     -= Kitchen =-0/1")
     assert clean_feedback(raw) == "Welcome!\n\n-= Kitchen =-\nA kitchen."
+
+
+def test_sanitize_command_keeps_the_interpreter_safe():
+    from aem_jax.envs.textworld_env import MAX_COMMAND_CHARS, sanitize_command
+
+    assert sanitize_command("  go   east \nthen more lines") == "go east"
+    assert sanitize_command("take\x00 coin\u00e9\u2603") == "take coin"
+    assert len(sanitize_command("x" * 10_000)) == MAX_COMMAND_CHARS
+    assert sanitize_command("\n\n") == ""
+
+
+def test_garbage_model_output_is_an_invalid_action_not_a_crash(cache):
+    env = envs.make("textworld", challenge="tw-coin_collector", level=2, cache_dir=cache, max_steps=5)
+    env.reset(seed=5)
+    long_reply = ("go north and " * 400) + "\n" + "\u2603" * 100
+    step = env.step(long_reply)  # frotz would overflow its input buffer on the raw text
+    assert not step.done
+    step = env.step("\n\n")
+    assert step.info["invalid_action"] and "did not understand" in step.observation
+    assert env.step("look").observation
