@@ -27,7 +27,7 @@ def test_etpo_smoke_polyak_reference_and_checkpoint(tmp_path):
     config = load_config("etpo", "smoke")
     config.eval.num_tasks = 0  # no held-out evaluation (saves a sampler compile)
     config.rollout.invalid_penalty = 0.5  # untrained actions are invalid: non-zero rewards
-    config.learner.minibatch_size = 2     # two updates per step (the first has learning rate 0)
+    config.learner.minibatch_size = 4     # the whole batch: one Q step and one Polyak step per iteration
     config.etpo.tau = 0.1                 # a target move well above float32 rounding
     trainer = loop.trainer_class(config)(config, str(tmp_path))
     assert isinstance(trainer, EtpoTrainer)
@@ -39,9 +39,8 @@ def test_etpo_smoke_polyak_reference_and_checkpoint(tmp_path):
 
         first = trainer.train_step(0)
         q1, target1 = host_copy(trainer.q.state.params), host_copy(trainer.q.target)
-        assert int(trainer.q.state.step) == 2 and sq_dist(q1, q0) > 0.0
-        # Two Polyak steps, the first after a zero-learning-rate Q step (q == target then):
-        # target = (1 - tau) target0 + tau q1 exactly.
+        assert int(trainer.q.state.step) == 1 and sq_dist(q1, q0) > 0.0
+        # One Polyak step after the Q step: target = (1 - tau) target0 + tau q1 exactly.
         for t1, t0, q in zip(target1, target0, q1):
             np.testing.assert_allclose(t1, (1 - tau) * t0 + tau * q, atol=1e-6)
         assert 0.0 < sq_dist(target1, q1) < sq_dist(target0, q1)
