@@ -133,7 +133,7 @@ def _select(ok, new, old):
 
 def apply_gradients(state: TrainState, grads, loss, optimizer: optax.GradientTransformation, metrics):
     """One optimiser step; a non-finite loss or gradient skips it (counted)."""
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     trainable = (state.params, state.extra)
     updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
