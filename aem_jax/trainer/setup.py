@@ -90,7 +90,6 @@ def scratch_tokenizer(config):
 def build_model(config, mesh):
     """(model, tokenizer), the model's parameters created already sharded on ``mesh``."""
     m = config.model
-    env_kwargs = dict(config.env.kwargs)
     if m.source == "scratch":
         tokenizer = scratch_tokenizer(config)
         mc = models.ModelConfig(

@@ -13,7 +13,6 @@ import numpy as np
 import torch
 import transformers
 
-from aem_jax.models.tokenizer import build_tokenizer
 
 WORDS = [f"w{i}" for i in range(90)]
 
