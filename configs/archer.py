@@ -10,12 +10,15 @@ is documented there) and adds the ``archer`` block.
 """
 from ml_collections import ConfigDict
 
-from aem_jax.trainer.defaults import base, smoke
+from aem_jax.trainer.defaults import base, smoke, textworld, variants
 
 
 def get_config(arg: str | None = None) -> ConfigDict:
     """The archer config; variant smoke: 2 steps of a tiny model and critic on CPU."""
+    names = variants(arg, "configs/archer.py")
     c = base()
+    if "textworld" in names:
+        textworld(c)
     c.algorithm = "archer"           # trainer: aem_jax.trainer.archer.ArcherTrainer
     c.aem.enabled = True             # scale the actor's utterance advantages by AEM's alpha (False: plain ArCHer)
     c.rollout.history = "concatenated"  # ArCHer replays whole episodes (required)
@@ -41,7 +44,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.archer.critic.head_dim = 16        # per-head size of the critic trunk
     c.archer.critic.head_width = 64      # hidden width of each Q_k / V_k MLP head
 
-    if arg == "smoke":
+    if "smoke" in names:
         smoke(c)
         c.archer.critic.hidden_size = 32
         c.archer.critic.intermediate_size = 64
@@ -52,6 +55,4 @@ def get_config(arg: str | None = None) -> ConfigDict:
         c.archer.actor_warmup = 1
         c.archer.buffer_episodes = 16
         c.archer.critic_minibatch_size = 4
-    elif arg:
-        raise ValueError(f"unknown variant {arg!r} of configs/archer.py; known: smoke")
     return c

@@ -4,18 +4,19 @@ Run:
   python -m aem_jax.train --config=configs/dapo.py --workdir=runs/dapo
   python -m aem_jax.train --config=configs/dapo.py:smoke --workdir=/tmp/dapo_smoke
 """
-from aem_jax.trainer.defaults import base, smoke
+from aem_jax.trainer.defaults import base, smoke, textworld, variants
 
 
 def get_config(arg: str | None = None):
+    names = variants(arg, "configs/dapo.py")
     c = base()
+    if "textworld" in names:
+        textworld(c)
     c.algorithm = "dapo"
     c.loss.clip_low = 0.2            # DAPO's clip-lower
     c.loss.clip_high = 0.28          # DAPO's clip-higher: room for low-probability tokens to rise
     c.loss.agg = "token-mean"        # DAPO aggregates over all tokens of the batch
     c.dapo.max_resample = 2          # extra rollout batches to refill all-equal groups
-    if arg == "smoke":
+    if "smoke" in names:
         smoke(c)
-    elif arg:
-        raise ValueError(f"unknown variant {arg!r} of configs/dapo.py; known: smoke")
     return c

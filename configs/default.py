@@ -8,13 +8,14 @@ Run:
 Every field is listed, with its meaning, in ``aem_jax/trainer/defaults.py``;
 this file keeps those defaults.
 """
-from aem_jax.trainer.defaults import base, smoke
+from aem_jax.trainer.defaults import base, smoke, textworld, variants
 
 
 def get_config(arg: str | None = None):
+    names = variants(arg, "configs/default.py")
     c = base()
-    if arg == "smoke":
+    if "textworld" in names:
+        textworld(c)
+    if "smoke" in names:
         smoke(c)
-    elif arg:
-        raise ValueError(f"unknown variant {arg!r} of configs/default.py; known: smoke")
     return c

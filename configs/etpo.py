@@ -11,12 +11,15 @@ here, keep minibatches small with LLM vocabularies.
 """
 from ml_collections import ConfigDict
 
-from aem_jax.trainer.defaults import base, smoke
+from aem_jax.trainer.defaults import base, smoke, textworld, variants
 
 
 def get_config(arg: str | None = None) -> ConfigDict:
     """The etpo config; variant smoke: 2 steps of a tiny policy and Q network on CPU."""
+    names = variants(arg, "configs/etpo.py")
     c = base()
+    if "textworld" in names:
+        textworld(c)
     c.algorithm = "etpo"             # trainer: aem_jax.trainer.etpo.EtpoTrainer
     c.aem.enabled = False            # ETPO has no advantages for AEM to rescale (required False)
     c.rollout.history = "concatenated"  # each turn bootstraps from the next turn of its row (required)
@@ -39,11 +42,9 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.etpo.q.num_kv_heads = 2        # key/value heads of the Q network
     c.etpo.q.head_dim = 16           # per-head size of the Q network
 
-    if arg == "smoke":
+    if "smoke" in names:
         smoke(c)
         c.etpo.q.hidden_size = 32
         c.etpo.q.intermediate_size = 64
         c.etpo.q.num_layers = 1
-    elif arg:
-        raise ValueError(f"unknown variant {arg!r} of configs/etpo.py; known: smoke")
     return c

@@ -4,17 +4,18 @@ Run:
   python -m aem_jax.train --config=configs/gigpo.py --workdir=runs/gigpo
   python -m aem_jax.train --config=configs/gigpo.py:smoke --workdir=/tmp/gigpo_smoke
 """
-from aem_jax.trainer.defaults import base, smoke
+from aem_jax.trainer.defaults import base, smoke, textworld, variants
 
 
 def get_config(arg: str | None = None):
+    names = variants(arg, "configs/gigpo.py")
     c = base()
+    if "textworld" in names:
+        textworld(c)
     c.algorithm = "gigpo"
     c.aem.enabled = False            # the paper's GiGPO; set True for GiGPO + AEM
     c.advantage.gamma = 0.95         # discount of step returns
     c.advantage.gigpo_step_weight = 1.0  # A = A_episode + w * A_step
-    if arg == "smoke":
+    if "smoke" in names:
         smoke(c)
-    elif arg:
-        raise ValueError(f"unknown variant {arg!r} of configs/gigpo.py; known: smoke")
     return c

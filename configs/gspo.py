@@ -4,16 +4,17 @@ Run:
   python -m aem_jax.train --config=configs/gspo.py --workdir=runs/gspo
   python -m aem_jax.train --config=configs/gspo.py:smoke --workdir=/tmp/gspo_smoke
 """
-from aem_jax.trainer.defaults import base, smoke
+from aem_jax.trainer.defaults import base, smoke, textworld, variants
 
 
 def get_config(arg: str | None = None):
+    names = variants(arg, "configs/gspo.py")
     c = base()
+    if "textworld" in names:
+        textworld(c)
     c.algorithm = "gspo"
     c.loss.clip_low = 3e-4           # GSPO clips the length-normalised sequence ratio tightly
     c.loss.clip_high = 4e-4
-    if arg == "smoke":
+    if "smoke" in names:
         smoke(c)
-    elif arg:
-        raise ValueError(f"unknown variant {arg!r} of configs/gspo.py; known: smoke")
     return c

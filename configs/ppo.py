@@ -4,24 +4,27 @@ Run:
   python -m aem_jax.train --config=configs/ppo.py --workdir=runs/ppo
   python -m aem_jax.train --config=configs/ppo.py:smoke --workdir=/tmp/ppo_smoke
 """
-from aem_jax.trainer.defaults import base, smoke
+from aem_jax.trainer.defaults import base, smoke, textworld, variants
 
 
 def get_config(arg: str | None = None):
+    names = variants(arg, "configs/ppo.py")
     c = base()
+    if "textworld" in names:
+        textworld(c)
     c.algorithm = "ppo"
     c.aem.enabled = False            # plain PPO; set True to modulate its GAE advantages by AEM
-    c.rollout.group_size = 1         # PPO needs no groups: more distinct tasks instead
-    c.rollout.num_tasks = 128
+    # PPO needs no groups: as many distinct tasks as the others' episodes per step
+    c.rollout.num_tasks = c.rollout.num_tasks * c.rollout.group_size
+    c.rollout.group_size = 1
+    c.rollout.history = "concatenated"  # bi-level GAE reads every turn's value from one row (required)
     c.ppo.value_coef = 0.5           # value-loss weight
     c.ppo.gamma = 0.95               # discount between turns
     c.ppo.lam = 0.95                 # turn-level GAE lambda
     c.ppo.token_lam = 1.0            # token-level GAE lambda inside a turn
     c.learner.epochs = 2             # PPO reuses each batch
-    if arg == "smoke":
+    if "smoke" in names:
         smoke(c)
         c.rollout.group_size = 1
         c.rollout.num_tasks = 4
-    elif arg:
-        raise ValueError(f"unknown variant {arg!r} of configs/ppo.py; known: smoke")
     return c

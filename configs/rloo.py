@@ -4,14 +4,15 @@ Run:
   python -m aem_jax.train --config=configs/rloo.py --workdir=runs/rloo
   python -m aem_jax.train --config=configs/rloo.py:smoke --workdir=/tmp/rloo_smoke
 """
-from aem_jax.trainer.defaults import base, smoke
+from aem_jax.trainer.defaults import base, smoke, textworld, variants
 
 
 def get_config(arg: str | None = None):
+    names = variants(arg, "configs/rloo.py")
     c = base()
+    if "textworld" in names:
+        textworld(c)
     c.algorithm = "rloo"
-    if arg == "smoke":
+    if "smoke" in names:
         smoke(c)
-    elif arg:
-        raise ValueError(f"unknown variant {arg!r} of configs/rloo.py; known: smoke")
     return c

@@ -71,6 +71,23 @@ def _shuffle_within_groups(alpha_EK, valid_EK, groups_E, key):
     return jnp.where(valid_EK, out.reshape(E, K), 1.0)
 
 
+ALPHA_HIST_BINS = 9
+
+
+def alpha_histogram(alpha_EK, valid_EK, lam: float) -> dict[str, jax.Array]:
+    """Fractions of valid responses per bin of ``log(alpha) / |lam|`` over [-1, 1].
+
+    ``ALPHA_HIST_BINS`` equal bins (the middle one holds alpha = 1); logged as
+    ``alpha_hist_0`` (strongest damping) ... ``alpha_hist_8`` (strongest boost)
+    so the distribution of alpha can be compared across training.
+    """
+    u = jnp.clip(jnp.log(alpha_EK) / max(abs(lam), 1e-6), -1.0, 1.0)
+    idx = jnp.clip(jnp.floor((u + 1.0) / 2.0 * ALPHA_HIST_BINS), 0, ALPHA_HIST_BINS - 1).astype(jnp.int32)
+    counts = jnp.sum(jax.nn.one_hot(idx, ALPHA_HIST_BINS) * valid_EK[..., None], axis=(0, 1))
+    frac = counts / jnp.maximum(valid_EK.sum(), 1)
+    return {f"alpha_hist_{i}": frac[i] for i in range(ALPHA_HIST_BINS)}
+
+
 def base_advantages_EK(view, settings: AdvantageSettings):
     """The base estimator's advantage per (episode, turn)."""
     valid, rewards, groups = view["valid"], view["rewards"], view["groups"]
@@ -127,6 +144,7 @@ def compute_advantages(batch, settings: AdvantageSettings, key, token_advantages
     n_valid = jnp.maximum(valid.sum(), 1)
     alpha_mean = jnp.where(valid, alpha_EK, 0.0).sum() / n_valid
     info = {
+        **alpha_histogram(alpha_EK, valid, settings.aem_lam),
         "alpha_mean": alpha_mean,
         "alpha_min": jnp.where(valid, alpha_EK, jnp.inf).min(),
         "alpha_max": jnp.where(valid, alpha_EK, -jnp.inf).max(),

@@ -296,6 +296,8 @@ def validate(config) -> None:
     a = config.archer
     checks = [("rollout.history", config.rollout.history, config.rollout.history == "concatenated",
                "ArCHer replays whole episodes: use 'concatenated'"),
+              ("rollout.seq_bucket", config.rollout.seq_bucket, config.rollout.seq_bucket == 0,
+               "ArCHer's replay buffer stores fixed-length rows: use 0"),
               ("archer.tau", a.tau, 0 < a.tau <= 1, "must be in (0, 1]"),
               ("archer.gamma", a.gamma, 0 <= a.gamma <= 1, "must be in [0, 1]"),
               ("archer.actor_warmup", a.actor_warmup, a.actor_warmup >= 0, "must be >= 0"),

@@ -47,6 +47,8 @@ def base() -> ConfigDict:
     c.rollout.window = 2             # h past turns kept in windowed mode
     c.rollout.max_context_tokens = 128  # T: longest prompt + action of a turn (also the KV cache)
     c.rollout.max_action_tokens = 6  # tokens one action may take
+    c.rollout.seq_bucket = 0         # 0: pad every batch to max_context_tokens (one compile); k > 0: to the
+                                     # next multiple of k above its longest row (less padding, <= T/k compiles)
     c.rollout.invalid_penalty = 0.05  # subtracted from the reward of an invalid action
     c.rollout.temperature = 1.0      # sampling temperature (0 = greedy)
     c.rollout.top_k = 0              # 0 = off
@@ -115,6 +117,58 @@ def base() -> ConfigDict:
     return c
 
 
+def textworld(c: ConfigDict) -> ConfigDict:
+    """Switches a config in place to TextWorld games (generated with tw-make, no download).
+
+    A coin-collector game with its admissible commands listed, a byte-level
+    BPE tokenizer trained on observations and a 96-wide scratch model. The
+    history is windowed (observations are long); algorithms that need whole
+    episodes in one row (ppo, archer, etpo) set ``rollout.history`` back to
+    "concatenated" after calling this.
+    """
+    c.env.name = "textworld"
+    c.env.kwargs = ConfigDict({
+        "challenge": "tw-coin_collector",  # tw-simple | tw-coin_collector | tw-treasure_hunter | tw-cooking
+        "level": 1,                        # difficulty of the generated game
+        "admissible_commands": True,       # list valid commands in each observation
+        "max_steps": 8,                    # game steps before the engine ends the episode
+    })
+    c.model.tokenizer = "bpe"
+    c.model.bpe_vocab_size = 768
+    c.model.hidden_size = 96
+    c.model.intermediate_size = 288
+    c.model.num_layers = 2
+    c.rollout.num_tasks = 8
+    c.rollout.group_size = 8
+    c.rollout.max_turns = 6
+    c.rollout.history = "windowed"
+    c.rollout.window = 2
+    c.rollout.max_context_tokens = 512
+    c.rollout.max_action_tokens = 12
+    c.rollout.invalid_penalty = 0.05
+    c.learner.minibatch_size = 32
+    c.eval.num_tasks = 16
+    return c
+
+
+VARIANTS = ("smoke", "textworld")
+
+
+def variants(arg: str | None, file: str) -> frozenset[str]:
+    """The comma-separated variants of a config argument ("textworld,smoke").
+
+    Config files apply ``textworld`` (the environment) first, then their
+    algorithm's settings, then ``smoke``. Unknown names fail, listing the
+    known ones.
+    """
+    names = frozenset(n for n in (arg or "").split(",") if n)
+    unknown = sorted(names - set(VARIANTS))
+    if unknown:
+        raise ValueError(f"unknown variant {unknown[0]!r} of {file}; known: {', '.join(VARIANTS)} "
+                         f"(comma-separated, e.g. textworld,smoke)")
+    return names
+
+
 def smoke(c: ConfigDict) -> ConfigDict:
     """Shrinks a config in place to 2 quick steps on CPU with a tiny model."""
     c.total_steps = 2
@@ -130,4 +184,9 @@ def smoke(c: ConfigDict) -> ConfigDict:
         c.model.num_heads = 2
         c.model.num_kv_heads = 1
         c.model.head_dim = 16
+    if c.env.name == "textworld":
+        c.env.kwargs["max_steps"] = 2
+        c.rollout.max_turns = 2
+        c.model.bpe_vocab_size = 300
+        c.model.tokenizer_corpus_tasks = 2
     return c

@@ -124,6 +124,7 @@ class Trainer:
         batch, records, roll = collect(
             c.env.name, self.policy(), self.tokenizer, self.rollout_config, key=key,
             task_seeds=task_seeds(c.seed, step, c.rollout.num_tasks), env_kwargs=self.env_kwargs)
+        roll = dict(roll, env_steps=sum(r.turns for r in records))
         if self.algorithm.dynamic_sampling:
             batch, records, roll = self._dynamic_sampling(step, batch, records, roll)
         return batch, records, roll
@@ -146,6 +147,7 @@ class Trainer:
             extra, extra_recs, _ = collect(c.env.name, self.policy(), self.tokenizer, self.rollout_config,
                                            key=key, task_seeds=seeds, env_kwargs=self.env_kwargs)
             pool += [(extra, extra_recs, n) for n in np.flatnonzero(informative(extra_recs))]
+            roll["env_steps"] += sum(r.turns for r in extra_recs)
         fields = {f: np.array(getattr(batch, f)) for f in batch.__dataclass_fields__}
         for n in np.flatnonzero(~good):
             rows = slice(n * G, (n + 1) * G)
@@ -212,6 +214,8 @@ class Trainer:
             "time_rollout_s": t_roll, "time_update_s": t_update,
         }
         out.update({f"rollout_{k}": float(v) for k, v in roll.items() if k.startswith("time") or k == "dapo_informative_frac"})
+        # every environment step this training step took, DAPO's extra rollouts included
+        out["env_steps"] = float(roll.get("env_steps", sum(r.turns for r in records)))
         return out
 
     def _run_epochs(self, arrays, step):

@@ -36,6 +36,9 @@ def validate(config) -> None:
         ("optim.learning_rate", config.optim.learning_rate, config.optim.learning_rate > 0, "must be > 0"),
         ("learner.epochs", config.learner.epochs, config.learner.epochs >= 1, "must be >= 1"),
         ("rollout.temperature", config.rollout.temperature, config.rollout.temperature >= 0, "must be >= 0"),
+        ("rollout.seq_bucket", config.rollout.seq_bucket,
+         isinstance(config.rollout.seq_bucket, int) and config.rollout.seq_bucket >= 0,
+         "must be an int >= 0 (0 = pad every batch to rollout.max_context_tokens)"),
         ("loss.kl_kind", config.loss.kl_kind, config.loss.kl_kind in ("k1", "k2", "k3", "low_var_kl"),
          "allowed: k1, k2, k3, low_var_kl"),
     ]
@@ -61,7 +64,8 @@ def rollout_config(config, *, num_tasks: int | None = None, group_size: int | No
         max_turns=r.max_turns, history=r.history, window=r.window,
         max_context_tokens=r.max_context_tokens, max_action_tokens=r.max_action_tokens,
         invalid_penalty=r.invalid_penalty, step_timeout_s=r.step_timeout_s,
-        num_threads=r.num_threads, seq_len=r.max_context_tokens, system_prompt=r.system_prompt or None,
+        num_threads=r.num_threads, seq_len=None if r.seq_bucket else r.max_context_tokens,
+        seq_bucket=r.seq_bucket or 64, system_prompt=r.system_prompt or None,
         action_pattern=r.action_pattern or None, row_bucket=config.learner.minibatch_size,
     )
 

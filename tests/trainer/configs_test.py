@@ -37,7 +37,7 @@ def test_config_loads_and_names_a_registered_algorithm(name):
 
 
 def test_every_base_field_is_commented():
-    base = DEFAULTS.read_text().split("def smoke")[0]
+    base = DEFAULTS.read_text().split("def textworld")[0]
     lines = [l for l in base.splitlines() if re.match(r"\s+c\.[a-z0-9_.]+ = ", l)]
     assert len(lines) > 50
     uncommented = [l.strip() for l in lines if "#" not in l and "ConfigDict()" not in l]
@@ -56,3 +56,16 @@ def test_smoke_trains_two_steps(name, tmp_path):
         assert math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"])
         assert 0.0 <= r["success"] <= 1.0
     assert (tmp_path / "checkpoints").is_dir() and (tmp_path / "curves.png").is_file()
+
+
+@pytest.mark.parametrize("name", ["default", "dapo", "rloo", "gigpo", "ppo", "archer", "etpo"])
+def test_textworld_variant_switches_the_environment_only(name):
+    treasure, tw = load(name), load(name, "textworld")
+    assert (treasure.env.name, tw.env.name) == ("treasure", "textworld")
+    assert tw.algorithm == treasure.algorithm and tw.model.tokenizer == "bpe"
+    if name in ("ppo", "archer", "etpo"):
+        assert tw.rollout.history == "concatenated"
+    episodes = lambda c: c.rollout.num_tasks * c.rollout.group_size  # noqa: E731
+    assert episodes(load(name, "textworld")) == episodes(load("textworld"))
+    both = load(name, "smoke,textworld")
+    assert both.env.name == "textworld" and both.total_steps == 2 and both.env.kwargs["max_steps"] == 2
