@@ -1,109 +1,222 @@
-"""Side-by-side training runs: methods x seeds, one table and one figure.
+"""Side-by-side training runs: methods x seeds on one environment, one table and one figure.
 
-  python experiments/compare.py --methods grpo grpo_aem --seeds 0 1 2 --out docs/compare_treasure
+  python experiments/compare.py --env treasure --methods grpo grpo_aem --seeds 0 1 2 --out docs/compare_treasure
+  python experiments/compare.py --env textworld --methods all --steps 60 --workers 2 --out docs/compare_textworld
+  python experiments/compare.py --methods ablations --out docs/ablations_treasure
 
-Each run is `python -m aem_jax.train` on configs/default.py with the method's
-overrides, the same number of steps (so the same number of environment
-episodes) for every method. Writes OUT.json (per-run summaries), OUT.md (the
-table) and OUT.png (success and token-entropy curves, mean +- std over seeds).
+Each run is ``python -m aem_jax.train`` on the method's config file (with the
+``:textworld`` variant on TextWorld) plus the method's overrides, for the same
+number of training steps. Every method collects the same number of episodes
+per step, except DAPO, whose dynamic sampling collects extra batches; so the
+comparison is made at equal *environment steps*: the budget is the smallest
+total any run took, and each run is read up to that budget (DAPO's curve ends
+at an earlier training step). Runs already finished in ``--runs-dir`` are
+reused (and an interrupted one resumes from its checkpoint), so a table can be
+rebuilt or extended without retraining.
+
+Writes OUT.json (per-run curves and summaries), OUT.md (the table) and OUT.png
+(success and token entropy against environment steps, mean +- std over seeds).
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
+import queue
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 
-METHODS = {
-    "grpo": ["--config.algorithm=grpo", "--config.aem.enabled=False"],
-    "grpo_aem": ["--config.algorithm=grpo", "--config.aem.enabled=True"],
-    "dapo": ["--config=configs/dapo.py", "--config.aem.enabled=False"],
-    "dapo_aem": ["--config=configs/dapo.py", "--config.aem.enabled=True"],
-    "rloo": ["--config=configs/rloo.py", "--config.aem.enabled=False"],
-    "rloo_aem": ["--config=configs/rloo.py", "--config.aem.enabled=True"],
-    "gigpo": ["--config=configs/gigpo.py"],
-    "ppo": ["--config=configs/ppo.py"],
+# method -> (config file, overrides). The config file carries the algorithm's
+# own settings; AEM is switched explicitly so every "+AEM" pair differs in one flag.
+METHODS: dict[str, tuple[str, list[str]]] = {
+    "grpo": ("configs/default.py", ["--config.aem.enabled=False"]),
+    "grpo_aem": ("configs/default.py", ["--config.aem.enabled=True"]),
+    "dapo": ("configs/dapo.py", ["--config.aem.enabled=False"]),
+    "dapo_aem": ("configs/dapo.py", ["--config.aem.enabled=True"]),
+    "rloo": ("configs/rloo.py", ["--config.aem.enabled=False"]),
+    "rloo_aem": ("configs/rloo.py", ["--config.aem.enabled=True"]),
+    "gigpo": ("configs/gigpo.py", ["--config.aem.enabled=False"]),
+    "ppo": ("configs/ppo.py", ["--config.aem.enabled=False"]),
+    "archer": ("configs/archer.py", ["--config.aem.enabled=False"]),
+    "etpo": ("configs/etpo.py", []),
+    # Ablations of AEM's choices (GRPO + AEM with one setting changed; grpo_aem
+    # is lam=1, scope=group).
+    "aem_lam0.5": ("configs/default.py", ["--config.aem.lam=0.5"]),
+    "aem_lam2": ("configs/default.py", ["--config.aem.lam=2.0"]),
+    "aem_scope_batch": ("configs/default.py", ["--config.aem.scope=batch"]),
+    "aem_scope_trajectory": ("configs/default.py", ["--config.aem.scope=trajectory"]),
+    "aem_reversed": ("configs/default.py", ["--config.aem.lam=-1.0"]),
+    "aem_shuffled": ("configs/default.py", ["--config.aem.shuffle=True"]),
+}
+GROUPS = {
+    "all": ["grpo", "grpo_aem", "dapo", "dapo_aem", "rloo", "rloo_aem", "gigpo", "ppo", "archer", "etpo"],
+    "ablations": ["grpo", "grpo_aem", "aem_lam0.5", "aem_lam2", "aem_scope_batch", "aem_scope_trajectory",
+                  "aem_reversed", "aem_shuffled"],
+}
+# Per-environment overrides applied to every method, so all see the same game.
+ENVS: dict[str, tuple[str, list[str]]] = {
+    "treasure": ("", []),
+    # Whole episodes in one row for every method (ppo, archer and etpo need it),
+    # 4 turns so a row fits the 512-token context.
+    "textworld": ("textworld", ["--config.rollout.history=concatenated", "--config.rollout.max_turns=4",
+                                "--config.env.kwargs.max_steps=4"]),
 }
 
 
-def run(method: str, seed: int, steps: int, root: str) -> str:
-    workdir = os.path.join(root, f"{method}_s{seed}")
-    args = [a for a in METHODS[method] if a.startswith("--config=")] or ["--config=configs/default.py"]
-    args += [a for a in METHODS[method] if not a.startswith("--config=")]
-    cmd = [sys.executable, "-m", "aem_jax.train", *args, f"--config.seed={seed}",
-           f"--config.total_steps={steps}", "--config.eval.num_tasks=0", f"--workdir={workdir}"]
+def command(method: str, env: str, seed: int, steps: int, workdir: str, extra: list[str]) -> list[str]:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)} or a group: {', '.join(GROUPS)}")
+    config, overrides = METHODS[method]
+    variant, env_overrides = ENVS[env]
+    return [sys.executable, "-m", "aem_jax.train", f"--config={config}" + (f":{variant}" if variant else ""),
+            *env_overrides, *overrides, *extra, f"--config.seed={seed}", f"--config.total_steps={steps}",
+            "--config.eval.num_tasks=0", f"--workdir={workdir}"]
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def run(cmd: list[str], workdir: str, steps: int, core: int | None) -> str:
+    """Runs one training job unless its workdir already holds ``steps`` steps."""
+    if len(read_metrics(workdir)) >= steps:
+        return workdir
+    if core is not None and shutil.which("taskset"):
+        cmd = ["taskset", "-c", str(core), *cmd]
     print(" ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "train.log"), "w") as log:
+        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
     return workdir
 
 
-def summarise(workdir: str, threshold: float) -> dict:
-    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-    success = np.array([r["success"] for r in rows])
-    smooth = np.convolve(success, np.ones(5) / 5, mode="valid")
-    hit = np.flatnonzero(smooth >= threshold)
+def curves(rows: list[dict]) -> dict:
     return {
-        "final_success": float(success[-10:].mean()),
-        "steps_to_threshold": int(hit[0] + 5) if hit.size else None,
-        "success": success.tolist(),
+        "env_steps": np.cumsum([r["env_steps"] for r in rows]).tolist(),
+        "success": [r["success"] for r in rows],
         "token_entropy": [r["token_entropy"] for r in rows],
         "wall_s": rows[-1]["wall_s"],
     }
 
 
-def plot(results: dict, out_png: str) -> None:
+def summarise(run_curves: dict, budget: float, threshold: float, smooth: int = 5) -> dict:
+    """Final success (mean of the last 10 steps within ``budget`` environment
+    steps) and the environment steps at which the ``smooth``-step moving
+    average of success first reached ``threshold`` (None: never)."""
+    env = np.array(run_curves["env_steps"])
+    success = np.array(run_curves["success"])
+    n = max(int(np.searchsorted(env, budget, side="right")), 1)
+    env, success = env[:n], success[:n]
+    avg = np.convolve(success, np.ones(smooth) / smooth, mode="valid")
+    hit = np.flatnonzero(avg >= threshold)
+    return {"final_success": float(success[-10:].mean()), "steps_used": n,
+            "env_steps_to_threshold": float(env[hit[0] + smooth - 1]) if hit.size else None}
+
+
+def table(results: dict, threshold: float, budget: float) -> str:
+    lines = [f"| method | seeds | final success (last 10 steps within {budget:,.0f} env steps) | "
+             f"env steps to {threshold:.0%} success (5-step mean) | wall s per run |",
+             "|---|---|---|---|---|"]
+    for method, runs in results.items():
+        finals = np.array([r["summary"]["final_success"] for r in runs])
+        hits = [r["summary"]["env_steps_to_threshold"] for r in runs]
+        reached = [h for h in hits if h is not None]
+        hit_text = (f"{np.mean(reached):,.0f} +- {np.std(reached):,.0f}" if reached else "never") + \
+                   (f" ({len(reached)}/{len(hits)} seeds)" if len(reached) < len(hits) else "")
+        wall = np.mean([r["wall_s"] for r in runs])
+        lines.append(f"| {method} | {len(runs)} | {finals.mean():.2f} +- {finals.std():.2f} | {hit_text} | {wall:.0f} |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, budget: float, out_png: str, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    grid = np.linspace(0, budget, 200)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     for method, runs in results.items():
+        style = "-" if "aem" in method or method in ("gigpo", "ppo", "archer", "etpo") else "--"
         for ax, key in zip(axes, ("success", "token_entropy")):
-            curves = np.array([r[key] for r in runs])
-            mean, std = curves.mean(0), curves.std(0)
-            x = np.arange(1, len(mean) + 1)
-            ax.plot(x, mean, label=method)
-            ax.fill_between(x, mean - std, mean + std, alpha=0.2)
-            ax.set_xlabel("training step")
-            ax.set_title(key)
-    axes[0].legend()
+            ys = np.array([np.interp(grid, r["env_steps"], np.convolve(r[key], np.ones(5) / 5, mode="same"),
+                                     right=np.nan) for r in runs])
+            mean, std = np.nanmean(ys, 0), np.nanstd(ys, 0)
+            line, = ax.plot(grid, mean, style, label=method)
+            ax.fill_between(grid, mean - std, mean + std, alpha=0.15, color=line.get_color())
+            ax.set_xlabel("environment steps")
+            ax.set_title(f"{key} ({title}; 5-step mean, +- std over seeds)")
+    axes[0].legend(fontsize=8, ncol=2)
     fig.tight_layout()
     fig.savefig(out_png + ".tmp.png", dpi=110)
+    plt.close(fig)
     os.replace(out_png + ".tmp.png", out_png)
+
+
+def write_atomic(path: str, text: str) -> None:
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="+", default=["grpo", "grpo_aem"], choices=sorted(METHODS))
+    p.add_argument("--env", default="treasure", choices=sorted(ENVS))
+    p.add_argument("--methods", nargs="+", default=["grpo", "grpo_aem"],
+                   help=f"method names or groups ({', '.join(GROUPS)}); known methods: {', '.join(METHODS)}")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--threshold", type=float, default=0.8)
-    p.add_argument("--runs-dir", default="runs/compare")
-    p.add_argument("--out", default="docs/compare_treasure")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="config overrides for every run, e.g. rollout.seq_bucket=32")
+    p.add_argument("--workers", type=int, default=1, help="runs in parallel (each pinned to one core)")
+    p.add_argument("--runs-dir", default=None, help="default: runs/compare_ENV")
+    p.add_argument("--out", default=None, help="default: docs/compare_ENV")
     args = p.parse_args()
-    results = {m: [summarise(run(m, s, args.steps, args.runs_dir), args.threshold) for s in args.seeds]
-               for m in args.methods}
-    lines = [f"| method | seeds | final success (mean of last 10 steps) | steps to {args.threshold:.0%} success (5-step mean) |",
-             "|---|---|---|---|"]
-    for m, runs in results.items():
-        finals = np.array([r["final_success"] for r in runs])
-        hits = [r["steps_to_threshold"] for r in runs]
-        reached = [h for h in hits if h is not None]
-        hit_text = (f"{np.mean(reached):.0f} +- {np.std(reached):.0f}" if reached else "never") + \
-                   (f" ({len(reached)}/{len(hits)} seeds reached it)" if len(reached) < len(hits) else "")
-        lines.append(f"| {m} | {len(runs)} | {finals.mean():.2f} +- {finals.std():.2f} | {hit_text} |")
-    table = "\n".join(lines)
-    print(table)
-    with open(args.out + ".json.tmp", "w") as f:
-        json.dump(results, f)
-    os.replace(args.out + ".json.tmp", args.out + ".json")
-    with open(args.out + ".md", "w") as f:
-        f.write(table + "\n")
-    plot(results, args.out + ".png")
-    print(json.dumps({m: [r["final_success"] for r in runs] for m, runs in results.items()}))
+    methods = [m for name in args.methods for m in GROUPS.get(name, [name])]
+    for m in methods:
+        if m not in METHODS:
+            p.error(f"unknown method {m!r}; known: {', '.join(METHODS)} or a group: {', '.join(GROUPS)}")
+    runs_dir = args.runs_dir or f"runs/compare_{args.env}"
+    out = args.out or f"docs/compare_{args.env}"
+    extra = [f"--config.{kv}" for kv in args.set]
+
+    # Each worker holds one core while its run lasts (taskset), so parallel runs
+    # do not fight over the same core.
+    cores: queue.Queue = queue.Queue()
+    for i in range(args.workers):
+        cores.put(i % (os.cpu_count() or 1) if args.workers > 1 else None)
+
+    def job(m: str, s: int) -> str:
+        workdir = os.path.join(runs_dir, f"{m}_s{s}")
+        core = cores.get()
+        try:
+            return run(command(m, args.env, s, args.steps, workdir, extra), workdir, args.steps, core)
+        finally:
+            cores.put(core)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=args.workers) as pool:
+        futures = {(m, s): pool.submit(job, m, s) for m in methods for s in args.seeds}
+        workdirs = {k: f.result() for k, f in futures.items()}
+
+    raw = {m: [curves(read_metrics(workdirs[(m, s)])[:args.steps]) for s in args.seeds] for m in methods}
+    budget = min(r["env_steps"][-1] for runs in raw.values() for r in runs)
+    results = {m: [dict(r, seed=s, summary=summarise(r, budget, args.threshold))
+                   for s, r in zip(args.seeds, runs)] for m, runs in raw.items()}
+    text = table(results, args.threshold, budget)
+    print(text)
+    write_atomic(out + ".json", json.dumps({"env": args.env, "budget_env_steps": budget, "steps": args.steps,
+                                            "overrides": args.set, "results": results}))
+    write_atomic(out + ".md", text + "\n")
+    plot(results, budget, out + ".png", args.env)
+    print(json.dumps({m: [r["summary"]["final_success"] for r in runs] for m, runs in results.items()}))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,98 @@
+"""Where a training step's wall time goes at the default config, and AEM's share.
+
+    python bench/step_time.py [--steps 40] [--config configs/default.py] [--set rollout.seq_bucket=32 ...]
+
+Runs ``--steps`` steps of the config (in a temporary workdir, checkpoints
+included) and reports the mean wall time per step of rollout, update and
+checkpoint over the steps after the first ``--skip`` (compilation). Then times
+the jitted advantage computation on the last rollout batch with AEM on and
+off: the difference is everything AEM adds to a step (entropy proxy, group
+normalisation, alpha, drift diagnostics), reported as a share of the step.
+Prints a table, then one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import importlib.util
+import json
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+from aem_jax.trainer import loop, sharding
+from aem_jax.trainer.advantages import compute_advantages
+
+
+def load_config(path: str, overrides: list[str]):
+    spec = importlib.util.spec_from_file_location("bench_config", path.split(":")[0])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(path.split(":")[1] if ":" in path else None)
+    for kv in overrides:
+        key, value = kv.split("=", 1)
+        *parents, leaf = key.split(".")
+        node = config
+        for name in parents:
+            node = node[name]
+        node[leaf] = type(node[leaf])(json.loads(value) if not isinstance(node[leaf], str) else value)
+    return config
+
+
+def time_call(fn, repeats: int) -> float:
+    jax.block_until_ready(fn())
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        jax.block_until_ready(fn())
+    return (time.perf_counter() - t0) / repeats
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/default.py")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--skip", type=int, default=5, help="first steps left out (compilation)")
+    p.add_argument("--repeats", type=int, default=50)
+    args = p.parse_args()
+    config = load_config(args.config, args.set)
+    config.total_steps = args.steps
+    config.eval.num_tasks = 0
+
+    with tempfile.TemporaryDirectory() as workdir:
+        trainer = loop.trainer_class(config)(config, workdir)
+        trainer.run()
+        rows = [json.loads(line) for line in open(f"{workdir}/metrics.jsonl")][args.skip:]
+        with sharding.use_mesh(trainer.mesh):
+            batch, _, _ = trainer.collect(args.steps)
+            dev = sharding.put_batch(batch, trainer.mesh)
+            key = jax.random.key(0)
+            timings = {}
+            for enabled in (True, False):
+                settings = dataclasses.replace(trainer.adv_settings, aem_enabled=enabled)
+                fn = jax.jit(functools.partial(compute_advantages, settings=settings))
+                timings[enabled] = time_call(lambda: fn(dev, key=key)[0], args.repeats)  # noqa: B023
+
+    parts = {k: float(np.mean([r[f"time_{k}_s"] for r in rows])) for k in ("rollout", "update", "checkpoint")}
+    step = float(np.mean(np.diff([r["wall_s"] for r in rows])))
+    other = step - sum(parts.values())
+    aem = timings[True] - timings[False]
+    print(f"{config.algorithm} + AEM={config.aem.enabled}, {args.steps} steps ({args.skip} left out), "
+          f"B = {config.rollout.num_tasks} x {config.rollout.group_size} episodes\n")
+    print("| part of a step | ms | share |\n|---|---|---|")
+    for name, value in [*parts.items(), ("other (metrics, logging)", other)]:
+        print(f"| {name} | {value * 1e3:.1f} | {value / step:.1%} |")
+    print(f"| **step** | **{step * 1e3:.1f}** | 100% |")
+    print(f"| advantages with AEM | {timings[True] * 1e3:.2f} | {timings[True] / step:.2%} |")
+    print(f"| advantages without AEM | {timings[False] * 1e3:.2f} | {timings[False] / step:.2%} |")
+    print(f"| AEM's share (difference) | {aem * 1e3:.2f} | {aem / step:.2%} |")
+    print(json.dumps({"step_s": step, **{f"{k}_s": v for k, v in parts.items()}, "other_s": other,
+                      "advantages_aem_s": timings[True], "advantages_plain_s": timings[False],
+                      "aem_share": aem / step}))
+
+
+if __name__ == "__main__":
+    main()
