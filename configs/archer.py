@@ -22,6 +22,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.algorithm = "archer"           # trainer: aem_jax.trainer.archer.ArcherTrainer
     c.aem.enabled = True             # scale the actor's utterance advantages by AEM's alpha (False: plain ArCHer)
     c.rollout.history = "concatenated"  # ArCHer replays whole episodes (required)
+    c.rollout.seq_bucket = 0         # the replay buffer stores fixed-length rows (required)
     c.optim.learning_rate = 1e-3     # actor (policy) AdamW learning rate
 
     c.archer = ConfigDict()

@@ -38,6 +38,7 @@ def get_config(arg: str | None = None):
     c.rollout.group_size = 8
     c.rollout.max_turns = 40
     c.rollout.history = "concatenated"
+    c.rollout.seq_bucket = 0         # one shape: long SWE rows would otherwise compile per 32-token length
     c.rollout.max_context_tokens = 32768
     c.rollout.max_action_tokens = 2048
     c.rollout.temperature = 1.0

@@ -164,12 +164,18 @@ class TextWorldEnv:
       admissible_commands: list the valid commands in each observation.
       policy_commands: put the walkthrough from the current state in ``info``.
       max_steps: steps before the episode ends as truncated.
+      game_pool: 0 (default): every reset seed is its own game. k > 0: seed
+        ``s`` plays game ``s % k``, a fixed set of k games made once and
+        cached -- generating a game takes ``tw-make`` seconds, so training on
+        fresh seeds every step spends most of its time there. With a pool,
+        held-out evaluation seeds replay training games.
       **settings: ``tw-make`` settings of the challenge.
     """
 
     def __init__(self, game_file: str | None = None, *, challenge: str = "tw-simple",
                  cache_dir: str | None = None, admissible_commands: bool = False,
-                 policy_commands: bool = False, max_steps: int = 50, **settings: Any):
+                 policy_commands: bool = False, max_steps: int = 50, game_pool: int = 0,
+                 **settings: Any):
         if game_file is None and challenge not in DEFAULT_SETTINGS:
             raise ValueError(f"challenge={challenge!r}; allowed: {', '.join(CHALLENGES)}")
         if game_file is not None and settings:
@@ -177,6 +183,9 @@ class TextWorldEnv:
                              f"not game_file={game_file!r}")
         if max_steps < 1:
             raise ValueError(f"max_steps={max_steps!r}; must be >= 1")
+        if not isinstance(game_pool, int) or game_pool < 0:
+            raise ValueError(f"game_pool={game_pool!r}; must be an int >= 0 (0 = a game per seed)")
+        self.game_pool = game_pool
         textworld = _import_textworld()
         self.game_file = game_file
         self.challenge = challenge
@@ -195,7 +204,8 @@ class TextWorldEnv:
 
     def _game_path(self, seed: int) -> str:
         if self.game_file is None:
-            return generate_game(self.challenge, self.settings, seed, self.cache_dir)
+            game_seed = seed % self.game_pool if self.game_pool else seed
+            return generate_game(self.challenge, self.settings, game_seed, self.cache_dir)
         if not os.path.exists(self.game_file):
             raise FileNotFoundError(
                 f"game_file={self.game_file!r} does not exist. Make it with e.g. "

@@ -6,7 +6,7 @@ naming the box with the gold. Opening the box the latest note names is
 progress, opening a box no note has named springs a trap and ends the
 episode. Example with 6 boxes and one clue::
 
-    user:      find the gold . you see a note and boxes 1 to 6 . you can
+    user:      find the gold . you see a note and six boxes . you can
                read note or open box with a number .
     assistant: read note
     user:      the note says : the gold is in box 4 .
@@ -41,6 +41,7 @@ import numpy as np
 from aem_jax.envs.base import Observation, Step
 
 MAX_BOXES = 9
+NUMBER_WORDS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 _STRICT_RE = re.compile(r"^\s*(read\s+note|open\s+box\s+(\d+))\s*\.?\s*$")
 
@@ -72,6 +73,8 @@ def parse_action(action: str, *, strict: bool = False) -> tuple[str, int | None]
 _TEXTS = (
     "find the gold . you see a note and boxes 1 to {n} . "
     "you can read note or open box with a number .",
+    "find the gold . you see a note and {w} boxes . "
+    "you can read note or open box with a number .",
     "the note says : the gold is in box {b} .",
     "the note says : the next note is in box {b} .",
     "you open box {k} . it holds a note that says : the gold is in box {b} .",
@@ -80,6 +83,7 @@ _TEXTS = (
     "you open box {k} . it holds a trap . you lose .",
     "box {k} is empty now .",
     "i do not understand . say read note or open box with a number from 1 to {n} .",
+    "i do not understand . say read note or open box with a number from one to {w} .",
     "you are out of turns . you lose .",
     "box {k} is locked . read the note first .",
 )
@@ -97,6 +101,7 @@ def vocabulary(max_boxes: int = MAX_BOXES) -> list[str]:
             if "{" not in word and word not in words:
                 words.append(word)
     words += [str(i) for i in range(1, max_boxes + 1) if str(i) not in words]
+    words += [w for w in NUMBER_WORDS[1:max_boxes] if w not in words]
     return words
 
 
@@ -115,10 +120,16 @@ class TreasureHunt:
         so blind guessing never wins and every success needs the copy of a
         revealed number (without it, a policy trained from scratch tends to
         settle on guessing the first box: 1 / num_boxes success).
+      spell_count: the instructions give the number of boxes as a word ("four
+        boxes") instead of a range of digits ("boxes 1 to 4"), so the only
+        digits in the history are those the notes revealed. With digits in
+        the instructions, a model trained from scratch often learns to copy
+        *a* digit from its context, the instructions' 1 or 4 included, and
+        stays near 1 / num_boxes success for hundreds of steps.
     """
 
     def __init__(self, num_boxes: int = 6, num_clues: int = 1, max_turns: int | None = None,
-                 strict: bool = False, locked: bool = True):
+                 strict: bool = False, locked: bool = True, spell_count: bool = True):
         if not 2 <= num_boxes <= MAX_BOXES:
             raise ValueError(f"num_boxes={num_boxes!r}; allowed: 2..{MAX_BOXES}")
         if not 1 <= num_clues <= num_boxes:
@@ -132,6 +143,7 @@ class TreasureHunt:
         self.max_turns = max_turns
         self.strict = strict
         self.locked = locked
+        self.spell_count = spell_count
         self._path: list[int] = []
         self._stage = 0          # notes followed so far (0 = the note on the floor)
         self._known: int | None = None  # box the agent has been told to open next
@@ -167,7 +179,8 @@ class TreasureHunt:
         self._path = [int(b) + 1 for b in rng.permutation(self.num_boxes)[: self.num_clues]]
         self._stage, self._known, self._opened = 0, None, set()
         self._turn, self._done = 0, False
-        return Observation(_TEXTS[0].format(n=self.num_boxes), self._info())
+        intro = _TEXTS[1] if self.spell_count else _TEXTS[0]
+        return Observation(intro.format(n=self.num_boxes, w=NUMBER_WORDS[self.num_boxes - 1]), self._info())
 
     def _clue(self, stage: int) -> str:
         """What the note of `stage` says: where to look next."""
@@ -197,8 +210,9 @@ class TreasureHunt:
         parsed = parse_action(action, strict=self.strict)
         box = parsed[1] if parsed else None
         if parsed is None or (box is not None and not 1 <= box <= self.num_boxes):
-            text = (f"i do not understand . say read note or open box with a number "
-                    f"from 1 to {self.num_boxes} .")
+            span = (f"one to {NUMBER_WORDS[self.num_boxes - 1]}" if self.spell_count
+                    else f"1 to {self.num_boxes}")
+            text = f"i do not understand . say read note or open box with a number from {span} ."
             reward, done, success, invalid = 0.0, False, False, True
         elif box is None:
             # The note on the floor always names the first box; reading it

@@ -40,14 +40,14 @@ def base() -> ConfigDict:
     c.model.tokenizer_corpus_tasks = 8  # first observations of this many tasks train the BPE tokenizer
 
     c.rollout = ConfigDict()
-    c.rollout.num_tasks = 32         # N tasks per batch
+    c.rollout.num_tasks = 64         # N tasks per batch (fewer: noisier steps; 32 often stalls at 1/4 success)
     c.rollout.group_size = 8         # G rollouts per task (B = N * G episodes)
     c.rollout.max_turns = 2          # turns before an episode is truncated
     c.rollout.history = "concatenated"  # concatenated | windowed
     c.rollout.window = 2             # h past turns kept in windowed mode
     c.rollout.max_context_tokens = 128  # T: longest prompt + action of a turn (also the KV cache)
     c.rollout.max_action_tokens = 6  # tokens one action may take
-    c.rollout.seq_bucket = 0         # 0: pad every batch to max_context_tokens (one compile); k > 0: to the
+    c.rollout.seq_bucket = 32        # 0: pad every batch to max_context_tokens (one compile); k > 0: to the
                                      # next multiple of k above its longest row (less padding, <= T/k compiles)
     c.rollout.invalid_penalty = 0.05  # subtracted from the reward of an invalid action
     c.rollout.temperature = 1.0      # sampling temperature (0 = greedy)
@@ -92,7 +92,7 @@ def base() -> ConfigDict:
 
     c.learner = ConfigDict()
     c.learner.epochs = 1              # passes over each rollout batch
-    c.learner.minibatch_size = 64     # rows per optimiser step
+    c.learner.minibatch_size = 128    # rows per optimiser step
 
     c.optim = ConfigDict()
     c.optim.learning_rate = 2e-3     # AdamW peak learning rate
@@ -132,6 +132,7 @@ def textworld(c: ConfigDict) -> ConfigDict:
         "level": 1,                        # difficulty of the generated game
         "admissible_commands": True,       # list valid commands in each observation
         "max_steps": 8,                    # game steps before the engine ends the episode
+        "game_pool": 32,                   # task seed s plays game s % 32 (made once; 0 = a new game per seed)
     })
     c.model.tokenizer = "bpe"
     c.model.bpe_vocab_size = 768
@@ -144,6 +145,7 @@ def textworld(c: ConfigDict) -> ConfigDict:
     c.rollout.history = "windowed"
     c.rollout.window = 2
     c.rollout.max_context_tokens = 512
+    c.rollout.seq_bucket = 128
     c.rollout.max_action_tokens = 12
     c.rollout.invalid_penalty = 0.05
     c.learner.minibatch_size = 32

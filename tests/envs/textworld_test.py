@@ -41,6 +41,12 @@ def test_generated_game_is_cached_won_by_its_walkthrough_and_reports_info(cache)
     assert step.done and step.info["truncated"] and not step.info["success"]
 
 
+def test_game_pool_replays_a_fixed_set_of_games(cache):
+    env = envs.make("textworld", challenge="tw-coin_collector", level=2, cache_dir=cache, game_pool=3)
+    assert env._game_path(8) == env._game_path(5) == generate_game("tw-coin_collector", {"level": 2}, 2, cache)
+    assert env.reset(seed=8).text == env.reset(seed=2).text
+
+
 def test_missing_game_file_says_how_to_make_it(tmp_path):
     env = TextWorldEnv(game_file=str(tmp_path / "gone.z8"))
     with pytest.raises(FileNotFoundError, match="tw-make tw-simple .*--output"):
@@ -51,6 +57,7 @@ def test_missing_game_file_says_how_to_make_it(tmp_path):
     (dict(challenge="tw-zork"), "challenge='tw-zork'"),
     (dict(game_file="g.z8", level=3), "need challenge"),
     (dict(max_steps=0), "max_steps=0"),
+    (dict(game_pool=-1), "game_pool=-1"),
 ])
 def test_bad_arguments_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -96,7 +96,7 @@ def test_invalid_actions_explain_and_turn_limit_truncates():
     for action in ["dance", "open box 9"]:
         step = env.step(action)
         assert step.info["invalid_action"] and not step.done
-        assert "open box with a number from 1 to 4" in step.observation
+        assert "open box with a number from one to four" in step.observation
     last = env.step("read note")
     assert last.done and last.info["truncated"] and not last.info["success"]
     with pytest.raises(RuntimeError, match="reset"):
@@ -107,14 +107,22 @@ def test_vocabulary_covers_every_text_so_word_level_tokens_are_never_unknown():
     tok = build_tokenizer(vocabulary())
     rng = np.random.default_rng(1)
     texts = []
-    for clues in (1, 2, 3):
-        env = TreasureHunt(num_boxes=9, num_clues=clues)
+    for clues, spell in ((1, True), (2, False), (3, True), (1, False)):
+        env = TreasureHunt(num_boxes=9, num_clues=clues, spell_count=spell)
         for s in range(30):
             texts += _play(env, s, lambda e: rng.choice(e.valid_actions() + ["xyzzy"]))[0]
         texts += env.valid_actions()
     ids = tok(" ".join(texts), add_special_tokens=False)["input_ids"]
     assert tok.unk_token_id not in ids
-    assert len(vocabulary()) < 60
+    assert len(vocabulary()) < 70
+
+
+def test_spelled_count_leaves_only_revealed_digits_in_the_history():
+    import re
+    spelled, digits = TreasureHunt(num_boxes=4), TreasureHunt(num_boxes=4, spell_count=False)
+    assert "four boxes" in spelled.reset(seed=3).text and not re.search(r"\d", spelled.reset(seed=3).text)
+    assert "boxes 1 to 4" in digits.reset(seed=3).text
+    assert "from one to four" in spelled.step("dance").observation
 
 
 def test_lenient_parser_reads_numbers_and_keywords_strict_one_only_phrases():
