@@ -71,7 +71,9 @@ def check_writable(directory: str | os.PathLike, *, min_free_bytes: int = 0) -> 
     Raises:
       CheckpointError: naming the path and the reason.
     """
-    path = epath.Path(directory)
+    directory = os.fspath(directory)
+    # orbax needs absolute paths; relative local ones are taken from the cwd
+    path = epath.Path(directory if "://" in directory else os.path.abspath(directory))
     probe = path / f".write_probe_{uuid.uuid4().hex}"
     try:
         path.mkdir(parents=True, exist_ok=True)

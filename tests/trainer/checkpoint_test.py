@@ -85,6 +85,15 @@ def test_save_interval_and_force(tmp_path, mesh):
         assert ckpt.all_steps() == [5, 6]
 
 
+def test_relative_directory_is_taken_from_the_cwd(tmp_path, mesh, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with checkpoint.Checkpointer("runs/x/checkpoints", save_interval_steps=1) as ckpt:
+        assert ckpt.save(1, _state(mesh))
+        ckpt.wait()
+        assert ckpt.all_steps() == [1]
+    assert (tmp_path / "runs/x/checkpoints/1").is_dir()
+
+
 def _corrupt(step_dir: epath.Path) -> None:
     """Truncates every file of the array store, as a crash of the storage would."""
     for root, _, files in os.walk(step_dir / "state"):
