@@ -164,6 +164,12 @@ class TextWorldEnv:
       admissible_commands: list the valid commands in each observation.
       policy_commands: put the walkthrough from the current state in ``info``.
       max_steps: steps before the episode ends as truncated.
+      numbered_commands: number the admissible commands in the observation
+        ("Admissible commands: 1 go west ; 2 look .") and let an action that
+        starts with a number k play command k (other actions are played as
+        text). Choosing from a list is how ALFWorld-style agents act; it lets
+        a model trained from scratch act without first learning to spell
+        commands. Needs ``admissible_commands=True``.
       game_pool: 0 (default): every reset seed is its own game. k > 0: seed
         ``s`` plays game ``s % k``, a fixed set of k games made once and
         cached -- generating a game takes ``tw-make`` seconds, so training on
@@ -175,6 +181,7 @@ class TextWorldEnv:
     def __init__(self, game_file: str | None = None, *, challenge: str = "tw-simple",
                  cache_dir: str | None = None, admissible_commands: bool = False,
                  policy_commands: bool = False, max_steps: int = 50, game_pool: int = 0,
+                 numbered_commands: bool = False,
                  **settings: Any):
         if game_file is None and challenge not in DEFAULT_SETTINGS:
             raise ValueError(f"challenge={challenge!r}; allowed: {', '.join(CHALLENGES)}")
@@ -186,6 +193,10 @@ class TextWorldEnv:
         if not isinstance(game_pool, int) or game_pool < 0:
             raise ValueError(f"game_pool={game_pool!r}; must be an int >= 0 (0 = a game per seed)")
         self.game_pool = game_pool
+        if numbered_commands and not admissible_commands:
+            raise ValueError("numbered_commands=True needs admissible_commands=True (the list to number)")
+        self.numbered_commands = numbered_commands
+        self._commands: list[str] = []
         textworld = _import_textworld()
         self.game_file = game_file
         self.challenge = challenge
@@ -221,7 +232,12 @@ class TextWorldEnv:
         if self.admissible_commands:
             commands = list(gs["admissible_commands"] or [])
             info["admissible_commands"] = commands
-            text = f"{text}\n\nAdmissible commands: {', '.join(commands)}."
+            self._commands = commands
+            if self.numbered_commands:
+                listed = " ; ".join(f"{i} {c}" for i, c in enumerate(commands, 1))
+                text = f"{text}\n\nAdmissible commands: {listed} ."
+            else:
+                text = f"{text}\n\nAdmissible commands: {', '.join(commands)}."
         if self._infos.policy_commands:
             info["policy_commands"] = list(gs["policy_commands"] or [])
         self._last_anchor = info["anchor"]
@@ -248,6 +264,10 @@ class TextWorldEnv:
         if self._env is None:
             raise RuntimeError("step() before reset(seed=...)")
         command = sanitize_command(action)
+        if self.numbered_commands:
+            number = re.match(r"\s*(\d+)", command)
+            if number and 1 <= int(number.group(1)) <= len(self._commands):
+                command = self._commands[int(number.group(1)) - 1]
         if not command:
             self._steps += 1
             text = (f"i did not understand {action[:40]!r} . type a short command such as "

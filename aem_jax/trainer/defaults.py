@@ -120,7 +120,7 @@ def base() -> ConfigDict:
 def textworld(c: ConfigDict) -> ConfigDict:
     """Switches a config in place to TextWorld games (generated with tw-make, no download).
 
-    A coin-collector game with its admissible commands listed, a byte-level
+    A coin-collector game with its admissible commands listed and numbered, a byte-level
     BPE tokenizer trained on observations and a 96-wide scratch model. The
     history is windowed (observations are long); algorithms that need whole
     episodes in one row (ppo, archer, etpo) set ``rollout.history`` back to
@@ -129,8 +129,9 @@ def textworld(c: ConfigDict) -> ConfigDict:
     c.env.name = "textworld"
     c.env.kwargs = ConfigDict({
         "challenge": "tw-coin_collector",  # tw-simple | tw-coin_collector | tw-treasure_hunter | tw-cooking
-        "level": 1,                        # difficulty of the generated game
+        "level": 2,                        # difficulty of the generated game (2: go to the next room, take the coin)
         "admissible_commands": True,       # list valid commands in each observation
+        "numbered_commands": True,         # number them; an action "k" plays command k
         "max_steps": 8,                    # game steps before the engine ends the episode
         "game_pool": 32,                   # task seed s plays game s % 32 (made once; 0 = a new game per seed)
     })

@@ -47,6 +47,24 @@ def test_game_pool_replays_a_fixed_set_of_games(cache):
     assert env.reset(seed=8).text == env.reset(seed=2).text
 
 
+def test_numbered_commands_are_listed_and_played_by_number(cache):
+    env = envs.make("textworld", challenge="tw-coin_collector", level=2, cache_dir=cache,
+                    admissible_commands=True, policy_commands=True, numbered_commands=True)
+    obs, step = env.reset(seed=5), None
+    while step is None or not step.done:
+        info = (step or obs).info
+        commands = info["admissible_commands"]
+        listed = " ; ".join(f"{i} {c}" for i, c in enumerate(commands, 1))
+        text = obs.text if step is None else step.observation
+        assert text.endswith(f"Admissible commands: {listed} .")
+        step = env.step(f"{commands.index(info['policy_commands'][0]) + 1} please")
+        assert not step.info["invalid_action"]
+    assert step.info["success"]
+    assert env.reset(seed=5) and env.step("99").info["invalid_action"]
+    with pytest.raises(ValueError, match="needs admissible_commands=True"):
+        TextWorldEnv(challenge="tw-simple", numbered_commands=True)
+
+
 def test_missing_game_file_says_how_to_make_it(tmp_path):
     env = TextWorldEnv(game_file=str(tmp_path / "gone.z8"))
     with pytest.raises(FileNotFoundError, match="tw-make tw-simple .*--output"):
