@@ -12,7 +12,7 @@ def base() -> ConfigDict:
     c = ConfigDict()
     c.seed = 0                       # root of every random stream (rollouts, init, shuffles)
     c.algorithm = "grpo"             # grpo | dr_grpo | dapo | gspo | rloo | gigpo | ppo | archer | etpo
-    c.total_steps = 150              # training iterations (one rollout batch each)
+    c.total_steps = 250              # training iterations (one rollout batch each)
     c.progress_bar = False           # force the progress bar on (it shows anyway on a terminal)
     c.max_nonfinite_in_a_row = 5     # stop after this many skipped (non-finite) updates in a row
     c.distributed = False            # force jax.distributed.initialize() (auto-detected otherwise)
@@ -95,7 +95,7 @@ def base() -> ConfigDict:
     c.learner.minibatch_size = 128    # rows per optimiser step
 
     c.optim = ConfigDict()
-    c.optim.learning_rate = 2e-3     # AdamW peak learning rate
+    c.optim.learning_rate = 1e-3     # AdamW peak learning rate (2e-3 learns faster but can collapse, docs/results.md)
     c.optim.warmup_steps = 5         # linear warm-up (optimiser steps)
     c.optim.b1 = 0.9                 # AdamW first-moment decay
     c.optim.b2 = 0.99                # AdamW second-moment decay
