@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from aem_jax import envs
+from aem_jax.envs.textworld_env import DEFAULT_SETTINGS, generate_game
 from aem_jax.rollout import ChatFormat, RolloutConfig, anchor_id, collect
 from tests.rollout.helpers import byte_level_tokenizer, scripted
 
@@ -28,6 +29,8 @@ def test_walkthrough_wins_through_the_engine(challenge, settings, cache):
         return chosen[ctx.episode, ctx.turn]
     config = RolloutConfig(num_tasks=1, group_size=2, max_turns=20, max_context_tokens=16384,
                            max_action_tokens=64, seq_bucket=256)
+    # Make the game first: tw-make can take longer than a step's timeout on a busy machine.
+    generate_game(challenge, {**DEFAULT_SETTINGS.get(challenge, {}), **settings}, 3, cache)
     batch, records, metrics = collect(
         "textworld", scripted(walkthrough, TOK), TOK, config, key=jax.random.key(0),
         task_seeds=[3], env_kwargs=dict(challenge=challenge, cache_dir=cache,
