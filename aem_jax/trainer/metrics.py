@@ -10,8 +10,9 @@ not needed). :func:`plot` draws curves from the JSONL for ``docs/``.
 Resuming: ``MetricsWriter(workdir, resume_step=k)`` drops JSON lines with
 step > k (they were logged after the checkpoint the run resumes from and will
 be logged again), so the file of a resumed run equals that of an
-uninterrupted run. TensorBoard gets a ``SessionLog.START`` event at step k+1,
-which makes its readers discard the orphaned events after k.
+uninterrupted run. TensorBoard gets a ``SessionLog.START`` event at step k+1
+(step 1 for a fresh run), which makes its readers discard the orphaned events
+after k (or an earlier run's events in a reused workdir).
 
 Object-store workdirs (``gs://...``) cannot be appended to: the files are
 written to a local staging directory and copied to the workdir every
@@ -25,6 +26,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import sys
 import tempfile
 import time
@@ -82,6 +84,25 @@ def _truncate_jsonl(path: str, resume_step: int | None) -> None:
     os.replace(tmp, path)
 
 
+def _wait_for_later_timestamp(logdir: str) -> None:
+    """Waits until a new event file's name sorts after every existing one.
+
+    TensorBoard reads a run's event files in name order, and the name starts
+    with the creation time in whole seconds followed by a process-wide counter
+    compared as text ("10" < "9"). A writer created in the same second as an
+    earlier one (a resume straight after a crash, in tests) could therefore be
+    read first, and its ``SessionLog.START`` would not purge the orphaned
+    steps. Waiting for the next second (at most one) keeps the order right.
+    """
+    stamps = []
+    for name in os.listdir(logdir) if os.path.isdir(logdir) else ():
+        match = re.match(r"events\.out\.tfevents\.(\d+)\.", name)
+        if match:
+            stamps.append(int(match.group(1)))
+    while stamps and int(time.time()) <= max(stamps):
+        time.sleep(0.05)
+
+
 class _EventWriter:
     """Scalars to a TensorBoard event file with the ``tensorboard`` package only."""
 
@@ -90,10 +111,14 @@ class _EventWriter:
         from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
         self._event_pb2 = event_pb2
+        _wait_for_later_timestamp(logdir)
         self._writer = EventFileWriter(logdir, flush_secs=30)
-        if resume_step is not None:
-            start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
-            self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=resume_step + 1, session_log=start))
+        # A START event purges, in TensorBoard's reader, every earlier event at
+        # or after its step: the orphaned steps of a crashed attempt, or a
+        # whole earlier run when a fresh run reuses the workdir.
+        start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+        first_step = (resume_step or 0) + 1
+        self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=first_step, session_log=start))
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
         from tensorboard.compat.proto import summary_pb2

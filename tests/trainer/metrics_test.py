@@ -58,6 +58,7 @@ def test_resume_drops_lines_after_checkpoint_and_equals_uninterrupted(tmp_path):
     # A fresh run (no checkpoint) in an old workdir starts an empty log.
     _log(tmp_path / "resumed", [1])
     assert [r["step"] for r in metrics.read_jsonl(tmp_path / "resumed" / "metrics.jsonl")] == [1]
+    assert _tb_scalars(tmp_path / "resumed", "loss") == [(1, 1.0)]
 
 
 def test_staged_writer_mirrors_files_for_object_store_workdirs(tmp_path):
