@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import importlib.util
 import json
 import tempfile
 import time
@@ -23,23 +22,8 @@ import time
 import jax
 import numpy as np
 
-from aem_jax.trainer import loop, sharding
+from aem_jax.trainer import loop, setup, sharding
 from aem_jax.trainer.advantages import compute_advantages
-
-
-def load_config(path: str, overrides: list[str]):
-    spec = importlib.util.spec_from_file_location("bench_config", path.split(":")[0])
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(path.split(":")[1] if ":" in path else None)
-    for kv in overrides:
-        key, value = kv.split("=", 1)
-        *parents, leaf = key.split(".")
-        node = config
-        for name in parents:
-            node = node[name]
-        node[leaf] = type(node[leaf])(json.loads(value) if not isinstance(node[leaf], str) else value)
-    return config
 
 
 def time_call(fn, repeats: int) -> float:
@@ -58,7 +42,7 @@ def main():
     p.add_argument("--skip", type=int, default=5, help="first steps left out (compilation)")
     p.add_argument("--repeats", type=int, default=50)
     args = p.parse_args()
-    config = load_config(args.config, args.set)
+    config = setup.load_config(args.config, args.set)
     config.total_steps = args.steps
     config.eval.num_tasks = 0
 

@@ -1,6 +1,7 @@
 """Builds what a run needs from its config: model, tokenizer, optimiser, rollout settings."""
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Any
 
@@ -16,6 +17,44 @@ from aem_jax.trainer import algorithms, sharding
 AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 AEM_SCOPES = ("group", "batch", "trajectory")
 AEM_SIGNALS = ("mean_token_entropy", "surprisal_per_token")
+
+
+def load_config(spec: str, overrides: tuple[str, ...] | list[str] = ()):
+    """The config of a file, as ``python -m aem_jax.train --config=SPEC --config.KEY=VALUE`` builds it.
+
+    For scripts that build a trainer without the command line. ``spec`` is
+    ``path/to/config.py[:variants]``; each override is ``"a.b=value"`` and is
+    converted to the type of the field it replaces (``true``/``false`` for
+    booleans, any case). Unknown keys raise ``KeyError`` naming the key.
+    """
+    path, _, variant = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("aem_jax_config", path)
+    if module_spec is None or not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} does not exist")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config(variant or None)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} is not KEY=VALUE")
+        *parents, leaf = key.split(".")
+        node = config
+        for name in parents:
+            node = node[name]
+        if leaf not in node:
+            raise KeyError(f"config has no key {key!r}")
+        old = node[leaf]
+        if isinstance(old, bool):
+            if text.lower() not in ("true", "false"):
+                raise ValueError(f"config.{key}={text!r} is not a boolean (true or false)")
+            value: Any = text.lower() == "true"
+        elif old is None or isinstance(old, str):
+            value = text
+        else:
+            value = type(old)(text)
+        node[leaf] = value
+    return config
 
 
 def _fail(key: str, value: Any, allowed: str) -> None:

@@ -69,3 +69,21 @@ def test_textworld_variant_switches_the_environment_only(name):
     assert episodes(load(name, "textworld")) == episodes(load("textworld"))
     both = load(name, "smoke,textworld")
     assert both.env.name == "textworld" and both.total_steps == 2 and both.env.kwargs["max_steps"] == 2
+
+
+def test_load_config_applies_typed_overrides_and_names_bad_keys():
+    from aem_jax.trainer import setup
+
+    path = str(CONFIGS / "ppo.py")
+    config = setup.load_config(path + ":smoke", ["aem.enabled=FALSE", "optim.learning_rate=3e-4",
+                                                 "rollout.num_tasks=3", "env.name=treasure"])
+    reference = load("ppo", "smoke")
+    assert config.aem.enabled is False and config.optim.learning_rate == 3e-4
+    assert config.rollout.num_tasks == 3 and isinstance(config.rollout.num_tasks, int)
+    assert config.model.hidden_size == reference.model.hidden_size
+    with pytest.raises(KeyError, match="aem.nope"):
+        setup.load_config(path, ["aem.nope=1"])
+    with pytest.raises(ValueError, match="not a boolean"):
+        setup.load_config(path, ["aem.enabled=yes"])
+    with pytest.raises(FileNotFoundError, match="missing.py"):
+        setup.load_config(str(CONFIGS / "missing.py"))
