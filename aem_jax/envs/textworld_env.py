@@ -165,9 +165,9 @@ class TextWorldEnv:
       policy_commands: put the walkthrough from the current state in ``info``.
       max_steps: steps before the episode ends as truncated.
       numbered_commands: number the admissible commands in the observation
-        ("Admissible commands: 1 go west ; 2 look .") and let an action that
-        starts with a number k play command k (other actions are played as
-        text). Choosing from a list is how ALFWorld-style agents act; it lets
+        ("Admissible commands: 1 go west ; 2 look .") and let an action whose
+        first number is k play command k ("2", "2 please" and "i pick 2" all
+        play command 2; actions without a number are played as text). Choosing from a list is how ALFWorld-style agents act; it lets
         a model trained from scratch act without first learning to spell
         commands. Needs ``admissible_commands=True``.
       game_pool: 0 (default): every reset seed is its own game. k > 0: seed
@@ -265,9 +265,12 @@ class TextWorldEnv:
             raise RuntimeError("step() before reset(seed=...)")
         command = sanitize_command(action)
         if self.numbered_commands:
-            number = re.match(r"\s*(\d+)", command)
-            if number and 1 <= int(number.group(1)) <= len(self._commands):
-                command = self._commands[int(number.group(1)) - 1]
+            # The first number anywhere, as the built-in game's parser reads
+            # it: a model trained from scratch emits digits long before it
+            # learns to put them first.
+            number = re.search(r"\d+", command)
+            if number and 1 <= int(number.group(0)) <= len(self._commands):
+                command = self._commands[int(number.group(0)) - 1]
         if not command:
             self._steps += 1
             text = (f"i did not understand {action[:40]!r} . type a short command such as "

@@ -57,7 +57,7 @@ def test_numbered_commands_are_listed_and_played_by_number(cache):
         listed = " ; ".join(f"{i} {c}" for i, c in enumerate(commands, 1))
         text = obs.text if step is None else step.observation
         assert text.endswith(f"Admissible commands: {listed} .")
-        step = env.step(f"{commands.index(info['policy_commands'][0]) + 1} please")
+        step = env.step(f"i pick {commands.index(info['policy_commands'][0]) + 1} please 1")
         assert not step.info["invalid_action"]
     assert step.info["success"]
     assert env.reset(seed=5) and env.step("99").info["invalid_action"]
