@@ -95,7 +95,7 @@ def _cut(gen: Generation, stops: set[int], limit: int) -> tuple[Generation, bool
 def _parse(text: str, closed: bool, config: RolloutConfig) -> tuple[str, str | None]:
     """(action, reason it is invalid or None)."""
     text = text.strip()
-    if not closed:
+    if not closed and config.overlong_actions == "invalid":
         return text, REASONS["over-long"]
     if not text:
         return text, REASONS["empty"]

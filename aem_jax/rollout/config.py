@@ -6,6 +6,7 @@ import re
 from typing import Any
 
 HISTORY_MODES = ("concatenated", "windowed")
+OVERLONG_ACTIONS = ("invalid", "play")
 
 # Why the engine rejects an action (shown to the policy through
 # `RolloutConfig.invalid_message`).
@@ -44,7 +45,11 @@ class RolloutConfig:
       max_context_tokens: longest prompt + action a turn may need; an episode
         whose next prompt would not fit is truncated.
       max_action_tokens: tokens one action may take; a generation cut at this
-        limit without its end-of-turn token is an invalid (over-long) action.
+        limit without its end-of-turn token is over-long.
+      overlong_actions: what an over-long generation is: "invalid" (an
+        invalid action, penalised; the default) or "play" (its cut text is
+        parsed and played like any action: for small models trained from
+        scratch on large vocabularies, which rarely sample end-of-turn early).
       invalid_penalty: subtracted from the turn reward of an invalid action
         (the engine's or the environment's verdict).
       invalid_message: observation shown for an action the engine rejects;
@@ -70,6 +75,7 @@ class RolloutConfig:
     window: int = 2
     max_context_tokens: int = 512
     max_action_tokens: int = 16
+    overlong_actions: str = "invalid"
     invalid_penalty: float = 0.0
     invalid_message: str = "invalid action ( {reason} ) ."
     action_pattern: str | None = None
@@ -87,6 +93,9 @@ class RolloutConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"RolloutConfig.{name}={value!r}; must be a positive int")
+        if self.overlong_actions not in OVERLONG_ACTIONS:
+            raise ValueError(f"RolloutConfig.overlong_actions={self.overlong_actions!r}; "
+                             f"allowed: {OVERLONG_ACTIONS}")
         if self.history not in HISTORY_MODES:
             raise ValueError(f"RolloutConfig.history={self.history!r}; allowed: {HISTORY_MODES}")
         if self.history == "windowed" and self.window < 0:

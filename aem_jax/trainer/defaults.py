@@ -47,6 +47,7 @@ def base() -> ConfigDict:
     c.rollout.window = 2             # h past turns kept in windowed mode
     c.rollout.max_context_tokens = 128  # T: longest prompt + action of a turn (also the KV cache)
     c.rollout.max_action_tokens = 6  # tokens one action may take
+    c.rollout.overlong_actions = "invalid"  # an action cut at max_action_tokens: "invalid" | "play" (parse it)
     c.rollout.seq_bucket = 32        # 0: pad every batch to max_context_tokens (one compile); k > 0: to the
                                      # next multiple of k above its longest row (less padding, <= T/k compiles)
     c.rollout.invalid_penalty = 0.05  # subtracted from the reward of an invalid action
@@ -148,6 +149,7 @@ def textworld(c: ConfigDict) -> ConfigDict:
     c.rollout.max_context_tokens = 512
     c.rollout.seq_bucket = 128
     c.rollout.max_action_tokens = 12
+    c.rollout.overlong_actions = "play"  # a scratch model over 768 tokens rarely ends a turn within 12
     c.rollout.invalid_penalty = 0.05
     c.learner.minibatch_size = 32
     c.eval.num_tasks = 16

@@ -102,7 +102,7 @@ def rollout_config(config, *, num_tasks: int | None = None, group_size: int | No
         num_tasks=num_tasks or r.num_tasks, group_size=group_size or r.group_size,
         max_turns=r.max_turns, history=r.history, window=r.window,
         max_context_tokens=r.max_context_tokens, max_action_tokens=r.max_action_tokens,
-        invalid_penalty=r.invalid_penalty, step_timeout_s=r.step_timeout_s,
+        overlong_actions=r.overlong_actions, invalid_penalty=r.invalid_penalty, step_timeout_s=r.step_timeout_s,
         num_threads=r.num_threads, seq_len=None if r.seq_bucket else r.max_context_tokens,
         seq_bucket=r.seq_bucket or 64, system_prompt=r.system_prompt or None,
         action_pattern=r.action_pattern or None, row_bucket=config.learner.minibatch_size,

@@ -189,6 +189,22 @@ def test_malformed_output_is_an_invalid_action_with_penalty_never_an_exception()
     assert TOK.unk_token_id not in batch.tokens
 
 
+def test_overlong_action_is_played_when_configured():
+    # "read note" then a long tail: cut at 4 tokens, the cut text is the action.
+    def act(ctx):
+        return "read note read note read note read note" if ctx.turn == 0 else ctx.env.optimal_action()
+    base = dict(num_tasks=2, group_size=1, max_turns=3, max_action_tokens=4, max_context_tokens=300,
+                invalid_penalty=0.25)
+    _, invalid, _ = collect("treasure", scripted(act, TOK), TOK, RolloutConfig(**base), key=KEY)
+    _, played, _ = collect("treasure", scripted(act, TOK), TOK,
+                           RolloutConfig(**base, overlong_actions="play"), key=KEY)
+    assert all("over-long" in r.transcript[2]["content"] and r.turn_rewards[0] == -0.25 for r in invalid)
+    assert all("over-long" not in r.transcript[2]["content"] and r.turn_rewards[0] == 0.0 for r in played)
+    assert all(r.invalid_actions == 0 and r.success for r in played)
+    with pytest.raises(ValueError, match="overlong_actions='drop'"):
+        RolloutConfig(overlong_actions="drop")
+
+
 def test_turn_and_context_limits_truncate():
     _, records, metrics, _ = _run("concatenated", act=lambda c: "read note", max_turns=2)
     assert all(r.truncated and not r.success and r.turns == 2 for r in records)
