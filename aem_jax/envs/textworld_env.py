@@ -146,10 +146,12 @@ def sanitize_command(action: str) -> str:
     The Z-machine interpreter (frotz, inside jericho) copies the command into
     a fixed-size buffer without a bound check: long or multi-line model output
     crashed the whole process. Keep the first line, printable ASCII only, at
-    most ``MAX_COMMAND_CHARS`` characters.
+    most ``MAX_COMMAND_CHARS`` characters. Backslashes are dropped: dumb-frotz
+    reads a line starting with one as its own meta-command, and an unknown one
+    made it print an error in an endless loop until it crashed.
     """
     first = action.strip().splitlines()[0] if action.strip() else ""
-    printable = "".join(ch for ch in first if 32 <= ord(ch) < 127)
+    printable = "".join(ch for ch in first if 32 <= ord(ch) < 127 and ch != "\\")
     return " ".join(printable.split())[:MAX_COMMAND_CHARS].strip()
 
 

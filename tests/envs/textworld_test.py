@@ -95,6 +95,7 @@ def test_sanitize_command_keeps_the_interpreter_safe():
     assert sanitize_command("take\x00 coin\u00e9\u2603") == "take coin"
     assert len(sanitize_command("x" * 10_000)) == MAX_COMMAND_CHARS
     assert sanitize_command("\n\n") == ""
+    assert sanitize_command("\\itch yourself \\") == "itch yourself"
 
 
 def test_garbage_model_output_is_an_invalid_action_not_a_crash(cache):
@@ -105,4 +106,7 @@ def test_garbage_model_output_is_an_invalid_action_not_a_crash(cache):
     assert not step.done
     step = env.step("\n\n")
     assert step.info["invalid_action"] and "did not understand" in step.observation
+    # dumb-frotz reads "\\..." as its own meta-command; an unknown one looped forever.
+    step = env.step("\\itch yourselfcham")
+    assert step.info["invalid_action"] and not step.done
     assert env.step("look").observation
