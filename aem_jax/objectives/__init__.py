@@ -6,7 +6,7 @@ B sequences, T tokens, V vocabulary, K turns, G rollouts per group, D hidden.
 """
 from aem_jax.objectives.advantages import (
     bilevel_gae, discounted_returns, gae, gigpo_advantages, grpo_advantages, rloo_advantages,
-    turn_gae,
+    turn_gae, whiten,
 )
 from aem_jax.objectives.aem import (
     aem_coefficients, empg_advantages, entropy_drift, entropy_drift_by_sign, entropy_signal,
@@ -67,4 +67,5 @@ __all__ = [
     "turn_gae",
     "turn_mean",
     "turn_sum",
+    "whiten",
 ]

@@ -207,6 +207,26 @@ def turn_gae(turn_rewards, turn_values, turn_valid, *, gamma: float, lam: float)
     return gae(turn_rewards, turn_values, turn_valid, gamma=gamma, lam=lam)
 
 
+def whiten(x, mask, *, eps: float = 1e-8):
+    """Masked whitening ``(x - mean) / (std + eps)`` over the entries where ``mask`` is set.
+
+    PPO implementations whiten GAE advantages over the batch so the policy
+    step does not scale with the size of the rewards: with returns near -0.1
+    and a fitted value head, raw advantages of ~1e-3 leave the entropy bonus
+    as the only force on the policy. Entries off the mask are 0.
+
+    Args:
+      x: advantages, any shape.
+      mask: same shape; 1 (or True) where ``x`` counts.
+    """
+    _checks.check_same_shape(x=x, mask=mask)
+    w = mask.astype(x.dtype)
+    n = jnp.maximum(jnp.sum(w), 1.0)
+    mean = jnp.sum(x * w) / n
+    var = jnp.sum(jnp.square(x - mean) * w) / n
+    return jnp.where(w > 0, (x - mean) / (jnp.sqrt(var) + eps), 0.0)
+
+
 def bilevel_gae(
     values, turn_rewards, turn_ids, mask, turn_valid, *, gamma: float, lam: float,
     token_lam: float = 1.0,

@@ -87,6 +87,7 @@ def base() -> ConfigDict:
     c.ppo.gamma = 0.95               # turn-level discount of bi-level GAE
     c.ppo.lam = 0.95                 # turn-level GAE lambda
     c.ppo.token_lam = 1.0            # token-level GAE lambda inside a turn
+    c.ppo.whiten_advantages = True   # whiten GAE advantages over the batch's agent tokens (False: raw GAE)
 
     c.dapo = ConfigDict()
     c.dapo.max_resample = 2          # extra rollout batches to refill uninformative groups

@@ -109,6 +109,7 @@ class Trainer:
         self._advantages = jax.jit(functools.partial(compute_advantages, settings=self.adv_settings))
         self._gae = jax.jit(functools.partial(
             obj.bilevel_gae, gamma=c.ppo.gamma, lam=c.ppo.lam, token_lam=c.ppo.token_lam))
+        self._whiten = jax.jit(obj.whiten)
 
     # Rollouts ---------------------------------------------------------------
 
@@ -181,6 +182,8 @@ class Trainer:
             if self.algorithm.value_head:
                 token_adv, returns = self._gae(stats["values"], dev.turn_rewards, dev.turn_ids,
                                                dev.loss_mask, dev.turn_valid)
+                if c.ppo.whiten_advantages:
+                    token_adv = self._whiten(token_adv, dev.loss_mask)
                 arrays["returns"] = returns
         key = jax.random.fold_in(jax.random.key(c.seed + 1), step)
         adv_BT, adv_info, _ = self._advantages(dev, key=key, token_advantages_BT=token_adv)

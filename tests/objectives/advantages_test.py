@@ -154,3 +154,19 @@ def test_bad_args():
         obj.grpo_advantages(np.zeros((2, 2)), np.zeros(2, np.int32), num_groups=1)
     with pytest.raises(ValueError, match="num_groups must be a positive int"):
         obj.grpo_advantages(np.zeros(2), np.zeros(2, np.int32), num_groups=0)
+
+
+def test_whiten_matches_numpy_on_masked_entries_and_zeroes_the_rest():
+    rng = np.random.default_rng(3)
+    x = rng.normal(0.3, 0.01, size=(4, 9))
+    mask = rng.random((4, 9)) < 0.6
+    out = np.asarray(obj.whiten(jnp.asarray(x, jnp.float32), jnp.asarray(mask)))
+    sel = x[mask].astype(np.float64)
+    expected = (sel - sel.mean()) / (sel.std() + 1e-8)
+    np.testing.assert_allclose(out[mask], expected, rtol=1e-3, atol=1e-3)
+    assert np.all(out[~mask] == 0.0)
+    # Invariant to shifting and (positive) scaling of the advantages.
+    shifted = np.asarray(obj.whiten(jnp.asarray(5.0 * x - 2.0, jnp.float32), jnp.asarray(mask)))
+    np.testing.assert_allclose(shifted, out, atol=2e-3)
+    with pytest.raises(ValueError):
+        obj.whiten(jnp.zeros((2, 3)), jnp.ones((3, 2)))
