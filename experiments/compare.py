@@ -136,6 +136,12 @@ def table(results: dict, threshold: float, budget: float) -> str:
     return "\n".join(lines)
 
 
+def smooth(values: list[float], width: int = 5) -> np.ndarray:
+    """Centred moving mean; at the ends, the mean of the values in reach (no zero padding)."""
+    kernel = np.ones(width)
+    return np.convolve(values, kernel, mode="same") / np.convolve(np.ones(len(values)), kernel, mode="same")
+
+
 def plot(results: dict, budget: float, out_png: str, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -146,7 +152,7 @@ def plot(results: dict, budget: float, out_png: str, title: str) -> None:
     for method, runs in results.items():
         style = "-" if "aem" in method or method in ("gigpo", "ppo", "archer", "etpo") else "--"
         for ax, key in zip(axes, ("success", "token_entropy")):
-            ys = np.array([np.interp(grid, r["env_steps"], np.convolve(r[key], np.ones(5) / 5, mode="same"),
+            ys = np.array([np.interp(grid, r["env_steps"], smooth(r[key]),
                                      right=np.nan) for r in runs])
             mean, std = np.nanmean(ys, 0), np.nanstd(ys, 0)
             line, = ax.plot(grid, mean, style, label=method)
