@@ -169,8 +169,9 @@ class TextWorldEnv:
       numbered_commands: number the admissible commands in the observation
         ("Admissible commands: 1 go west ; 2 look .") and let an action whose
         first number is k play command k ("2", "2 please" and "i pick 2" all
-        play command 2; actions without a number are played as text). Choosing from a list is how ALFWorld-style agents act; it lets
-        a model trained from scratch act without first learning to spell
+        play command 2; actions without a number are played as text).
+        Choosing from a list is how ALFWorld-style agents act; it lets a
+        model trained from scratch act without first learning to spell
         commands. Needs ``admissible_commands=True``.
       game_pool: 0 (default): every reset seed is its own game. k > 0: seed
         ``s`` plays game ``s % k``, a fixed set of k games made once and
