@@ -1,0 +1,142 @@
+"""The experiment scripts' own arithmetic: tables, curves and figures from metrics files."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"experiments_{name}", os.path.join(ROOT, "experiments", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+compare = load_script("compare")
+mechanism = load_script("mechanism")
+
+
+def write_run(workdir, rows):
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+def fake_rows(n, *, env_steps=100, seed=0, rise_at=10):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        success = float(i >= rise_at)
+        hist = np.zeros(mechanism.ALPHA_BINS)
+        hist[mechanism.ALPHA_BINS // 2 if i < n // 2 else 0] = 1.0
+        rows.append({"step": i + 1, "env_steps": env_steps, "success": success, "token_entropy": 2.0 - i / n,
+                     "invalid_action_rate": 1.0 - success, "wall_s": 10.0 * (i + 1),
+                     "predicted_entropy_drift": float(rng.normal()), "measured_entropy_change": float(rng.normal()),
+                     "predicted_entropy_drift_pos": 0.1, "predicted_entropy_drift_neg": -0.2,
+                     "frac_positive_advantage": 0.5, **{f"alpha_hist_{k}": float(h) for k, h in enumerate(hist)}})
+    return rows
+
+
+@pytest.mark.parametrize("n,width", [(1, 5), (3, 5), (12, 5), (12, 4), (7, 1)])
+def test_smooth_is_the_mean_of_the_values_in_reach(n, width):
+    values = np.random.default_rng(n).normal(size=n)
+    got = compare.smooth(values.tolist(), width)
+    w = min(width, n)
+    # np.convolve(mode="same") centres the window at offset (w - 1) // 2 of the kernel.
+    lo = [max(0, i - (w - 1) + (w - 1) // 2) for i in range(n)]
+    hi = [min(n, i + (w - 1) // 2 + 1) for i in range(n)]
+    want = [values[a:b].mean() for a, b in zip(lo, hi)]
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    np.testing.assert_allclose(compare.smooth([3.0] * n, width), 3.0)
+
+
+def test_summarise_reads_up_to_the_budget():
+    curves = compare.curves(fake_rows(30, rise_at=10))
+    full = compare.summarise(curves, budget=3000, threshold=0.8)
+    assert full["steps_used"] == 30
+    assert full["final_success"] == 1.0 and full["final_invalid"] == 0.0
+    # Success is 1 from index 10: the 5-step mean over indices 9..13 is the first
+    # to reach 0.8, so the threshold is reached at index 13, after 14 x 100 env steps.
+    assert full["env_steps_to_threshold"] == 1400
+    early = compare.summarise(curves, budget=1000, threshold=0.8)
+    assert early["steps_used"] == 10
+    assert early["final_success"] == 0.0 and early["env_steps_to_threshold"] is None
+    short = compare.summarise(compare.curves(fake_rows(2, rise_at=0)), budget=1e9, threshold=0.8)
+    assert short["steps_used"] == 2 and short["env_steps_to_threshold"] == 200
+
+
+def test_table_reports_mean_std_and_unreached_seeds():
+    results = {}
+    for method, rise in (("fast", 5), ("never", 100)):
+        runs = []
+        for seed in range(3):
+            c = compare.curves(fake_rows(20, seed=seed, rise_at=rise + seed))
+            runs.append(dict(c, seed=seed, summary=compare.summarise(c, 2000, 0.8)))
+        results[method] = runs
+    text = compare.table(results, 0.8, 2000)
+    lines = text.splitlines()
+    assert lines[0].count("|") == lines[2].count("|") == 7
+    assert "| fast | 3 | 1.00 +- 0.00 | 1,000 +- 82 | 0.00 +- 0.00 |" in text
+    assert "| never | 3 | 0.00 +- 0.00 | never (0/3 seeds) | 1.00 +- 0.00 |" in text
+
+
+def test_command_per_environment_and_unknown_method():
+    cmd = compare.command("grpo_aem", "textworld", 2, 40, "/w", ["--config.x=1"])
+    assert cmd[1:4] == ["-m", "aem_jax.train", "--config=configs/default.py:textworld"]
+    assert "--config.aem.enabled=True" in cmd and "--config.seed=2" in cmd and "--config.total_steps=40" in cmd
+    assert cmd[-1] == "--workdir=/w" and "--config.x=1" in cmd
+    assert compare.command("etpo", "treasure", 0, 5, "/w", [])[3] == "--config=configs/etpo.py"
+    with pytest.raises(ValueError, match="unknown method 'grpo_aen'.*grpo_aem"):
+        compare.command("grpo_aen", "treasure", 0, 5, "/w", [])
+    for group in compare.GROUPS.values():
+        assert set(group) <= set(compare.METHODS)
+
+
+def test_compare_reuses_finished_runs_and_writes_table_and_figure(tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    for method in ("grpo", "grpo_aem"):
+        for seed in (0, 1):
+            write_run(runs / f"{method}_s{seed}", fake_rows(12 if method == "grpo" else 15, seed=seed))
+    out = tmp_path / "docs" / "cmp"
+    os.makedirs(out.parent)
+    monkeypatch.setattr(sys, "argv", ["compare.py", "--methods", "grpo", "grpo_aem", "--seeds", "0", "1",
+                                      "--steps", "12", "--runs-dir", str(runs), "--out", str(out)])
+    monkeypatch.setattr(compare.subprocess, "run", lambda *a, **k: pytest.fail("finished runs must not be retrained"))
+    compare.main()
+    data = json.loads((tmp_path / "docs" / "cmp.json").read_text())
+    assert data["budget_env_steps"] == 1200
+    assert [r["summary"]["steps_used"] for r in data["results"]["grpo_aem"]] == [12, 12]
+    assert (tmp_path / "docs" / "cmp.md").read_text().startswith("| method |")
+    assert (tmp_path / "docs" / "cmp.png").stat().st_size > 10_000
+    assert not [p for p in os.listdir(tmp_path / "docs") if ".tmp" in p]
+
+
+def test_mechanism_stats_and_figures(tmp_path, monkeypatch):
+    rows = fake_rows(40)
+    pred = mechanism.series(rows, "predicted_entropy_drift")
+    meas = mechanism.series(rows, "measured_entropy_change")
+    meas[0] = np.nan  # the first step has no previous entropy
+    for r, m in zip(rows, meas):
+        r["measured_entropy_change"] = None if np.isnan(m) else float(m)
+    stats = mechanism.drift_stats([rows])
+    assert stats["n_steps"] == 39
+    np.testing.assert_allclose(stats["pearson_r"], np.corrcoef(pred[1:], meas[1:])[0, 1])
+    np.testing.assert_allclose(stats["sign_agreement"], np.mean(np.sign(pred[1:]) == np.sign(meas[1:])))
+    np.testing.assert_allclose(mechanism.alpha_hist(rows[:20]), np.eye(mechanism.ALPHA_BINS)[mechanism.ALPHA_BINS // 2])
+
+    write_run(tmp_path / "a_s0", rows)
+    out = tmp_path / "mech"
+    monkeypatch.setattr(sys, "argv", ["mechanism.py", "--runs", str(tmp_path / "a_s0"), "--out", str(out)])
+    mechanism.main()
+    summary = json.loads((tmp_path / "mech.json").read_text())
+    assert summary["alpha_at_1_early_late"] == [1.0, 0.0]
+    for suffix in ("drift", "positive", "alpha"):
+        assert (tmp_path / f"mech_{suffix}.png").stat().st_size > 5_000
