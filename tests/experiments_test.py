@@ -73,6 +73,11 @@ def test_summarise_reads_up_to_the_budget():
     assert short["steps_used"] == 2 and short["env_steps_to_threshold"] == 200
 
 
+def test_total_wall_sums_resumed_sessions():
+    assert compare.total_wall([{"wall_s": w} for w in (5, 10, 15)]) == 15
+    assert compare.total_wall([{"wall_s": w} for w in (5, 10, 3, 8, 2)]) == 20
+
+
 def test_table_reports_mean_std_and_unreached_seeds():
     results = {}
     for method, rise in (("fast", 5), ("never", 100)):
@@ -94,6 +99,8 @@ def test_command_per_environment_and_unknown_method():
     assert "--config.aem.enabled=True" in cmd and "--config.seed=2" in cmd and "--config.total_steps=40" in cmd
     assert cmd[-1] == "--workdir=/w" and "--config.x=1" in cmd
     assert compare.command("etpo", "treasure", 0, 5, "/w", [])[3] == "--config=configs/etpo.py"
+    assert "--config.archer.critic_steps=3" in compare.command("archer", "textworld", 0, 5, "/w", [])
+    assert not [a for a in compare.command("archer", "treasure", 0, 5, "/w", []) if "critic_steps" in a]
     with pytest.raises(ValueError, match="unknown method 'grpo_aen'.*grpo_aem"):
         compare.command("grpo_aen", "treasure", 0, 5, "/w", [])
     for group in compare.GROUPS.values():
