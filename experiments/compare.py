@@ -73,6 +73,8 @@ ENV_METHOD: dict[tuple[str, str], list[str]] = {
     # At 512-token rows ArCHer's 10 critic passes per iteration took 29 s of a
     # 36 s step (GRPO: 2 s); 3 passes keep its 3 seeds within the CPU budget.
     ("textworld", "archer"): ["--config.archer.critic_steps=3"],
+    # PPO plays one episode per task: 32 tasks give it the others' 4 x 8 episodes per step.
+    ("textworld", "ppo"): ["--config.rollout.num_tasks=32"],
 }
 
 
