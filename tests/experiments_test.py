@@ -147,3 +147,12 @@ def test_mechanism_stats_and_figures(tmp_path, monkeypatch):
     assert summary["alpha_at_1_early_late"] == [1.0, 0.0]
     for suffix in ("drift", "positive", "alpha"):
         assert (tmp_path / f"mech_{suffix}.png").stat().st_size > 5_000
+
+
+def test_random_player_matches_the_games_odds(monkeypatch, capsys):
+    """A random valid player of the default game wins about 4% (docs/results.md), far below learnt policies."""
+    random_player = load_script("random_player")
+    monkeypatch.setattr(sys, "argv", ["random_player.py", "--episodes", "4000"])
+    random_player.main()
+    rate = float(capsys.readouterr().out.split(":")[1].split()[0])
+    assert 0.03 < rate < 0.07
