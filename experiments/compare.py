@@ -116,6 +116,9 @@ def curves(rows: list[dict]) -> dict:
         "token_entropy": [r["token_entropy"] for r in rows],
         "invalid_action_rate": [r.get("invalid_action_rate", float("nan")) for r in rows],
         "wall_s": total_wall(rows),
+        # Median seconds per step past the first 5 (which compile), rollout and update.
+        "step_s": [float(np.median([r.get(k, np.nan) for r in rows[5:] or rows]))
+                   for k in ("time_rollout_s", "time_update_s")],
     }
 
 
@@ -146,8 +149,9 @@ def summarise(run_curves: dict, budget: float, threshold: float, smooth: int = 5
 
 def table(results: dict, threshold: float, budget: float) -> str:
     lines = [f"| method | seeds | final success (last 10 steps within {budget:,.0f} env steps) | "
-             f"env steps to {threshold:.0%} success (5-step mean) | final invalid-action rate | wall s per run |",
-             "|---|---|---|---|---|---|"]
+             f"env steps to {threshold:.0%} success (5-step mean) | final invalid-action rate | "
+             "s per step: rollout + update (median) | wall s per run |",
+             "|---|---|---|---|---|---|---|"]
     for method, runs in results.items():
         finals = np.array([r["summary"]["final_success"] for r in runs])
         hits = [r["summary"]["env_steps_to_threshold"] for r in runs]
@@ -156,8 +160,9 @@ def table(results: dict, threshold: float, budget: float) -> str:
                    (f" ({len(reached)}/{len(hits)} seeds)" if len(reached) < len(hits) else "")
         invalid = np.array([r["summary"]["final_invalid"] for r in runs])
         wall = np.mean([r["wall_s"] for r in runs])
+        rollout_s, update_s = np.mean([r["step_s"] for r in runs], axis=0)
         lines.append(f"| {method} | {len(runs)} | {finals.mean():.2f} +- {finals.std():.2f} | {hit_text} | "
-                     f"{invalid.mean():.2f} +- {invalid.std():.2f} | {wall:.0f} |")
+                     f"{invalid.mean():.2f} +- {invalid.std():.2f} | {rollout_s:.2f} + {update_s:.2f} | {wall:.0f} |")
     return "\n".join(lines)
 
 

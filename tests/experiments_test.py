@@ -39,6 +39,7 @@ def fake_rows(n, *, env_steps=100, seed=0, rise_at=10):
         hist[mechanism.ALPHA_BINS // 2 if i < n // 2 else 0] = 1.0
         rows.append({"step": i + 1, "env_steps": env_steps, "success": success, "token_entropy": 2.0 - i / n,
                      "invalid_action_rate": 1.0 - success, "wall_s": 10.0 * (i + 1),
+                     "time_rollout_s": 30.0 if i < 5 else 2.0, "time_update_s": 3.0,
                      "predicted_entropy_drift": float(rng.normal()), "measured_entropy_change": float(rng.normal()),
                      "predicted_entropy_drift_pos": 0.1, "predicted_entropy_drift_neg": -0.2,
                      "frac_positive_advantage": 0.5, **{f"alpha_hist_{k}": float(h) for k, h in enumerate(hist)}})
@@ -88,8 +89,8 @@ def test_table_reports_mean_std_and_unreached_seeds():
         results[method] = runs
     text = compare.table(results, 0.8, 2000)
     lines = text.splitlines()
-    assert lines[0].count("|") == lines[2].count("|") == 7
-    assert "| fast | 3 | 1.00 +- 0.00 | 1,000 +- 82 | 0.00 +- 0.00 |" in text
+    assert lines[0].count("|") == lines[2].count("|") == 8
+    assert "| fast | 3 | 1.00 +- 0.00 | 1,000 +- 82 | 0.00 +- 0.00 | 2.00 + 3.00 | 200 |" in text
     assert "| never | 3 | 0.00 +- 0.00 | never (0/3 seeds) | 1.00 +- 0.00 |" in text
 
 
