@@ -78,6 +78,8 @@ def base() -> ConfigDict:
     c.loss.dual_clip = 0.0           # dual-clip constant c > 1 (0 = off)
     c.loss.agg = "token-mean"        # token-mean | seq-mean-token-sum | seq-mean-token-mean | seq-mean-token-sum-norm
     c.loss.entropy_coef = 0.01       # entropy bonus weight (keeps the digit choice open until the copy is learnt)
+    c.loss.entropy_mask = "all"      # tokens the bonus covers: all | nonzero_advantage (only responses with
+                                     # A != 0, so groups whose rollouts all succeed stop drifting to high entropy)
     c.loss.kl_coef = 0.0             # KL-to-reference weight (0 = no reference model)
     c.loss.kl_kind = "low_var_kl"    # k1 | k2 | k3 | low_var_kl
     c.loss.chunk_size = 1024         # tokens per chunk of the log-prob computation

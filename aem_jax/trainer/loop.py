@@ -89,6 +89,7 @@ class Trainer:
         self.loss_settings = LossSettings(
             kind=self.algorithm.loss, clip_low=c.loss.clip_low, clip_high=c.loss.clip_high,
             dual_clip=c.loss.dual_clip or None, agg=c.loss.agg, entropy_coef=c.loss.entropy_coef,
+            entropy_mask=c.loss.entropy_mask,
             kl_coef=c.loss.kl_coef, kl_kind=c.loss.kl_kind,
             value_coef=c.ppo.value_coef if self.algorithm.value_head else 0.0,
             chunk_size=c.loss.chunk_size, num_turns=self.rollout_config.max_turns

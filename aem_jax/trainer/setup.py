@@ -14,6 +14,7 @@ from aem_jax.rollout import RolloutConfig
 from aem_jax.rollout.config import message_words
 from aem_jax.trainer import algorithms, sharding
 
+ENTROPY_MASKS = ("all", "nonzero_advantage")
 AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 AEM_SCOPES = ("group", "batch", "trajectory")
 AEM_SIGNALS = ("mean_token_entropy", "surprisal_per_token")
@@ -69,6 +70,8 @@ def validate(config) -> None:
     checks = [
         ("total_steps", config.total_steps, config.total_steps >= 1, "must be >= 1"),
         ("loss.agg", config.loss.agg, config.loss.agg in AGGREGATIONS, f"allowed: {AGGREGATIONS}"),
+        ("loss.entropy_mask", config.loss.entropy_mask, config.loss.entropy_mask in ENTROPY_MASKS,
+         f"allowed: {ENTROPY_MASKS}"),
         ("aem.scope", config.aem.scope, config.aem.scope in AEM_SCOPES, f"allowed: {AEM_SCOPES}"),
         ("aem.signal", config.aem.signal, config.aem.signal in AEM_SIGNALS, f"allowed: {AEM_SIGNALS}"),
         ("aem.min_range", config.aem.min_range, config.aem.min_range >= 0, "must be >= 0"),

@@ -50,6 +50,7 @@ class LossSettings:
     dual_clip: float | None = None
     agg: str = "token-mean"
     entropy_coef: float = 0.0
+    entropy_mask: str = "all"      # "all" | "nonzero_advantage": tokens the entropy bonus covers
     kl_coef: float = 0.0
     kl_kind: str = "low_var_kl"
     value_coef: float = 0.0        # > 0 trains the value head (PPO)
@@ -99,7 +100,11 @@ def pg_loss(trainable, graphdef, mb, settings: LossSettings):
                "token_entropy_new": jnp.sum(ent * mask) / jnp.maximum(jnp.sum(mask), 1.0)}
     total = loss
     if settings.entropy_coef:
-        bonus, _ = obj.entropy_bonus(ent, mask, coef=settings.entropy_coef, agg=settings.agg)
+        # "nonzero_advantage": no bonus where the advantage is 0 (a group whose
+        # rollouts all got the same return), so once every group succeeds the
+        # bonus is not left as the only gradient, which Adam scales to full steps.
+        ent_mask = mask if settings.entropy_mask == "all" else mask * (mb["advantages"] != 0)
+        bonus, _ = obj.entropy_bonus(ent, ent_mask, coef=settings.entropy_coef, agg=settings.agg)
         total = total + bonus
     if settings.kl_coef:
         kl = obj.kl_penalty(logp, mb["ref_logp"], kind=settings.kl_kind)

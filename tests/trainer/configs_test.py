@@ -87,3 +87,13 @@ def test_load_config_applies_typed_overrides_and_names_bad_keys():
         setup.load_config(path, ["aem.enabled=yes"])
     with pytest.raises(FileNotFoundError, match="missing.py"):
         setup.load_config(str(CONFIGS / "missing.py"))
+
+
+def test_entropy_mask_is_validated_before_building():
+    from aem_jax.trainer import setup
+
+    config = setup.load_config(str(CONFIGS / "default.py"), ["loss.entropy_mask=nonzero_advantage"])
+    setup.validate(config)
+    config.loss.entropy_mask = "positive"
+    with pytest.raises(ValueError, match=r"config.loss.entropy_mask='positive'.*nonzero_advantage"):
+        setup.validate(config)

@@ -83,3 +83,33 @@ def test_non_finite_update_is_skipped():
     assert int(new.nonfinite) == 1 and int(new.step) == 0
     for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(before)):
         np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_entropy_bonus_can_skip_zero_advantage_responses():
+    """entropy_mask="nonzero_advantage": a batch whose advantages are all 0 gives no gradient at all
+    (the bonus covers no token); "all" keeps the bonus, and with some A != 0 the two agree on the
+    bonus's value over those rows."""
+    from aem_jax.trainer.update import pg_loss
+
+    model = models.Decoder(CONFIG, rngs=nnx.Rngs(0))
+    graphdef, params, _ = nnx.split(model, nnx.Param, ...)
+    batch = {k: jnp.asarray(v) for k, v in _batch().items()}
+    zero = dict(batch, advantages=jnp.zeros_like(batch["advantages"]))
+
+    def grad_norm(mb, mask_kind):
+        settings = LossSettings(chunk_size=32, entropy_coef=0.1, entropy_mask=mask_kind)
+        grads = jax.grad(lambda p: pg_loss((p, {}), graphdef, mb, settings)[0])(params)
+        return float(optax.tree.norm(grads))
+
+    assert grad_norm(zero, "all") > 1e-4
+    assert grad_norm(zero, "nonzero_advantage") == 0.0
+
+    # Half the rows with A = 0: the masked bonus is the entropy mean over the other half's tokens.
+    half = dict(batch, advantages=batch["advantages"].at[::2].set(0.0))
+    settings = LossSettings(chunk_size=32, entropy_coef=1.0, entropy_mask="nonzero_advantage")
+    loss, metrics = pg_loss((params, {}), graphdef, half, settings)
+    from aem_jax.trainer.update import shifted_logp_entropy
+    _, ent, _ = shifted_logp_entropy(graphdef, params, half["tokens"], half["attention_mask"], chunk_size=32)
+    keep = np.asarray(half["loss_mask"]) * (np.asarray(half["advantages"]) != 0)
+    want_bonus = -(np.asarray(ent) * keep).sum() / keep.sum()
+    np.testing.assert_allclose(float(loss - metrics["policy_loss"]), want_bonus, rtol=1e-5)
