@@ -79,7 +79,7 @@ def base() -> ConfigDict:
     c.loss.agg = "token-mean"        # token-mean | seq-mean-token-sum | seq-mean-token-mean | seq-mean-token-sum-norm
     c.loss.entropy_coef = 0.01       # entropy bonus weight (keeps the digit choice open until the copy is learnt)
     c.loss.entropy_mask = "all"      # tokens the bonus covers: all | nonzero_advantage (only responses with
-                                     # A != 0, so groups whose rollouts all succeed stop drifting to high entropy)
+                                     # A != 0: groups whose rollouts all got the same return get no bonus)
     c.loss.kl_coef = 0.0             # KL-to-reference weight (0 = no reference model)
     c.loss.kl_kind = "low_var_kl"    # k1 | k2 | k3 | low_var_kl
     c.loss.chunk_size = 1024         # tokens per chunk of the log-prob computation

@@ -102,7 +102,8 @@ def pg_loss(trainable, graphdef, mb, settings: LossSettings):
     if settings.entropy_coef:
         # "nonzero_advantage": no bonus where the advantage is 0 (a group whose
         # rollouts all got the same return), so once every group succeeds the
-        # bonus is not left as the only gradient, which Adam scales to full steps.
+        # bonus is not the only gradient left (docs/results.md: this alone did
+        # not stop the default job's late-training dips).
         ent_mask = mask if settings.entropy_mask == "all" else mask * (mb["advantages"] != 0)
         bonus, _ = obj.entropy_bonus(ent, ent_mask, coef=settings.entropy_coef, agg=settings.agg)
         total = total + bonus
