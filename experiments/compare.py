@@ -3,6 +3,8 @@
   python experiments/compare.py --env treasure --methods grpo grpo_aem --seeds 0 1 2 --out docs/compare_treasure
   python experiments/compare.py --env textworld --methods all --steps 60 --workers 2 --out docs/compare_textworld
   python experiments/compare.py --methods ablations --out docs/ablations_treasure
+  python experiments/compare.py --methods default grpo_aem --seeds 0 1 2 3 4 --steps 250 --heldout 64 \
+      --runs-dir runs/default_seeds --out docs/default_seeds
 
 Each run is ``python -m aem_jax.train`` on the method's config file (with the
 ``:textworld`` variant on TextWorld) plus the method's overrides, for the same
@@ -31,11 +33,19 @@ import sys
 
 import numpy as np
 
+# Every method of a comparison runs with the same PPO clip: dual clip off, as
+# in base(). configs/default.py (the default job) turns dual clip on, so its
+# entries turn it off again; "default" and the *_dc entries keep it.
+NO_DUAL_CLIP = "--config.loss.dual_clip=0.0"
+DUAL_CLIP = "--config.loss.dual_clip=3.0"
+
 # method -> (config file, overrides). The config file carries the algorithm's
 # own settings; AEM is switched explicitly so every "+AEM" pair differs in one flag.
 METHODS: dict[str, tuple[str, list[str]]] = {
-    "grpo": ("configs/default.py", ["--config.aem.enabled=False"]),
-    "grpo_aem": ("configs/default.py", ["--config.aem.enabled=True"]),
+    # The default job as shipped (GRPO + AEM, dual clip 3).
+    "default": ("configs/default.py", []),
+    "grpo": ("configs/default.py", ["--config.aem.enabled=False", NO_DUAL_CLIP]),
+    "grpo_aem": ("configs/default.py", ["--config.aem.enabled=True", NO_DUAL_CLIP]),
     "dapo": ("configs/dapo.py", ["--config.aem.enabled=False"]),
     "dapo_aem": ("configs/dapo.py", ["--config.aem.enabled=True"]),
     "rloo": ("configs/rloo.py", ["--config.aem.enabled=False"]),
@@ -44,19 +54,23 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     "ppo": ("configs/ppo.py", ["--config.aem.enabled=False"]),
     "archer": ("configs/archer.py", ["--config.aem.enabled=False"]),
     "etpo": ("configs/etpo.py", []),
+    # GRPO and GRPO + AEM with dual clip 3, the default job's setting.
+    "grpo_dc": ("configs/default.py", ["--config.aem.enabled=False", DUAL_CLIP]),
+    "grpo_aem_dc": ("configs/default.py", ["--config.aem.enabled=True", DUAL_CLIP]),
     # Ablations of AEM's choices (GRPO + AEM with one setting changed; grpo_aem
     # is lam=1, scope=group).
-    "aem_lam0.5": ("configs/default.py", ["--config.aem.lam=0.5"]),
-    "aem_lam2": ("configs/default.py", ["--config.aem.lam=2.0"]),
-    "aem_scope_batch": ("configs/default.py", ["--config.aem.scope=batch"]),
-    "aem_scope_trajectory": ("configs/default.py", ["--config.aem.scope=trajectory"]),
-    "aem_reversed": ("configs/default.py", ["--config.aem.lam=-1.0"]),
-    "aem_shuffled": ("configs/default.py", ["--config.aem.shuffle=True"]),
+    "aem_lam0.5": ("configs/default.py", ["--config.aem.lam=0.5", NO_DUAL_CLIP]),
+    "aem_lam2": ("configs/default.py", ["--config.aem.lam=2.0", NO_DUAL_CLIP]),
+    "aem_scope_batch": ("configs/default.py", ["--config.aem.scope=batch", NO_DUAL_CLIP]),
+    "aem_scope_trajectory": ("configs/default.py", ["--config.aem.scope=trajectory", NO_DUAL_CLIP]),
+    "aem_reversed": ("configs/default.py", ["--config.aem.lam=-1.0", NO_DUAL_CLIP]),
+    "aem_shuffled": ("configs/default.py", ["--config.aem.shuffle=True", NO_DUAL_CLIP]),
 }
 GROUPS = {
     "all": ["grpo", "grpo_aem", "dapo", "dapo_aem", "rloo", "rloo_aem", "gigpo", "ppo", "archer", "etpo"],
     "ablations": ["grpo", "grpo_aem", "aem_lam0.5", "aem_lam2", "aem_scope_batch", "aem_scope_trajectory",
                   "aem_reversed", "aem_shuffled"],
+    "dual_clip": ["grpo", "grpo_aem", "grpo_dc", "grpo_aem_dc"],
 }
 # Per-environment overrides applied to every method, so all see the same game.
 ENVS: dict[str, tuple[str, list[str]]] = {
@@ -78,14 +92,15 @@ ENV_METHOD: dict[tuple[str, str], list[str]] = {
 }
 
 
-def command(method: str, env: str, seed: int, steps: int, workdir: str, extra: list[str]) -> list[str]:
+def command(method: str, env: str, seed: int, steps: int, workdir: str, extra: list[str],
+            heldout: int = 0) -> list[str]:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)} or a group: {', '.join(GROUPS)}")
     config, overrides = METHODS[method]
     variant, env_overrides = ENVS[env]
     return [sys.executable, "-m", "aem_jax.train", f"--config={config}" + (f":{variant}" if variant else ""),
             *env_overrides, *overrides, *ENV_METHOD.get((env, method), []), *extra, f"--config.seed={seed}", f"--config.total_steps={steps}",
-            "--config.eval.num_tasks=0", f"--workdir={workdir}"]
+            f"--config.eval.num_tasks={heldout}", f"--workdir={workdir}"]
 
 
 def read_metrics(workdir: str) -> list[dict]:
@@ -96,15 +111,29 @@ def read_metrics(workdir: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def run(cmd: list[str], workdir: str, steps: int, core: int | None) -> str:
-    """Runs one training job unless its workdir already holds ``steps`` steps."""
-    if len(read_metrics(workdir)) >= steps:
+def read_heldout(workdir: str) -> dict | None:
+    """The trainer's held-out evaluation after training (``eval.json``), or None."""
+    path = os.path.join(workdir, "eval.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def run(cmd: list[str], workdir: str, steps: int, core: int | None, heldout: int = 0) -> str:
+    """Runs one training job unless its workdir already holds ``steps`` steps
+    (and, with ``heldout`` > 0, a held-out evaluation of that many tasks at
+    that step; a finished run without one resumes at its last checkpoint, which
+    only evaluates)."""
+    done = read_heldout(workdir) if heldout else None
+    if len(read_metrics(workdir)) >= steps and (
+            not heldout or (done is not None and (done["step"], done["num_tasks"]) == (steps, heldout))):
         return workdir
     if core is not None and shutil.which("taskset"):
         cmd = ["taskset", "-c", str(core), *cmd]
     print(" ".join(cmd), flush=True)
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "train.log"), "w") as log:
+    with open(os.path.join(workdir, "train.log"), "a") as log:
         subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
     return workdir
 
@@ -115,6 +144,7 @@ def curves(rows: list[dict]) -> dict:
         "success": [r["success"] for r in rows],
         "token_entropy": [r["token_entropy"] for r in rows],
         "invalid_action_rate": [r.get("invalid_action_rate", float("nan")) for r in rows],
+        "approx_kl": [r.get("approx_kl", float("nan")) for r in rows],
         "wall_s": total_wall(rows),
         # Median seconds per step past the first 5 (which compile), rollout and update.
         "step_s": [float(np.median([r.get(k, np.nan) for r in rows[5:] or rows]))
@@ -166,6 +196,33 @@ def table(results: dict, threshold: float, budget: float) -> str:
     return "\n".join(lines)
 
 
+def seed_table(results: dict, threshold: float, smooth: int = 5) -> str:
+    """One row per run over all its steps: when the ``smooth``-step mean of
+    success first reached ``threshold``, the lowest success of a step after
+    that (how steady the run stayed), the largest approximate KL of one step,
+    the mean success of the last 10 steps and, where the run has one, the
+    held-out success after training."""
+    lines = [f"| method | seed | steps | first step with {smooth}-step mean success >= {threshold:.2f} | "
+             "lowest success after it | largest approx KL of a step | success, last 10 steps | "
+             "held-out success after training |",
+             "|---|---|---|---|---|---|---|---|"]
+    for method, runs in results.items():
+        for r in runs:
+            success = np.array(r["success"])
+            w = min(smooth, len(success))
+            hit = np.flatnonzero(np.convolve(success, np.ones(w) / w, mode="valid") >= threshold)
+            first = int(hit[0]) + w if hit.size else None
+            after = success[first:]
+            kl = np.array(r.get("approx_kl", [np.nan]), dtype=float)
+            held = r.get("heldout")
+            cells = [method, str(r["seed"]), str(len(success)), str(first) if first else "never",
+                     f"{after.min():.2f}" if first and after.size else "-",
+                     f"{np.nanmax(kl):.2f}" if np.isfinite(kl).any() else "-", f"{success[-10:].mean():.2f}",
+                     f"{held['success_after']:.2f} ({held['num_tasks']} tasks)" if held else "-"]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def smooth(values: list[float], width: int = 5) -> np.ndarray:
     """Centred moving mean; at the ends, the mean of the values in reach (no zero padding)."""
     kernel = np.ones(min(width, len(values)))
@@ -212,10 +269,14 @@ def main():
     p.add_argument("--threshold", type=float, default=0.8)
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="config overrides for every run, e.g. rollout.seq_bucket=32")
+    p.add_argument("--heldout", type=int, default=0, metavar="N",
+                   help="evaluate each run on N held-out tasks after training (eval.num_tasks; 0: none)")
     p.add_argument("--workers", type=int, default=1, help="runs in parallel (each pinned to one core)")
     p.add_argument("--runs-dir", default=None, help="default: runs/compare_ENV")
     p.add_argument("--out", default=None, help="default: docs/compare_ENV")
     args = p.parse_args()
+    if args.heldout < 0:
+        p.error(f"--heldout must be >= 0, got {args.heldout}")
     methods = [m for name in args.methods for m in GROUPS.get(name, [name])]
     for m in methods:
         if m not in METHODS:
@@ -234,7 +295,8 @@ def main():
         workdir = os.path.join(runs_dir, f"{m}_s{s}")
         core = cores.get()
         try:
-            return run(command(m, args.env, s, args.steps, workdir, extra), workdir, args.steps, core)
+            return run(command(m, args.env, s, args.steps, workdir, extra, args.heldout), workdir, args.steps, core,
+                       args.heldout)
         finally:
             cores.put(core)
 
@@ -243,11 +305,14 @@ def main():
         futures = {(m, s): pool.submit(job, m, s) for s in args.seeds for m in methods}
         workdirs = {k: f.result() for k, f in futures.items()}
 
-    raw = {m: [curves(read_metrics(workdirs[(m, s)])[:args.steps]) for s in args.seeds] for m in methods}
+    raw = {m: [dict(curves(read_metrics(workdirs[(m, s)])[:args.steps]),
+                    heldout=read_heldout(workdirs[(m, s)]) if args.heldout else None)
+               for s in args.seeds] for m in methods}
     budget = min(r["env_steps"][-1] for runs in raw.values() for r in runs)
     results = {m: [dict(r, seed=s, summary=summarise(r, budget, args.threshold))
                    for s, r in zip(args.seeds, runs)] for m, runs in raw.items()}
-    text = table(results, args.threshold, budget)
+    text = table(results, args.threshold, budget) + "\n\nPer run, over all its steps:\n\n" + \
+        seed_table(results, 0.9)
     print(text)
     write_atomic(out + ".json", json.dumps({"env": args.env, "budget_env_steps": budget, "steps": args.steps,
                                             "overrides": args.set, "results": results}))

@@ -108,6 +108,21 @@ def test_command_per_environment_and_unknown_method():
         assert set(group) <= set(compare.METHODS)
 
 
+def test_comparison_runs_every_method_with_the_same_dual_clip():
+    """The default job turns dual clip on; a comparison turns it off for every
+    method except the *_dc pair, which measures it, and the default job itself."""
+    from aem_jax.trainer import setup
+
+    assert setup.load_config(os.path.join(ROOT, "configs/default.py")).loss.dual_clip == 3.0
+    for env in compare.ENVS:
+        for method in compare.METHODS:
+            cmd = compare.command(method, env, 0, 5, "/w", [])
+            spec = cmd[3].removeprefix("--config=")
+            overrides = [a.removeprefix("--config.") for a in cmd if a.startswith("--config.")]
+            config = setup.load_config(os.path.join(ROOT, spec), overrides)
+            assert config.loss.dual_clip == (3.0 if method.endswith("_dc") or method == "default" else 0.0), (env, method)
+
+
 def test_compare_reuses_finished_runs_and_writes_table_and_figure(tmp_path, monkeypatch):
     runs = tmp_path / "runs"
     for method in ("grpo", "grpo_aem"):
@@ -125,6 +140,40 @@ def test_compare_reuses_finished_runs_and_writes_table_and_figure(tmp_path, monk
     assert (tmp_path / "docs" / "cmp.md").read_text().startswith("| method |")
     assert (tmp_path / "docs" / "cmp.png").stat().st_size > 10_000
     assert not [p for p in os.listdir(tmp_path / "docs") if ".tmp" in p]
+
+
+def test_heldout_runs_evaluate_finished_runs_once_and_fill_the_seed_table(tmp_path, monkeypatch):
+    """--heldout N: a finished run without eval.json is resumed (which only evaluates);
+    one with it is reused; the per-run table reports the held-out success and steadiness."""
+    runs = tmp_path / "runs"
+    rows = fake_rows(12, rise_at=4)
+    rows[9]["success"] = 0.5  # a dip after the 5-step mean first reached 0.9 (step 9)
+    for r, kl in zip(rows, np.linspace(0.0, 3.0, 12)):
+        r["approx_kl"] = float(kl)
+    for seed in (0, 1):
+        write_run(runs / f"grpo_aem_dc_s{seed}", rows)
+    (runs / "grpo_aem_dc_s1" / "eval.json").write_text(json.dumps(
+        {"step": 12, "num_tasks": 8, "success_before": 0.0, "success_after": 0.875}))
+    calls = []
+
+    def fake_train(cmd, **kwargs):  # what the trainer's final evaluation leaves behind
+        calls.append(cmd)
+        workdir = next(a for a in cmd if a.startswith("--workdir=")).removeprefix("--workdir=")
+        assert "--config.eval.num_tasks=8" in cmd
+        with open(os.path.join(workdir, "eval.json"), "w") as f:
+            json.dump({"step": 12, "num_tasks": 8, "success_before": None, "success_after": 0.5}, f)
+
+    monkeypatch.setattr(compare.subprocess, "run", fake_train)
+    out = tmp_path / "seeds"
+    monkeypatch.setattr(sys, "argv", ["compare.py", "--methods", "grpo_aem_dc", "--seeds", "0", "1", "--steps", "12",
+                                      "--heldout", "8", "--runs-dir", str(runs), "--out", str(out)])
+    compare.main()
+    assert len(calls) == 1 and "--workdir=" + str(runs / "grpo_aem_dc_s0") in calls[0]
+    text = (tmp_path / "seeds.md").read_text()
+    assert "| grpo_aem_dc | 0 | 12 | 9 | 0.50 | 3.00 | 0.75 | 0.50 (8 tasks) |" in text
+    assert "| grpo_aem_dc | 1 | 12 | 9 | 0.50 | 3.00 | 0.75 | 0.88 (8 tasks) |" in text
+    compare.main()  # both evaluated now: nothing runs
+    assert len(calls) == 1
 
 
 def test_mechanism_stats_and_figures(tmp_path, monkeypatch):

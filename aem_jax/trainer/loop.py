@@ -300,8 +300,9 @@ class Trainer:
                     record["measured_entropy_change"] = record["token_entropy"] - prev_entropy
                 prev_entropy = record["token_entropy"]
                 t0 = time.perf_counter()
-                ckpt.save(step + 1, self.checkpoint_state(), host=self.checkpoint_host(), meta={"token_entropy": prev_entropy, "task_cursor": step + 1,
-                                                      "seed": c.seed},
+                ckpt.save(step + 1, self.checkpoint_state(), host=self.checkpoint_host(),
+                          meta={"token_entropy": prev_entropy, "task_cursor": step + 1, "seed": c.seed,
+                                "success_before": summary.get("success_before", meta.get("success_before"))},
                           force=step + 1 == c.total_steps)
                 record["time_checkpoint_s"] = time.perf_counter() - t0
                 record["wall_s"] = time.perf_counter() - t_start
@@ -322,6 +323,10 @@ class Trainer:
                 if primary:
                     print(f"success after training: {summary['success_after']:.2f} "
                           f"({c.eval.num_tasks} held-out tasks)", flush=True)
+                    metrics.write_json(os.path.join(self.workdir, "eval.json"), {
+                        "step": c.total_steps, "num_tasks": c.eval.num_tasks,
+                        "success_before": summary.get("success_before", meta.get("success_before")),
+                        "success_after": summary["success_after"]})
             if primary:
                 summary["plot"] = metrics.plot(self.workdir, os.path.join(self.workdir, "curves.png"),
                                                keys=("success", "token_entropy", "alpha_std", "predicted_entropy_drift"))

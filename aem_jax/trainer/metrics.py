@@ -73,6 +73,15 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     return records
 
 
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Writes ``obj`` as JSON to ``path`` atomically (a temporary file, then a rename)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
 def _truncate_jsonl(path: str, resume_step: int | None) -> None:
     """Keeps records with step <= resume_step (none when None), atomically."""
     if not os.path.exists(path):

@@ -8,6 +8,7 @@ compilation prints a ``Compiling ...`` line that the fail-fast tests look for.
 from __future__ import annotations
 
 import json
+import re
 import pathlib
 import time
 
@@ -81,3 +82,8 @@ def test_smoke_job_leaves_metrics_events_checkpoints_and_a_plot(tmp_path, cache_
     assert list((workdir / "tb").glob("events.out.tfevents.*"))
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["1", "2"]
     assert (workdir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    result = json.loads((workdir / "eval.json").read_text())
+    assert (result["step"], result["num_tasks"]) == (2, 2)
+    printed = re.search(r"success after training: ([0-9.]+)", proc.stdout).group(1)
+    assert f"{result['success_after']:.2f}" == printed and 0.0 <= result["success_before"] <= 1.0
+    assert not list(workdir.glob("*.tmp"))
