@@ -66,6 +66,8 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     "aem_reversed": ("configs/default.py", ["--config.aem.lam=-1.0", NO_DUAL_CLIP]),
     "aem_shuffled": ("configs/default.py", ["--config.aem.shuffle=True", NO_DUAL_CLIP]),
 }
+# Plain twins of "+ AEM" methods: dashed in the figures.
+PLAIN = ("grpo", "grpo_dc", "dapo", "rloo")
 GROUPS = {
     "all": ["grpo", "grpo_aem", "dapo", "dapo_aem", "rloo", "rloo_aem", "gigpo", "ppo", "archer", "etpo"],
     "ablations": ["grpo", "grpo_aem", "aem_lam0.5", "aem_lam2", "aem_scope_batch", "aem_scope_trajectory",
@@ -237,7 +239,7 @@ def plot(results: dict, budget: float, out_png: str, title: str) -> None:
     grid = np.linspace(0, budget, 200)
     fig, axes = plt.subplots(1, 3, figsize=(17, 4))
     for method, runs in results.items():
-        style = "-" if "aem" in method or method in ("gigpo", "ppo", "archer", "etpo") else "--"
+        style = "--" if method in PLAIN else "-"
         for ax, key in zip(axes, ("success", "token_entropy", "invalid_action_rate")):
             ys = np.array([np.interp(grid, r["env_steps"], smooth(r[key]),
                                      right=np.nan) for r in runs])
