@@ -26,7 +26,8 @@ def main(argv):
     from aem_jax.trainer.loop import train  # after flags: jax flags may be set by configs
 
     summary = train(_CONFIG.value, os.path.expanduser(_WORKDIR.value))
-    print(f"workdir: {_WORKDIR.value} (metrics.jsonl, tb/, checkpoints/, curves.png)")
+    outputs = "metrics.jsonl, tb/, checkpoints/, curves.png" + (", eval.json" if "success_after" in summary else "")
+    print(f"workdir: {_WORKDIR.value} ({outputs})")
     return 0 if summary else 1
 
 
