@@ -70,6 +70,10 @@ def validate(config) -> None:
     checks = [
         ("total_steps", config.total_steps, config.total_steps >= 1, "must be >= 1"),
         ("loss.agg", config.loss.agg, config.loss.agg in AGGREGATIONS, f"allowed: {AGGREGATIONS}"),
+        ("loss.dual_clip", config.loss.dual_clip, config.loss.dual_clip == 0 or config.loss.dual_clip > 1,
+         "must be 0 (off) or a constant > 1"),
+        ("loss.clip_low", config.loss.clip_low, 0 <= config.loss.clip_low < 1, "must be in [0, 1)"),
+        ("loss.clip_high", config.loss.clip_high, config.loss.clip_high >= 0, "must be >= 0"),
         ("loss.entropy_mask", config.loss.entropy_mask, config.loss.entropy_mask in ENTROPY_MASKS,
          f"allowed: {ENTROPY_MASKS}"),
         ("aem.scope", config.aem.scope, config.aem.scope in AEM_SCOPES, f"allowed: {AEM_SCOPES}"),

@@ -97,3 +97,19 @@ def test_entropy_mask_is_validated_before_building():
     config.loss.entropy_mask = "positive"
     with pytest.raises(ValueError, match=r"config.loss.entropy_mask='positive'.*nonzero_advantage"):
         setup.validate(config)
+
+
+@pytest.mark.parametrize("key,bad,message", [
+    ("dual_clip", 0.5, "must be 0 (off) or a constant > 1"),
+    ("dual_clip", 1.0, "must be 0 (off) or a constant > 1"),
+    ("clip_low", 1.0, "must be in [0, 1)"),
+    ("clip_high", -0.1, "must be >= 0"),
+])
+def test_clip_settings_are_validated_before_building(key, bad, message):
+    from aem_jax.trainer import setup
+
+    config = setup.load_config(str(CONFIGS / "default.py"))
+    setup.validate(config)  # dual clip 3, clips 0.2: fine
+    config.loss[key] = bad
+    with pytest.raises(ValueError, match=re.escape(f"config.loss.{key}={bad!r} is not allowed; {message}")):
+        setup.validate(config)
