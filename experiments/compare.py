@@ -171,12 +171,18 @@ def summarise(run_curves: dict, budget: float, threshold: float, smooth: int = 5
     n = max(int(np.searchsorted(env, budget, side="right")), 1)
     env, success = env[:n], success[:n]
     invalid = np.array(run_curves.get("invalid_action_rate", [np.nan] * len(env)))[:n]
-    smooth = min(smooth, n)
-    avg = np.convolve(success, np.ones(smooth) / smooth, mode="valid")
-    hit = np.flatnonzero(avg >= threshold)
+    hit = first_crossing(success, threshold, smooth)
     return {"final_success": float(success[-10:].mean()), "final_invalid": float(invalid[-10:].mean()),
             "steps_used": n,
-            "env_steps_to_threshold": float(env[hit[0] + smooth - 1]) if hit.size else None}
+            "env_steps_to_threshold": float(env[hit]) if hit is not None else None}
+
+
+def first_crossing(success: np.ndarray, threshold: float, smooth: int = 5) -> int | None:
+    """Index of the step that ends the first ``smooth``-step window (shorter
+    runs: all steps) whose mean success is >= ``threshold``; None: never."""
+    w = min(smooth, len(success))
+    hit = np.flatnonzero(np.convolve(success, np.ones(w) / w, mode="valid") >= threshold)
+    return int(hit[0]) + w - 1 if hit.size else None
 
 
 def table(results: dict, threshold: float, budget: float) -> str:
@@ -211,10 +217,9 @@ def seed_table(results: dict, threshold: float, smooth: int = 5) -> str:
     for method, runs in results.items():
         for r in runs:
             success = np.array(r["success"])
-            w = min(smooth, len(success))
-            hit = np.flatnonzero(np.convolve(success, np.ones(w) / w, mode="valid") >= threshold)
-            first = int(hit[0]) + w if hit.size else None
-            after = success[first:]
+            hit = first_crossing(success, threshold, smooth)
+            first = None if hit is None else hit + 1  # steps count from 1
+            after = success[first:] if first else success[:0]
             kl = np.array(r.get("approx_kl", [np.nan]), dtype=float)
             held = r.get("heldout")
             cells = [method, str(r["seed"]), str(len(success)), str(first) if first else "never",
