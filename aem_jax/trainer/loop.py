@@ -286,6 +286,8 @@ class Trainer:
             start, meta = self.restore(ckpt)
             writer = metrics.MetricsWriter(self.workdir, resume_step=start if start else None)
             summary: dict[str, Any] = {"start_step": start}
+            # Kept in checkpoint metadata, so a resumed run still reports it.
+            summary["success_before"] = meta.get("success_before")
             if c.eval.num_tasks and start == 0:
                 summary["success_before"] = self.evaluate(c.eval.num_tasks)
                 if primary:
@@ -302,7 +304,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 ckpt.save(step + 1, self.checkpoint_state(), host=self.checkpoint_host(),
                           meta={"token_entropy": prev_entropy, "task_cursor": step + 1, "seed": c.seed,
-                                "success_before": summary.get("success_before", meta.get("success_before"))},
+                                "success_before": summary["success_before"]},
                           force=step + 1 == c.total_steps)
                 record["time_checkpoint_s"] = time.perf_counter() - t0
                 record["wall_s"] = time.perf_counter() - t_start
@@ -325,7 +327,7 @@ class Trainer:
                           f"({c.eval.num_tasks} held-out tasks)", flush=True)
                     metrics.write_json(os.path.join(self.workdir, "eval.json"), {
                         "step": c.total_steps, "num_tasks": c.eval.num_tasks,
-                        "success_before": summary.get("success_before", meta.get("success_before")),
+                        "success_before": summary["success_before"],
                         "success_after": summary["success_after"]})
             if primary:
                 summary["plot"] = metrics.plot(self.workdir, os.path.join(self.workdir, "curves.png"),

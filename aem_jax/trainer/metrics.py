@@ -73,13 +73,18 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     return records
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Writes ``obj`` as JSON to ``path`` atomically (a temporary file, then a rename)."""
+def _write_atomically(path: str | os.PathLike, text: str) -> None:
+    """Writes ``text`` to ``path`` through a temporary file and a rename, so a
+    killed writer never leaves a half-written file."""
     tmp = f"{path}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
+        f.write(text)
     os.replace(tmp, path)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Writes ``obj`` as JSON to ``path`` atomically."""
+    _write_atomically(path, json.dumps(obj, indent=1) + "\n")
 
 
 def _truncate_jsonl(path: str, resume_step: int | None) -> None:
@@ -87,10 +92,7 @@ def _truncate_jsonl(path: str, resume_step: int | None) -> None:
     if not os.path.exists(path):
         return
     kept = [] if resume_step is None else [r for r in read_jsonl(path) if r.get("step", -1) <= resume_step]
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in kept)
-    os.replace(tmp, path)
+    _write_atomically(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def _wait_for_later_timestamp(logdir: str) -> None:
