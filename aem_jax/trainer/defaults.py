@@ -94,6 +94,40 @@ def base() -> ConfigDict:
     c.dapo = ConfigDict()
     c.dapo.max_resample = 2          # extra rollout batches to refill uninformative groups
 
+    c.archer = ConfigDict()          # algorithm=archer (2402.19446): utterance critic + token actor
+    c.archer.gamma = 0.95            # discount between utterances in the critic's TD targets
+    c.archer.tau = 0.1               # Polyak weight of the online critic in each target update
+    c.archer.critic_steps = 10       # critic updates per iteration (paper: 50; fewer keeps CPU iterations short)
+    c.archer.actor_steps = 3         # actor updates per iteration (paper: 3)
+    c.archer.actor_warmup = 5        # first iterations train only the critic (paper: 10-20)
+    c.archer.buffer_episodes = 4096  # replay buffer capacity in episodes (FIFO)
+    c.archer.critic_minibatch_size = 32  # replayed episodes (and as many fresh ones) per critic step
+    c.archer.critic_learning_rate = 1e-3  # critic AdamW learning rate (schedule etc. from c.optim)
+    c.archer.critic = ConfigDict()   # the critic's own decoder trunk (same vocabulary and family)
+    c.archer.critic.from_policy = False  # True: trunk = a copy of the initial policy (its sizes; below ignored)
+    c.archer.critic.hidden_size = 64     # D of the critic trunk
+    c.archer.critic.intermediate_size = 128  # MLP width of the critic trunk
+    c.archer.critic.num_layers = 2       # decoder blocks of the critic trunk
+    c.archer.critic.num_heads = 4        # attention heads of the critic trunk
+    c.archer.critic.num_kv_heads = 2     # key/value heads of the critic trunk
+    c.archer.critic.head_dim = 16        # per-head size of the critic trunk
+    c.archer.critic.head_width = 64      # hidden width of each Q_k / V_k MLP head
+
+    c.etpo = ConfigDict()            # algorithm=etpo (2402.06700): token-level soft Q learning
+    c.etpo.beta = 0.01               # KL(pi || reference) weight; pi* is proportional to rho exp(Q / beta)
+    c.etpo.gamma = 0.95              # discount between turns (none inside a response)
+    c.etpo.tau = 0.005               # Polyak weight of the online Q in each target-Q update
+    c.etpo.huber_delta = 10.0        # Huber threshold of the Q loss
+    c.etpo.q_learning_rate = 1e-3    # Q-network AdamW learning rate (schedule etc. from c.optim)
+    c.etpo.q = ConfigDict()          # the Q network: its own decoder, logits = Q over the vocabulary
+    c.etpo.q.from_policy = False     # True: Q starts as a copy of the initial policy (its sizes; below ignored)
+    c.etpo.q.hidden_size = 64        # D of the Q network
+    c.etpo.q.intermediate_size = 128  # MLP width of the Q network
+    c.etpo.q.num_layers = 2          # decoder blocks of the Q network
+    c.etpo.q.num_heads = 4           # attention heads of the Q network
+    c.etpo.q.num_kv_heads = 2        # key/value heads of the Q network
+    c.etpo.q.head_dim = 16           # per-head size of the Q network
+
     c.learner = ConfigDict()
     c.learner.epochs = 1              # passes over each rollout batch
     c.learner.minibatch_size = 128    # rows per optimiser step
@@ -192,6 +226,18 @@ def smoke(c: ConfigDict) -> ConfigDict:
         c.model.num_heads = 2
         c.model.num_kv_heads = 1
         c.model.head_dim = 16
+    c.archer.critic.hidden_size = 32
+    c.archer.critic.intermediate_size = 64
+    c.archer.critic.num_layers = 1
+    c.archer.critic.head_width = 16
+    c.archer.critic_steps = 2
+    c.archer.actor_steps = 1
+    c.archer.actor_warmup = 1
+    c.archer.buffer_episodes = 16
+    c.archer.critic_minibatch_size = 4
+    c.etpo.q.hidden_size = 32
+    c.etpo.q.intermediate_size = 64
+    c.etpo.q.num_layers = 1
     if c.env.name == "textworld":
         c.env.kwargs["max_steps"] = 2
         c.rollout.max_turns = 2
