@@ -118,7 +118,8 @@ def ppo_policy_loss(
         "clip_frac_low": jnp.sum(is_clipped * (ratio < 1.0) * m) / n,
         "clip_frac_high": jnp.sum(is_clipped * (ratio > 1.0) * m) / n,
         "dual_clip_frac": dual_frac,
-        "approx_kl": jnp.sum((jnp.exp(-log_ratio) - 1.0 + log_ratio) * m) / n,
+        # k3 estimate of KL(old || new) on old-policy samples: E_old[(r - 1) - log r], r = pi_new / pi_old
+        "approx_kl": jnp.sum((jnp.expm1(log_ratio) - log_ratio) * m) / n,
         "ratio_mean": jnp.sum(ratio * m) / n,
         "per_token": per_token * m,
     }

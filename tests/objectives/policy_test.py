@@ -171,3 +171,30 @@ def test_ppo_bad_args(kwargs, match):
 def test_ppo_shape_mismatch():
     with pytest.raises(ValueError, match=r"logp\(2, 3\).*old_logp\(2, 4\)"):
         obj.ppo_policy_loss(np.zeros((2, 3)), np.zeros((2, 4)), np.zeros((2, 3)), np.zeros((2, 3)))
+
+
+def test_approx_kl_is_k3_of_kl_old_to_new():
+    """approx_kl = mean over tokens of (r - 1) - log r, r = pi_new / pi_old (KL(old || new), k3)."""
+    rng = np.random.default_rng(0)
+    old = np.log(rng.uniform(0.05, 1.0, (3, 7)))
+    new = old + rng.normal(0.0, 0.3, (3, 7))
+    mask = (rng.uniform(size=(3, 7)) > 0.3).astype(np.float32)
+    _, aux = obj.ppo_policy_loss(jnp.asarray(new, jnp.float32), jnp.asarray(old, jnp.float32),
+                                 jnp.ones((3, 7)), jnp.asarray(mask), clip_low=0.2, clip_high=0.2)
+    r = np.exp(new - old)
+    expected = ((r - 1.0 - np.log(r)) * mask).sum() / mask.sum()
+    np.testing.assert_allclose(float(aux["approx_kl"]), expected, rtol=1e-5)
+
+
+def test_approx_kl_estimates_kl_old_to_new_on_old_samples():
+    """On samples from pi_old the estimate's mean converges to KL(old || new), not KL(new || old)."""
+    p_old = np.array([0.7, 0.2, 0.1])
+    p_new = np.array([0.3, 0.3, 0.4])
+    samples = np.random.default_rng(1).choice(3, size=(1, 200_000), p=p_old)
+    _, aux = obj.ppo_policy_loss(jnp.asarray(np.log(p_new)[samples], jnp.float32),
+                                 jnp.asarray(np.log(p_old)[samples], jnp.float32),
+                                 jnp.ones(samples.shape), jnp.ones(samples.shape), clip_low=0.2, clip_high=0.2)
+    kl_old_new = float(np.sum(p_old * np.log(p_old / p_new)))
+    kl_new_old = float(np.sum(p_new * np.log(p_new / p_old)))
+    assert abs(float(aux["approx_kl"]) - kl_old_new) < 0.01
+    assert abs(kl_old_new - kl_new_old) > 0.05  # the two directions are told apart

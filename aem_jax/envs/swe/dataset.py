@@ -1,6 +1,6 @@
-"""A tensorflow-datasets builder for SWE tasks (works without tensorflow).
+"""SWE task sets through a tensorflow-datasets builder (works without tensorflow).
 
-``SweTasks`` turns a JSONL file of SWE-bench records (the project's local task
+``tfds_builder.SweTasks`` turns a JSONL file of SWE-bench records (the project's local task
 set, or SWE-bench / SWE-bench-Verified files saved from disk) into a TFDS
 dataset stored as ``array_record`` shards, read back through
 ``tfds``' random-access data sources, which need no tensorflow install.  Each
@@ -15,12 +15,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
-import hashlib
 import json
 import os
-
-import tensorflow_datasets as tfds
-from etils import epath
 
 from aem_jax.envs.swe import tasks as tasks_lib
 
@@ -31,60 +27,6 @@ def default_data_dir() -> str:
     """Where prepared datasets are cached ($AEM_JAX_CACHE or ~/.cache/aem_jax)."""
     root = os.environ.get("AEM_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "aem_jax")
     return os.path.join(root, "tensorflow_datasets")
-
-
-class SweTasksConfig(tfds.core.BuilderConfig):
-    """Builder config naming one JSONL file (the name is a hash of its bytes)."""
-
-    def __init__(self, *, jsonl_path: str, **kwargs):
-        with open(jsonl_path, "rb") as f:
-            digest = hashlib.sha256(f.read()).hexdigest()[:16]
-        super().__init__(name=f"jsonl_{digest}", description=f"SWE tasks from {jsonl_path}", **kwargs)
-        self.jsonl_path = jsonl_path
-
-
-class SweTasks(tfds.core.GeneratorBasedBuilder):
-    """SWE-bench-format task records."""
-
-    VERSION = tfds.core.Version("1.0.0")
-    # Set explicitly: TFDS would otherwise locate these with the optional
-    # importlib_resources package.
-    pkg_dir_path = epath.Path(os.path.dirname(os.path.abspath(__file__)))
-    code_path = epath.Path(os.path.abspath(__file__))
-    RELEASE_NOTES = {"1.0.0": "SWE-bench instance records as JSON text."}
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description="SWE tasks in the SWE-bench instance format.",
-            features=tfds.features.FeaturesDict({
-                "instance_id": tfds.features.Text(),
-                "repo": tfds.features.Text(),
-                "split": tfds.features.Text(),
-                "record": tfds.features.Text(),
-            }),
-            disable_shuffling=True,  # keep file order: task indices are stable
-        )
-
-    def _records(self) -> list[tuple[str, dict]]:
-        tasks = tasks_lib.read_jsonl(self.builder_config.jsonl_path)  # validates every record
-        return [(str(t.extra.get("split", "test")), t.to_record()) for t in tasks]
-
-    def _split_generators(self, dl_manager):
-        del dl_manager  # everything is local
-        records = self._records()
-        splits = sorted({split for split, _ in records})
-        return {split: self._generate_examples(records, split) for split in splits}
-
-    def _generate_examples(self, records, split):
-        for index, (record_split, record) in enumerate(records):
-            if record_split == split:
-                yield index, {
-                    "instance_id": record["instance_id"],
-                    "repo": record["repo"],
-                    "split": split,
-                    "record": json.dumps(record, sort_keys=True),
-                }
 
 
 @contextlib.contextmanager
@@ -100,13 +42,23 @@ def _file_lock(path: str):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def builder(source: str = "local", *, data_dir: str | None = None) -> SweTasks:
-    """A prepared ``SweTasks`` builder for ``source`` ("local" or a JSONL path)."""
+def _tfds_builder_module():
+    try:
+        from aem_jax.envs.swe import tfds_builder
+    except ImportError as e:
+        raise ImportError(f"SWE task sets load through tensorflow-datasets ({e}); install the SWE extra: "
+                          "pip install 'aem_jax[swe]'") from e
+    return tfds_builder
+
+
+def builder(source: str = "local", *, data_dir: str | None = None):
+    """A prepared ``tfds_builder.SweTasks`` builder for ``source`` ("local" or a JSONL path)."""
+    tb = _tfds_builder_module()
     path = LOCAL_TASKS if source == "local" else os.fspath(source)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"task source must be 'local' or an existing JSONL file, got {source!r}")
     data_dir = data_dir or default_data_dir()
-    swe = SweTasks(config=SweTasksConfig(jsonl_path=os.path.abspath(path)), data_dir=data_dir,
+    swe = tb.SweTasks(config=tb.SweTasksConfig(jsonl_path=os.path.abspath(path)), data_dir=data_dir,
                    file_format="array_record")
     with _file_lock(os.path.join(data_dir, "swe_tasks", f"{swe.builder_config.name}.lock")):
         swe.download_and_prepare()
