@@ -22,7 +22,8 @@ import time
 import jax
 import numpy as np
 
-from aem_jax.trainer import loop, setup, sharding
+from aem_jax import sharding
+from aem_jax.trainer import loop, setup
 from aem_jax.trainer.advantages import compute_advantages
 
 

@@ -18,8 +18,9 @@ import os
 import jax
 import numpy as np
 
+from aem_jax import sharding
 from aem_jax.rollout import collect
-from aem_jax.trainer import checkpoint, loop, setup, sharding
+from aem_jax.trainer import checkpoint, loop, setup
 
 
 def main():

@@ -5,13 +5,13 @@ Entry points:
   logits(model, tokens_BT, attention_mask_BT) -> logits_BTV
   save_pretrained(model, tokenizer, path)
 See `aem_jax.models.decoder` for the logical axis names of parameters and
-activations, and `aem_jax.models.sampler` for generation.
+activations (mapped to mesh axes by `aem_jax.sharding`), and
+`aem_jax.models.sampler` for generation.
 """
 from aem_jax.models.config import MODEL_TYPES, ModelConfig, RopeScaling, from_hf_config, to_hf_config
 from aem_jax.models.decoder import (
     Decoder,
     KVCache,
-    constrain,
     hidden_states,
     init_model,
     logits,
@@ -23,7 +23,7 @@ from aem_jax.models.tokenizer import build_tokenizer, save_tokenizer
 
 __all__ = [
     "MODEL_TYPES", "ModelConfig", "RopeScaling", "from_hf_config", "to_hf_config",
-    "Decoder", "KVCache", "constrain", "hidden_states", "init_model", "logits",
+    "Decoder", "KVCache", "hidden_states", "init_model", "logits",
     "positions_from_mask", "unembedding",
     "from_pretrained", "load_model", "load_tokenizer", "save_pretrained",
     "build_tokenizer", "save_tokenizer",

@@ -12,9 +12,8 @@ RMSNorm(x) = w * x / sqrt(mean(x^2) + eps) (Zhang & Sennrich, 2019); RoPE
 scaling; attention softmax(q k^T / sqrt(head_dim)) in float32.
 
 Logical axis names. Every parameter carries them as the `out_sharding`
-metadata of its `nnx.Param` (not applied eagerly), so a trainer maps them to
-mesh axes with a rule table (`flax.core.spmd.logical_axis_rules` /
-`nnx.logical_axis_rules` + `nnx.get_partition_spec`):
+metadata of its `nnx.Param` (not applied eagerly); `aem_jax.sharding` maps
+them to mesh axes with its rule table (`create_sharded`, `state_shardings`):
 
   parameter              shape          names
   embed                  [V, D]         (vocab, embed)
@@ -26,8 +25,9 @@ mesh axes with a rule table (`flax.core.spmd.logical_axis_rules` /
   down kernel            [F, D]         (mlp, embed)
   RMSNorm scales         [D] or [H]     (norm,) or (head_dim,)
 
-Activations are constrained (only when a mesh is set, see `constrain`) with
-the names batch, length, embed, heads, kv_heads, head_dim, mlp, vocab.
+Activations are constrained with the names batch, length, embed, heads,
+kv_heads, head_dim, mlp, vocab through `aem_jax.sharding.constrain` (only when
+a mesh is set), the same mapping and divisibility fallback as the parameters.
 
 Dimension letters: B batch, T query length, S key/cache length, D hidden,
 N query heads, K key/value heads, G = N/K heads per group, H head_dim,
@@ -35,54 +35,18 @@ F intermediate, V vocabulary, L layers.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from flax.core import spmd
 
+from aem_jax import sharding
 from aem_jax.models.config import ModelConfig
 
 _MASKED = -1e30  # finite, so fully masked (padding) query rows give no NaNs
 CAUSAL_BLOCK = 128  # query block of the causal attention (see _causal_attend)
-
-
-def logical_spec(names: Sequence[str | None], shape: Sequence[int], mesh, rules) -> jax.sharding.PartitionSpec:
-    """Maps logical axis names to a PartitionSpec on `mesh` through `rules`.
-
-    `rules` are (logical name, mesh axis | tuple of mesh axes | None) pairs.
-    A dimension keeps the longest prefix of its mesh axes whose size product
-    divides it (the rest is replicated), and a mesh axis is used at most once.
-    """
-    table, used, spec = dict(rules or ()), set(), []
-    for name, size in zip(names, shape):
-        axes = table.get(name) if name else None
-        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-        keep, prod = [], 1
-        for axis in axes:
-            if axis not in mesh.shape or axis in used or size % (prod * mesh.shape[axis]):
-                break
-            prod *= mesh.shape[axis]
-            keep.append(axis)
-        used.update(keep)
-        spec.append(None if not keep else keep[0] if len(keep) == 1 else tuple(keep))
-    return jax.sharding.PartitionSpec(*spec)
-
-
-def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
-    """Applies a logical sharding constraint; a no-op without a mesh or rules.
-
-    The mesh is the one set by `jax.set_mesh` (Auto axis types: XLA propagates
-    shardings between the constraints); the rules those of the enclosing
-    `nnx.logical_axis_rules` context.
-    """
-    mesh = jax.sharding.get_abstract_mesh()
-    rules = spmd.get_logical_axis_rules()
-    if mesh.empty or not rules or mesh.size == 1:
-        return x
-    return jax.lax.with_sharding_constraint(x, logical_spec(names, x.shape, mesh, rules))
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str, ...], dtype,
@@ -249,8 +213,8 @@ class Attention(nnx.Module):
         q_BNTH, k_BKTH, v_BKTH = (self._project(x_BTD, n) for n in ("q", "k", "v"))
         if c.qk_norm:
             q_BNTH, k_BKTH = self.q_norm(q_BNTH), self.k_norm(k_BKTH)
-        q_BNTH = constrain(apply_rope(q_BNTH, rope), ("batch", "heads", "length", "head_dim"))
-        k_BKTH = constrain(apply_rope(k_BKTH, rope), ("batch", "kv_heads", "length", "head_dim"))
+        q_BNTH = sharding.constrain(apply_rope(q_BNTH, rope), ("batch", "heads", "length", "head_dim"))
+        k_BKTH = sharding.constrain(apply_rope(k_BKTH, rope), ("batch", "kv_heads", "length", "head_dim"))
         if kv is not None:  # write the new keys/values at slots [index, index + T)
             start = (0, 0, index, 0)
             k_BKSH = jax.lax.dynamic_update_slice(kv[0], k_BKTH.astype(kv[0].dtype), start)
@@ -280,7 +244,7 @@ class MLP(nnx.Module):
         dt = self.dtype
         gate = dense(x_BTD, self.gate[...].astype(dt))
         up = dense(x_BTD, self.up[...].astype(dt))
-        h_BTF = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+        h_BTF = sharding.constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
         return dense(h_BTF, self.down[...].astype(dt))
 
 
@@ -297,9 +261,9 @@ class Block(nnx.Module):
                  prefill=False):
         y, kv = self.attn(self.input_norm(x_BTD), rope, allowed_BTS, kv, index,
                           prefill)
-        x_BTD = constrain(x_BTD + y, ("batch", "length", "embed"))
+        x_BTD = sharding.constrain(x_BTD + y, ("batch", "length", "embed"))
         x_BTD = x_BTD + self.mlp(self.post_attn_norm(x_BTD))
-        return constrain(x_BTD, ("batch", "length", "embed")), kv
+        return sharding.constrain(x_BTD, ("batch", "length", "embed")), kv
 
 
 class Decoder(nnx.Module):
@@ -328,7 +292,7 @@ class Decoder(nnx.Module):
         """
         c = self.config
         x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0).astype(c.compute_dtype)
-        x_BTD = constrain(x_BTD, ("batch", "length", "embed"))
+        x_BTD = sharding.constrain(x_BTD, ("batch", "length", "embed"))
         t = tokens_BT.shape[1]
         mask = attention_mask.astype(bool)
         index = jnp.zeros((), jnp.int32) if cache is None else cache.index
@@ -353,7 +317,7 @@ class Decoder(nnx.Module):
                              preferred_element_type=jnp.float32).reshape(b, t, -1)
         else:
             out = dense(hidden_BTD, self.lm_head[...].astype(dt), preferred_element_type=jnp.float32)
-        return constrain(out, ("batch", "length", "vocab"))
+        return sharding.constrain(out, ("batch", "length", "vocab"))
 
     def __call__(self, tokens_BT, positions_BT, attention_mask, cache: KVCache | None = None):
         """Returns (logits [B,T,V] float32, updated cache or None); see `hidden`."""

@@ -23,8 +23,9 @@ import safetensors.numpy
 import transformers
 from flax import nnx
 
+from aem_jax import sharding
 from aem_jax.models.config import ModelConfig, from_hf_config, to_hf_config
-from aem_jax.models.decoder import Decoder, logical_spec
+from aem_jax.models.decoder import Decoder
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -132,12 +133,13 @@ def load_tokenizer(directory: str, *, require_chat_template: bool = True):
 
 
 def load_model(directory: str, *, dtype: str = "float32", mesh: jax.sharding.Mesh | None = None,
-               rules: Rules | None = None) -> Decoder:
+               rules: Rules = sharding.DEFAULT_RULES) -> Decoder:
     """Builds a `Decoder` from `directory`'s config.json and safetensors.
 
     With a `mesh`, each parameter is placed with the sharding its logical axis
-    names map to under `rules` ((logical name, mesh axes) pairs); otherwise on
-    the default device.
+    names map to under `rules` ((logical name, mesh axes) pairs, by
+    `aem_jax.sharding.logical_to_spec`, so exactly where `create_sharded`
+    would put it); otherwise on the default device.
     """
     config_path = os.path.join(directory, "config.json")
     if not os.path.exists(config_path):
@@ -168,27 +170,29 @@ def load_model(directory: str, *, dtype: str = "float32", mesh: jax.sharding.Mes
                              f"{list(raw.shape)}, which does not fit {config_path} (expected a "
                              f"tensor that maps to {list(variable.shape)})")
         if mesh is None:
-            sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            placement = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         else:
-            names = variable.get_metadata().get("out_sharding") or ()
-            sharding = jax.sharding.NamedSharding(mesh, logical_spec(names, view.shape, mesh, rules))
+            names = variable.get_metadata().get("out_sharding") or (None,) * view.ndim
+            spec = sharding.logical_to_spec(names, rules, shape=view.shape, mesh=mesh)
+            placement = jax.sharding.NamedSharding(mesh, spec)
         target = variable.dtype
         value = jax.make_array_from_callback(
-            view.shape, sharding, lambda idx, v=view, t=target: np.ascontiguousarray(v[idx]).astype(t))
+            view.shape, placement, lambda idx, v=view, t=target: np.ascontiguousarray(v[idx]).astype(t))
         variable.set_value(value)
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 def from_pretrained(path_or_hub_id: str, *, dtype: str = "float32",
-                    mesh: jax.sharding.Mesh | None = None, rules: Rules | None = None,
+                    mesh: jax.sharding.Mesh | None = None, rules: Rules = sharding.DEFAULT_RULES,
                     require_chat_template: bool = True):
     """Loads (model, tokenizer) from a Hugging Face directory or hub id.
 
     Args:
       path_or_hub_id: a local checkpoint directory or a hub id.
       dtype: "float32" or "bfloat16", for parameters and compute.
-      mesh, rules: optional target mesh and logical-axis rules; each tensor is
-        loaded straight into its sharding.
+      mesh, rules: optional target mesh and logical-axis rules (default
+        `aem_jax.sharding.DEFAULT_RULES`); each tensor is loaded straight
+        into its sharding.
       require_chat_template: raise if the tokenizer has no chat template.
     """
     directory = _resolve(path_or_hub_id)

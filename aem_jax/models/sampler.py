@@ -33,7 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from aem_jax.models.decoder import Decoder, KVCache, constrain, unembedding
+from aem_jax import sharding
+from aem_jax.models.decoder import Decoder, KVCache, unembedding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,7 +159,7 @@ def _decode_unembedding(model: Decoder):
 
     def unembed(hidden_BD: jax.Array) -> jax.Array:
         out = jnp.matmul(hidden_BD, u_DV, preferred_element_type=jnp.float32)
-        return constrain(out, ("batch", "vocab"))
+        return sharding.constrain(out, ("batch", "vocab"))
 
     return unembed
 

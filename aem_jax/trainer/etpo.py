@@ -45,7 +45,8 @@ from flax import nnx
 
 from aem_jax import models
 from aem_jax import objectives as obj
-from aem_jax.trainer import algorithms, sharding
+from aem_jax import sharding
+from aem_jax.trainer import algorithms
 from aem_jax.trainer.archer import copy_tree, new_train_state, polyak, side_model_config, side_optimizer
 from aem_jax.trainer.loop import Trainer
 from aem_jax.trainer.update import TrainState, apply_gradients

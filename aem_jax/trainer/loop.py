@@ -20,8 +20,9 @@ import numpy as np
 from flax import nnx
 
 from aem_jax import objectives as obj
+from aem_jax import sharding
 from aem_jax.rollout import SamplerPolicy, collect
-from aem_jax.trainer import algorithms, checkpoint, distributed, metrics, setup, sharding
+from aem_jax.trainer import algorithms, checkpoint, distributed, metrics, setup
 from aem_jax.trainer.advantages import AdvantageSettings, compute_advantages
 from aem_jax.trainer.update import (
     LossSettings, TrainState, forward_stats, init_value_head, pg_update_step, place_state,

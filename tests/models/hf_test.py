@@ -12,6 +12,7 @@ import transformers
 from flax import nnx
 
 import aem_jax.models as M
+from aem_jax import sharding
 from models_testlib import max_rel_err, padded_batch, torch_logits
 
 ARCHS = ("qwen2", "qwen3", "llama")
@@ -76,6 +77,13 @@ def test_sharded_save_and_load_onto_a_mesh(checkpoints, tmp_path):
     assert up.addressable_shards[0].data.shape == (32, 24)
     # kv_heads=2 does not divide tensor=4: replicated on that axis.
     assert sharded.layers[0].attn.k[...].sharding.spec == jax.sharding.PartitionSpec("fsdp", None, None)
+    # Loading places every tensor exactly where aem_jax.sharding would create it.
+    state = nnx.state(sharded)
+    expected = sharding.state_shardings(state, mesh, rules)
+    for (path, var), (_, want) in zip(nnx.to_flat_state(state), nnx.to_flat_state(expected)):
+        assert var.get_value().sharding.spec == want.get_value().spec, path
+    default, _ = M.from_pretrained(str(tmp_path), mesh=sharding.make_mesh({"fsdp": 2, "tensor": 4}))
+    assert default.layers[0].mlp.up[...].sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
     tokens, mask = padded_batch(len(tok), seed=2)
     tokens, mask = np.concatenate([tokens, tokens[:1]]), np.concatenate([mask, mask[:1]])
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from aem_jax.batch import TurnBatch
-from aem_jax.trainer import checkpoint, loop, sharding
+from aem_jax import sharding
+from aem_jax.trainer import checkpoint, loop
 from aem_jax.trainer.archer import ArcherTrainer, ReplayBuffer, turn_positions
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"

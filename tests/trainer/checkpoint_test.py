@@ -14,7 +14,8 @@ from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from aem_jax.trainer import checkpoint, sharding
+from aem_jax import sharding
+from aem_jax.trainer import checkpoint
 
 
 def _state(mesh, scale=1.0):

@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from aem_jax.trainer import checkpoint, loop, sharding
+from aem_jax import sharding
+from aem_jax.trainer import checkpoint, loop
 from aem_jax.trainer.etpo import EtpoTrainer
 from tests.trainer.archer_test import host_copy, load_config, sq_dist
 

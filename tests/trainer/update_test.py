@@ -7,8 +7,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from aem_jax import models
-from aem_jax.trainer import sharding
+from aem_jax import models, sharding
 from aem_jax.trainer.update import LossSettings, TrainState, pg_update_step, place_state
 
 CONFIG = models.ModelConfig(

@@ -1,4 +1,12 @@
-"""Device mesh, logical-axis rules and sharded state creation.
+"""Device mesh, logical-axis rules and sharded state creation: the one
+implementation of logical -> mesh axis mapping, for parameters and activations.
+
+It sits at the top of the package, not in the trainer, because both sides
+need it and data flows one way: the models constrain their activations with
+:func:`constrain` and load checkpoints with :func:`logical_to_spec`; the
+trainer builds the mesh, places parameters and batches. Neither keeps its
+own copy, so a parameter and an activation with the same logical names can
+never be laid out by different fallbacks.
 
 Parameters and activations carry *logical* axis names (set by the models
 through nnx metadata, e.g. ``nnx.Param(x, out_sharding=("embed", "mlp"))`` or
@@ -19,7 +27,8 @@ Mesh axes are always ``("data", "fsdp", "tensor")`` in this order, so the
 on neighbouring chips. A logical dimension whose size is not divisible by the
 product of its mesh axes keeps the longest prefix of those axes that divides
 it and is replicated on the rest (e.g. ``kv_heads=2`` on ``tensor=4`` is
-replicated): the rule stays as written and nothing crashes.
+replicated): the rule stays as written and nothing crashes. The same
+fallback applies to activation constraints inside the models.
 
 Activations use the same table minus the mesh axes the batch is split over
 (:func:`activation_rules`): an ``[B, T, D]`` activation is split by batch over
@@ -42,6 +51,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from flax.core import spmd as core_spmd
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
@@ -241,19 +251,26 @@ def use_mesh(mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> Iterator[Mesh]:
     ``activation_rules(rules)`` as flax's logical axis rules in the block.
 
     Parameters are placed by :func:`create_sharded` / :func:`state_shardings`
-    with ``rules`` themselves; the context rules are what activation
-    constraints (``constrain`` here and in the models) read, so code that maps
-    names one by one never assigns one mesh axis to two dimensions.
+    with ``rules`` themselves; the context rules are what the activation
+    constraints (:func:`constrain`, called by the models) read, so code that
+    maps names one by one never assigns one mesh axis to two dimensions.
     """
     with jax.set_mesh(mesh), nnx.logical_axis_rules(activation_rules(rules)):
         yield mesh
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None], rules: LogicalRules | None = None) -> jax.Array:
-    """``with_sharding_constraint`` by logical names against the current mesh;
-    a no-op when no mesh is set (single-device code paths stay untouched)."""
+    """``with_sharding_constraint`` by logical names against the current mesh.
+
+    The mesh is the one set by ``jax.set_mesh`` (see :func:`use_mesh`); the
+    rules, unless given, those of the enclosing ``nnx.logical_axis_rules``
+    context, else ``activation_rules(DEFAULT_RULES)``. Dimensions the rules
+    cannot split evenly fall back as in :func:`logical_to_spec` instead of
+    failing inside XLA. A no-op when no mesh (or a one-device mesh) is set, so
+    single-device code paths stay untouched.
+    """
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh is None or mesh.empty or math.prod(mesh.shape.values()) == 1:
+    if mesh.empty or mesh.size == 1:
         return x
     if rules is None:
         rules = _current_rules()
@@ -262,8 +279,7 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None], rules: LogicalRu
 
 
 def _current_rules() -> LogicalRules:
-    from flax.core import spmd as core_spmd  # flax keeps the active rules here
-
+    # flax keeps the rules of the active nnx.logical_axis_rules context here.
     return tuple(core_spmd.get_logical_axis_rules()) or activation_rules(DEFAULT_RULES)
 
 

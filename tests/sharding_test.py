@@ -1,4 +1,4 @@
-"""Tests for aem_jax.trainer.sharding on the 8 fake CPU devices of conftest."""
+"""Tests for aem_jax.sharding on the 8 fake CPU devices of conftest."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 from jax.sharding import AxisType, PartitionSpec as P
 
-from aem_jax.trainer import sharding
+from aem_jax import sharding
 
 
 class TinyMLP(nnx.Module):
@@ -130,6 +130,106 @@ def test_constrain_is_noop_without_mesh():
     assert sharding.constrain(x, ("batch", None)) is x
 
 
+
+# --- the models use the same mapping -------------------------------------------
+
+def _decoder_config(num_heads: int, num_kv_heads: int):
+    from aem_jax.models import ModelConfig
+
+    return ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_layers=1,
+                       num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=8,
+                       tie_embeddings=False)
+
+
+def _dims(spec: P, ndim: int) -> tuple:
+    return tuple(spec) + (None,) * (ndim - len(spec))
+
+
+def _sharded_decoder_logits(config, mesh, monkeypatch):
+    """(sharded model, logits, unsharded logits, {shape: spec} of every activation constraint)."""
+    from aem_jax import models
+
+    model = sharding.create_sharded(lambda: models.Decoder(config, rngs=nnx.Rngs(0)), mesh)
+    graphdef, state = nnx.split(model)
+    reference = nnx.merge(graphdef, jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), state))
+    tokens_BT = (np.arange(8 * 6, dtype=np.int32).reshape(8, 6) * 7) % config.vocab_size
+    mask_BT = np.ones_like(tokens_BT)
+    mask_BT[0, :2] = 0  # left padding in one row
+    constraints, original = {}, jax.lax.with_sharding_constraint
+
+    def record(x, spec):
+        constraints[tuple(x.shape)] = spec
+        return original(x, spec)
+
+    monkeypatch.setattr(jax.lax, "with_sharding_constraint", record)
+    with sharding.use_mesh(mesh):
+        batch = sharding.put_batch({"tokens": tokens_BT, "mask": mask_BT}, mesh)
+        out = jax.jit(models.logits)(model, batch["tokens"], batch["mask"])
+    monkeypatch.undo()
+    expected = jax.jit(models.logits)(reference, jnp.asarray(tokens_BT), jnp.asarray(mask_BT))
+    return model, out, expected, constraints, batch["tokens"].sharding.spec[0]
+
+
+@pytest.mark.parametrize(
+    "mesh_fn",
+    [
+        lambda: sharding.make_mesh({"data": 2, "tensor": 4}),
+        # A mesh without a "data" axis: the batch must still go on "fsdp", in
+        # the model exactly as in put_batch (a per-copy fallback once lost it).
+        lambda: jax.make_mesh((2, 4), ("fsdp", "tensor"), axis_types=(AxisType.Auto,) * 2),
+    ],
+    ids=["data_tensor", "fsdp_tensor_only"],
+)
+def test_decoder_activation_constraints_match_parameter_and_batch_specs(mesh_fn, monkeypatch):
+    mesh = mesh_fn()
+    config = _decoder_config(num_heads=4, num_kv_heads=2)  # kv_heads=2 does not divide tensor=4
+    model, out, expected, constraints, batch_spec = _sharded_decoder_logits(config, mesh, monkeypatch)
+    attn, mlp = model.layers[0].attn, model.layers[0].mlp
+    q_spec, k_spec = attn.q[...].sharding.spec, attn.k[...].sharding.spec
+    up_spec, head_spec = mlp.up[...].sharding.spec, model.lm_head[...].sharding.spec
+    assert _dims(q_spec, 3)[1] == "tensor" and _dims(k_spec, 3)[1] is None
+    b, t = 8, 6
+    # Each activation dimension is laid out like the parameter dimension of the same name.
+    assert _dims(constraints[(b, 4, t, 8)], 4) == (batch_spec, _dims(q_spec, 3)[1], None, None)
+    assert _dims(constraints[(b, 2, t, 8)], 4) == (batch_spec, _dims(k_spec, 3)[1], None, None)
+    assert _dims(constraints[(b, t, 24)], 3) == (batch_spec, None, _dims(up_spec, 2)[1])
+    assert _dims(constraints[(b, t, 32)], 3) == (batch_spec, None, _dims(head_spec, 2)[1])
+    assert _dims(constraints[(b, t, 16)], 3) == (batch_spec, None, None)  # embed: batch axes taken
+    assert batch_spec is not None
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_decoder_heads_not_divisible_by_tensor_fall_back_to_replication(monkeypatch):
+    mesh = sharding.make_mesh({"data": 2, "tensor": 4})
+    config = _decoder_config(num_heads=6, num_kv_heads=3)  # neither divides tensor=4
+    model, out, expected, constraints, batch_spec = _sharded_decoder_logits(config, mesh, monkeypatch)
+    assert _dims(model.layers[0].attn.q[...].sharding.spec, 3)[1] is None
+    assert _dims(constraints[(8, 6, 6, 8)], 4) == (batch_spec, None, None, None)
+    assert _dims(constraints[(8, 3, 6, 8)], 4) == (batch_spec, None, None, None)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_there_is_one_logical_sharding_implementation():
+    import importlib.util
+    import pathlib
+
+    import aem_jax
+    from aem_jax.models import decoder, hf, sampler
+
+    assert importlib.util.find_spec("aem_jax.trainer.sharding") is None
+    for module in (decoder, hf, sampler):
+        assert not hasattr(module, "logical_spec") and not hasattr(module, "logical_to_spec")
+        assert getattr(module, "constrain", sharding.constrain) is sharding.constrain
+        assert module.sharding is sharding
+    root = pathlib.Path(aem_jax.__file__).parent
+    mappers = sorted(
+        str(path.relative_to(root))
+        for path in root.rglob("*.py")
+        if any(word in path.read_text() for word in ("with_sharding_constraint", "get_logical_axis_rules"))
+    )
+    assert mappers == ["sharding.py"], mappers
+
+
 _WORKER = r"""
 import json, sys
 import numpy as np
@@ -137,7 +237,8 @@ from aem_jax.trainer import distributed
 assert distributed.maybe_initialize(None)
 import jax, jax.numpy as jnp
 from flax import nnx
-from aem_jax.trainer import checkpoint, sharding
+from aem_jax import sharding
+from aem_jax.trainer import checkpoint
 
 mesh = sharding.make_mesh({"data": 2, "fsdp": 2})
 
