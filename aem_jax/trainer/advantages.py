@@ -33,6 +33,16 @@ class AdvantageSettings:
     aem_signal: str = "mean_token_entropy"
     aem_shuffle: bool = False    # ablation: permute alpha within each group
 
+    @classmethod
+    def from_config(cls, config, *, estimator: str, normalize_std: bool = True) -> "AdvantageSettings":
+        """The settings of ``config`` (its advantage, aem and rollout blocks) for ``estimator``."""
+        r, a, aem = config.rollout, config.advantage, config.aem
+        return cls(
+            estimator=estimator, num_groups=r.num_tasks, num_episodes=r.num_tasks * r.group_size,
+            max_turns=r.max_turns, normalize_std=normalize_std and a.normalize_std, gamma=a.gamma,
+            step_weight=a.gigpo_step_weight, aem_enabled=aem.enabled, aem_lam=aem.lam,
+            aem_min_range=aem.min_range, aem_scope=aem.scope, aem_signal=aem.signal, aem_shuffle=aem.shuffle)
+
 
 def episode_view(batch, settings: AdvantageSettings):
     """Per-turn arrays of ``batch`` in the episode layout [E, max_turns]."""

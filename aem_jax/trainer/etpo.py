@@ -13,7 +13,7 @@ policy-gradient loop) takes one Q step and then one policy step:
              r + gamma (1 - d) Vsoft(first context of the next turn) at its end
   L_Q      = Huber_delta(Q(c_j, w_j) - y_j)            on agent tokens
   Qbar    <- (1 - tau) Qbar + tau Q
-  L_pi     = sum_w pi(w|c) [beta (log pi - log rho)(w|c) - sg Q(c,w)]
+  L_pi     = sum_w pi(w|c) [beta (log pi - log rho)(w|c) - sg Q(c,w)] - entropy_coef H(pi(.|c))
 
 using ``objectives.etpo_soft_values``, ``etpo_token_targets``,
 ``etpo_q_loss`` and ``etpo_policy_loss``; the policy step reads the Q network
@@ -27,36 +27,39 @@ vocabularies of the CPU configs (V ~ 100) but about 20 GB per copy for
 B=8, T=4096 and a 150k-token LLM vocabulary: use small minibatches (and
 short contexts) with large vocabularies.
 
+With ``aem.enabled`` each response's policy-loss tokens are weighted by its
+AEM coefficient alpha (group mean 1). ETPO has no advantage to rescale, but in
+the policy-gradient family rescaling a response's advantage by alpha scales
+that response's gradient by alpha, and the weight does the same here (this
+project's extension; under ``loss.agg="seq-mean-token-mean"`` the weights of
+a one-turn row would cancel, so that combination is rejected).
+
 The reference policy is not checkpointed: it is the initial policy, which
 the trainer rebuilds identically (same seed or same pretrained weights) on
 resume.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
-import time
-from typing import Any
+from typing import Any, Callable
 
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from aem_jax import models
 from aem_jax import objectives as obj
 from aem_jax import sharding
-from aem_jax.trainer import algorithms
-from aem_jax.trainer.archer import copy_tree, new_train_state, polyak, side_model_config, side_optimizer
-from aem_jax.trainer.loop import Trainer
-from aem_jax.trainer.update import TrainState, apply_gradients
-
-# The registry entry lives in ``algorithms.ALGORITHMS`` (the single list);
-# this module is its runner.
-ALGORITHM = algorithms.get("etpo")
-
-# TurnBatch fields an ETPO minibatch carries.
-BATCH_FIELDS = ("tokens", "attention_mask", "loss_mask", "turn_ids", "turn_rewards", "turn_valid", "done")
+from aem_jax.batch import TurnBatch
+from aem_jax.trainer.advantages import AdvantageSettings, compute_advantages
+from aem_jax.trainer.context import Algorithm, RunContext
+from aem_jax.trainer.targets import polyak, side_model_config, side_optimizer
+from aem_jax.trainer.update import (
+    TrainState, apply_gradients, copy_tree, masked_mean, mean_metrics, minibatches, new_train_state,
+    run_steps, shardings_of,
+)
 
 
 def shifted_logits(graphdef, params, tokens_BT, attention_mask_BT):
@@ -78,28 +81,36 @@ class QNets:
     target: Any
 
 
-def etpo_update_step(policy: TrainState, q: QNets, ref_params, mb, *, policy_graphdef, q_graphdef,
+@flax.struct.dataclass
+class EtpoBatch:
+    """An ETPO minibatch: rollout rows and the policy-loss weight of each token (AEM's alpha, or 1)."""
+
+    batch: TurnBatch
+    weights: jax.Array
+
+
+def etpo_update_step(policy: TrainState, q: QNets, ref_params, mb: EtpoBatch, *, policy_graphdef, q_graphdef,
                      policy_optimizer, q_optimizer, beta: float, gamma: float, tau: float, delta: float,
-                     agg: str):
+                     agg: str, entropy_coef: float):
     """One Q step (+ Polyak target step), then one policy step (pure; jit it).
 
     Returns (policy state, QNets, metrics).
     """
     sg = jax.lax.stop_gradient
-    tokens, attn, mask = mb["tokens"], mb["attention_mask"], mb["loss_mask"]
+    b = mb.batch
+    tokens, attn, mask = b.tokens, b.attention_mask, b.loss_mask
     ref_BTV = sg(shifted_logits(policy_graphdef, ref_params, tokens, attn))
     pi_BTV = sg(shifted_logits(policy_graphdef, policy.params, tokens, attn))
     vsoft_BT = obj.etpo_soft_values(sg(shifted_logits(q_graphdef, q.target, tokens, attn)), pi_BTV, ref_BTV,
                                     beta=beta)
-    y_BT = obj.etpo_token_targets(vsoft_BT, mb["turn_ids"], mask, mb["turn_rewards"], mb["turn_valid"],
-                                  mb["done"], gamma=gamma)
+    y_BT = obj.etpo_token_targets(vsoft_BT, b.turn_ids, mask, b.turn_rewards, b.turn_valid, b.done, gamma=gamma)
 
     def q_loss_fn(trainable):
         q_BTV = shifted_logits(q_graphdef, trainable[0], tokens, attn)
         q_taken = jnp.take_along_axis(q_BTV, tokens[:, :, None], axis=-1)[..., 0]
         loss, aux = obj.etpo_q_loss(q_taken, y_BT, mask, delta=delta, agg=agg)
         return loss, {"q_loss": loss, "q_mean": aux["q_mean"], "td_abs": aux["td_abs"],
-                      "target_mean": jnp.sum(y_BT * mask) / jnp.maximum(jnp.sum(mask), 1.0)}
+                      "target_mean": masked_mean(y_BT, mask)}
 
     (q_loss, q_metrics), q_grads = jax.value_and_grad(q_loss_fn, has_aux=True)((q.state.params, q.state.extra))
     q_state, q_metrics = apply_gradients(q.state, q_grads, q_loss, q_optimizer, q_metrics)
@@ -108,91 +119,121 @@ def etpo_update_step(policy: TrainState, q: QNets, ref_params, mb, *, policy_gra
 
     def pi_loss_fn(trainable):
         logits_BTV = shifted_logits(policy_graphdef, trainable[0], tokens, attn)
-        loss, aux = obj.etpo_policy_loss(logits_BTV, ref_BTV, q_new_BTV, mask, beta=beta, agg=agg)
+        loss, aux = obj.etpo_policy_loss(logits_BTV, ref_BTV, q_new_BTV, mask * mb.weights, beta=beta, agg=agg,
+                                         denominator=obj.loss_denominator(mask, agg=agg))
         ent = obj.token_entropy(logits_BTV)
-        return loss, {"policy_loss": loss, "kl_ref": aux["kl_ref"],
-                      "token_entropy_new": jnp.sum(ent * mask) / jnp.maximum(jnp.sum(mask), 1.0)}
+        bonus, _ = obj.entropy_bonus(ent, mask, coef=entropy_coef, agg=agg)
+        return loss + bonus, {"policy_loss": loss, "kl_ref": aux["kl_ref"], "entropy_bonus": bonus,
+                              "token_entropy_new": masked_mean(ent, mask)}
 
     (pi_loss, metrics), grads = jax.value_and_grad(pi_loss_fn, has_aux=True)((policy.params, policy.extra))
     policy, metrics = apply_gradients(policy, grads, pi_loss, policy_optimizer, metrics)
-    renamed = {"grad_norm": "q_grad_norm", "skipped": "q_skipped_frac"}
+    renamed = {"grad_norm": "q_grad_norm", "skipped": "q_skipped"}
     metrics.update({renamed.get(k, k): v for k, v in q_metrics.items()})
     return policy, q, metrics
+
+
+def alpha_weights(batch: TurnBatch, key, *, settings: AdvantageSettings):
+    """Per-token policy-loss weights: each response's AEM alpha (1 with AEM off)."""
+    if not settings.aem_enabled:
+        return jnp.ones(batch.tokens.shape, jnp.float32), {}
+    _, info, arrays = compute_advantages(batch, settings, key)
+    K = batch.turn_rewards.shape[1]
+    alpha_BK = obj.from_episode_layout(arrays["alpha_EK"], batch.episode_ids, batch.turn_offset, num_turns=K)
+    ids = jnp.where(batch.loss_mask > 0, batch.turn_ids, -1)
+    weights = jnp.where(ids >= 0, obj.turn_broadcast(alpha_BK, ids), 1.0)
+    keep = ("alpha_mean", "alpha_min", "alpha_max", "alpha_std", "response_entropy")
+    return weights, {k: info[k] for k in keep}
+
+
+@dataclasses.dataclass(frozen=True)
+class State:
+    policy: TrainState
+    q: QNets
+    reference: Any               # the initial policy parameters (rebuilt identically on resume)
+    update_step: Callable
+    alpha: Callable
+
+
+def init(ctx: RunContext) -> State:
+    c, e = ctx.config, ctx.config.etpo
+    policy = new_train_state(copy_tree(ctx.init_params), ctx.optimizer, ctx.mesh)
+    # A copy: the policy's own buffers are donated to every update.
+    reference = copy_tree(ctx.init_params)
+    if e.q.from_policy:  # Q(c, .) starts as the policy's logits (same architecture)
+        q_graphdef, q_params = ctx.graphdef, copy_tree(ctx.init_params)
+    else:
+        mc = side_model_config(ctx.model_config, e.q)
+        seed = ctx.keys.int_seed("q_init")
+        with sharding.use_mesh(ctx.mesh):
+            q_model = sharding.create_sharded(lambda: models.Decoder(mc, rngs=nnx.Rngs(seed)), ctx.mesh)
+        q_graphdef, q_params, _ = nnx.split(q_model, nnx.Param, ...)
+    q_optimizer = side_optimizer(c, e.q_learning_rate)
+    q_state = new_train_state(q_params, q_optimizer, ctx.mesh)
+    q = QNets(q_state, copy_tree(q_state.params))
+    step = jax.jit(functools.partial(
+        etpo_update_step, policy_graphdef=ctx.graphdef, q_graphdef=q_graphdef, policy_optimizer=ctx.optimizer,
+        q_optimizer=q_optimizer, beta=e.beta, gamma=e.gamma, tau=e.tau, delta=e.huber_delta, agg=c.loss.agg,
+        entropy_coef=c.loss.entropy_coef),
+        donate_argnums=(0, 1), out_shardings=(shardings_of(policy), shardings_of(q), None))
+    alpha = jax.jit(functools.partial(alpha_weights, settings=AdvantageSettings.from_config(c, estimator="none")))
+    return State(policy=policy, q=q, reference=reference, update_step=step, alpha=alpha)
+
+
+def update(ctx: RunContext, state: State, batch: TurnBatch, step: int):
+    c = ctx.config
+    dev = sharding.put_batch(batch, ctx.mesh)
+    weights, alpha_info = state.alpha(dev, ctx.keys.at("advantage", step))
+    batches = minibatches(EtpoBatch(batch=dev, weights=weights), ctx.mesh, ctx.keys.numpy("shuffle", step),
+                          size=c.learner.minibatch_size, epochs=c.learner.epochs)
+
+    def one(carry, mb):
+        policy, q = carry
+        policy, q, m = state.update_step(policy, q, state.reference, mb)
+        return (policy, q), m
+
+    (policy, q), history = run_steps(one, (state.policy, state.q), batches)
+    metrics = mean_metrics(history)
+    metrics["q_skipped"] *= len(history)  # a count, as "skipped"
+    metrics.update({k: float(v) for k, v in alpha_info.items()})
+    metrics["nonfinite_in_a_row"] = int(max(int(policy.nonfinite), int(q.state.nonfinite)))
+    metrics["train_passes"] = float(c.learner.epochs)
+    return dataclasses.replace(state, policy=policy, q=q), metrics
+
+
+def checkpoint_tree(state: State):
+    """The policy, Q and target Q with their optimiser states."""
+    return {"policy": state.policy, "q": state.q.state, "q_target": state.q.target}, None
+
+
+def restore(ctx: RunContext, state: State, device: Any, host: Any) -> State:
+    del ctx, host
+    return dataclasses.replace(state, policy=device["policy"], q=QNets(device["q"], device["q_target"]))
 
 
 def validate(config) -> None:
     """Checks the ``etpo`` fields; names the bad key, its value and what is allowed."""
     e = config.etpo
+    finite_pos = lambda v: bool(jnp.isfinite(v)) and v > 0  # noqa: E731
     checks = [
         ("rollout.history", config.rollout.history, config.rollout.history == "concatenated",
          "ETPO bootstraps each turn from the next turn of the same row: use 'concatenated'"),
-        ("aem.enabled", config.aem.enabled, not config.aem.enabled,
-         "ETPO has no advantages for AEM to rescale: set it to False"),
-        ("etpo.beta", e.beta, e.beta > 0, "must be > 0"),
+        ("loss.agg", config.loss.agg, not (config.aem.enabled and config.loss.agg == "seq-mean-token-mean"),
+         "with aem.enabled, ETPO weights tokens by alpha, which seq-mean-token-mean cancels: use another "
+         "aggregation or aem.enabled=False"),
+        ("etpo.beta", e.beta, finite_pos(e.beta), "must be finite and > 0"),
         ("etpo.gamma", e.gamma, 0 <= e.gamma <= 1, "must be in [0, 1]"),
         ("etpo.tau", e.tau, 0 < e.tau <= 1, "must be in (0, 1]"),
-        ("etpo.huber_delta", e.huber_delta, e.huber_delta > 0, "must be > 0"),
-        ("etpo.q_learning_rate", e.q_learning_rate, e.q_learning_rate > 0, "must be > 0"),
+        ("etpo.huber_delta", e.huber_delta, finite_pos(e.huber_delta), "must be finite and > 0"),
+        ("etpo.q_learning_rate", e.q_learning_rate, finite_pos(e.q_learning_rate), "must be finite and > 0"),
     ]
+    checks += [(f"etpo.q.{k}", e.q[k], e.q[k] >= 1, "must be >= 1")
+               for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")]
     for key, value, ok, allowed in checks:
         if not ok:
             raise ValueError(f"config.{key}={value!r} is not allowed; {allowed}")
 
 
-class EtpoTrainer(Trainer):
-    """The shared loop with ETPO's Q network, target Q and frozen reference policy."""
-
-    def __init__(self, config, workdir: str):
-        validate(config)
-        super().__init__(config, workdir)
-        e = config.etpo
-        # A copy: the policy's own buffers are donated to every update.
-        self.reference = copy_tree(self.state.params)
-        if e.q.from_policy:  # Q(c, .) starts as the policy's logits (same architecture)
-            self.q_graphdef, q_params = self.graphdef, copy_tree(self.state.params)
-        else:
-            mc = side_model_config(self.model.config, e.q)
-            with sharding.use_mesh(self.mesh):
-                q_model = sharding.create_sharded(
-                    lambda: models.Decoder(mc, rngs=nnx.Rngs(config.seed + 2)), self.mesh)
-            self.q_graphdef, q_params, _ = nnx.split(q_model, nnx.Param, ...)
-        self.q_optimizer = side_optimizer(config, e.q_learning_rate)
-        q_state = new_train_state(q_params, self.q_optimizer, self.mesh)
-        self.q = QNets(q_state, copy_tree(q_state.params))
-        q_shardings = jax.tree.map(lambda x: x.sharding, self.q)
-        self._etpo_update = jax.jit(functools.partial(
-            etpo_update_step, policy_graphdef=self.graphdef, q_graphdef=self.q_graphdef,
-            policy_optimizer=self.optimizer, q_optimizer=self.q_optimizer, beta=e.beta, gamma=e.gamma,
-            tau=e.tau, delta=e.huber_delta, agg=config.loss.agg),
-            donate_argnums=(0, 1), out_shardings=(self.state_shardings, q_shardings, None))
-        # The shared minibatch loop (``_run_epochs``) calls ``self._update(state, mb)``.
-        self._update = self._policy_and_q_update
-
-    def _policy_and_q_update(self, state: TrainState, mb) -> tuple[TrainState, dict[str, jax.Array]]:
-        state, self.q, metrics = self._etpo_update(state, self.q, self.reference, mb)
-        return state, metrics
-
-    def train_step(self, step: int) -> dict[str, Any]:
-        c = self.config
-        t0 = time.perf_counter()
-        batch, records, roll = self.collect(step)
-        t_roll = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        arrays = {k: np.asarray(getattr(batch, k)) for k in BATCH_FIELDS}
-        update_metrics = self._run_epochs(arrays, step)
-        jax.block_until_ready((self.state, self.q))
-        t_update = time.perf_counter() - t1
-        out = self.episode_metrics(batch, records, roll, t_roll=t_roll, t_update=t_update,
-                                   train_passes=c.learner.epochs)
-        out.update(update_metrics)
-        out["nonfinite_in_a_row"] = max(int(out["nonfinite_in_a_row"]), int(self.q.state.nonfinite))
-        return out
-
-    # Checkpoints: the policy, Q and target Q with their optimiser states.
-
-    def checkpoint_state(self) -> Any:
-        return {"policy": self.state, "q": self.q.state, "q_target": self.q.target}
-
-    def load_checkpoint(self, state: Any, host: Any) -> None:
-        del host
-        self.state, self.q = state["policy"], QNets(state["q"], state["q_target"])
+ALGORITHM = Algorithm(
+    name="etpo", paper="2402.06700", init=init, update=update, checkpoint_tree=checkpoint_tree,
+    restore=restore, policy_params=lambda state: state.policy.params, validate=validate)

@@ -1,0 +1,146 @@
+"""The policy-gradient family: GRPO, Dr.GRPO, DAPO, GSPO, RLOO, GiGPO and PPO.
+
+They share one update and differ in the advantage estimator, the clipping
+unit and a few flags (``Variant``). One iteration (``update``):
+1. (PPO, or a KL penalty) a forward pass of the current policy over the
+   batch: values for bi-level GAE, and the reference log-probs;
+2. advantages per token (``advantages.compute_advantages``: the estimator,
+   then AEM's alpha when ``aem.enabled``);
+3. ``learner.epochs`` shuffled passes of ``pg_update_step`` over minibatches
+   of ``learner.minibatch_size`` rows.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from aem_jax import objectives as obj
+from aem_jax import sharding
+from aem_jax.batch import TurnBatch
+from aem_jax.trainer.advantages import AdvantageSettings, compute_advantages
+from aem_jax.trainer.context import Algorithm, RunContext
+from aem_jax.trainer.update import (
+    LossSettings, PGBatch, TrainState, copy_tree, forward_stats, init_value_head, mean_metrics,
+    minibatches, new_train_state, pg_update_step, run_steps, shardings_of,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """What distinguishes one member of the family.
+
+    Attributes:
+      estimator: advantage estimator: "grpo" | "rloo" | "gigpo" | "gae".
+      loss: "ppo" (token-level clip) or "gspo" (sequence-level clip).
+      normalize_std: GRPO std division (False gives Dr.GRPO).
+      value_head: trains a value head on the policy trunk (PPO).
+    """
+
+    estimator: str = "grpo"
+    loss: str = "ppo"
+    normalize_std: bool = True
+    value_head: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+    """The jitted functions of a run, built once by ``init``."""
+
+    update: Callable
+    forward: Callable
+    advantages: Callable
+    gae: Callable
+    whiten: Callable
+
+
+@dataclasses.dataclass(frozen=True)
+class State:
+    train: TrainState            # policy (+ value head) and its optimiser
+    ref_params: Any              # frozen reference policy (KL penalty) or None
+    steps: Steps
+
+
+def num_loss_turns(config) -> int:
+    return config.rollout.max_turns if config.rollout.history == "concatenated" else 1
+
+
+def init(ctx: RunContext, variant: Variant) -> State:
+    c = ctx.config
+    extra = init_value_head(ctx.model_config.hidden_size) if variant.value_head else {}
+    train = new_train_state(copy_tree(ctx.init_params), ctx.optimizer, ctx.mesh, extra)
+    settings = LossSettings.from_config(
+        c, kind=variant.loss, value_coef=c.ppo.value_coef if variant.value_head else 0.0,
+        num_turns=num_loss_turns(c))
+    adv_settings = AdvantageSettings.from_config(c, estimator=variant.estimator,
+                                                 normalize_std=variant.normalize_std)
+    steps = Steps(
+        update=jax.jit(functools.partial(pg_update_step, graphdef=ctx.graphdef, optimizer=ctx.optimizer,
+                                         settings=settings),
+                       donate_argnums=(0,), out_shardings=(shardings_of(train), None)),
+        forward=jax.jit(functools.partial(forward_stats, graphdef=ctx.graphdef, chunk_size=c.loss.chunk_size,
+                                          with_values=variant.value_head)),
+        advantages=jax.jit(functools.partial(compute_advantages, settings=adv_settings)),
+        gae=jax.jit(functools.partial(obj.bilevel_gae, gamma=c.ppo.gamma, lam=c.ppo.lam,
+                                      token_lam=c.ppo.token_lam)),
+        whiten=jax.jit(obj.whiten),
+    )
+    # A copy: the update donates (and so deletes) the live parameter buffers.
+    ref = copy_tree(train.params) if c.loss.kl_coef else None
+    return State(train=train, ref_params=ref, steps=steps)
+
+
+def update(ctx: RunContext, state: State, batch: TurnBatch, step: int, *, variant: Variant):
+    c, steps = ctx.config, state.steps
+    dev = sharding.put_batch(batch, ctx.mesh)
+    token_adv = None
+    returns = jnp.zeros(dev.tokens.shape, jnp.float32)
+    if variant.value_head or state.ref_params is not None:
+        if state.ref_params is not None:
+            ref = steps.forward(state.ref_params, state.train.extra, dev)
+            dev = dev.replace(ref_logp=ref["logp"])
+        if variant.value_head:
+            values = steps.forward(state.train.params, state.train.extra, dev)["values"]
+            token_adv, returns = steps.gae(values, dev.turn_rewards, dev.turn_ids, dev.loss_mask, dev.turn_valid)
+            if c.ppo.whiten_advantages:
+                token_adv = steps.whiten(token_adv, dev.loss_mask)
+    adv_BT, adv_info, _ = steps.advantages(dev, key=ctx.keys.at("advantage", step), token_advantages_BT=token_adv)
+    batches = minibatches(PGBatch(batch=dev, advantages=adv_BT, returns=returns), ctx.mesh,
+                          ctx.keys.numpy("shuffle", step), size=c.learner.minibatch_size, epochs=c.learner.epochs)
+    train, history = run_steps(steps.update, state.train, batches)
+    metrics = mean_metrics(history)
+    metrics.update({k: float(v) for k, v in adv_info.items()})
+    metrics["nonfinite_in_a_row"] = int(train.nonfinite)
+    metrics["train_passes"] = float(c.learner.epochs)
+    return dataclasses.replace(state, train=train), metrics
+
+
+def checkpoint_tree(state: State):
+    return state.train, None
+
+
+def restore(ctx: RunContext, state: State, device: Any, host: Any) -> State:
+    del ctx, host
+    return dataclasses.replace(state, train=device)
+
+
+def validate(config, variant: Variant) -> None:
+    if variant.value_head and config.rollout.history != "concatenated":
+        raise ValueError(f"config.rollout.history={config.rollout.history!r} is not allowed; ppo's bi-level "
+                         "GAE needs 'concatenated' (the turn values of one row)")
+
+
+def algorithm(name: str, *, paper: str, dynamic_sampling: bool = False, **variant_fields) -> Algorithm:
+    """The registry record of one member of the family."""
+    variant = Variant(**variant_fields)
+    return Algorithm(
+        name=name, paper=paper, dynamic_sampling=dynamic_sampling,
+        init=functools.partial(init, variant=variant),
+        update=functools.partial(update, variant=variant),
+        checkpoint_tree=checkpoint_tree, restore=restore,
+        policy_params=lambda state: state.train.params,
+        validate=functools.partial(validate, variant=variant),
+    )
