@@ -19,6 +19,13 @@ module deletes the temporary directory and raises :class:`CheckpointError`
 naming the step. A step that no longer restores (deleted or corrupted files)
 is reported by step, moved aside to ``corrupt_<step>`` and the previous step
 is used instead.
+
+Integrity: the metadata of every step holds a checksum of each array
+(:func:`integrity.inspect_arrays`), compared after restoring, so corruption
+that still decodes (a flipped bit in compressed data) is caught like a file
+that no longer reads. Steps written before checksums existed restore
+unchecked. A state holding NaN or inf is never saved: it would become the
+step a crashed run resumes from.
 """
 
 from __future__ import annotations
@@ -39,9 +46,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from aem_jax.trainer import integrity, paths
+
 log = logging.getLogger(__name__)
 
 _TMP_MARK = ".orbax-checkpoint-tmp"
+_CHECKSUM_KEY = "_checksums"  # meta entry: {"state": {path: int}, "host": {path: int}}
 
 
 class CheckpointError(RuntimeError):
@@ -57,10 +67,6 @@ class Restored(NamedTuple):
     host: Any | None
 
 
-def _is_local(path: epath.Path) -> bool:
-    return "://" not in os.fspath(path)
-
-
 def check_writable(directory: str | os.PathLike, *, min_free_bytes: int = 0) -> epath.Path:
     """Creates ``directory`` if needed and proves it is writable.
 
@@ -71,9 +77,7 @@ def check_writable(directory: str | os.PathLike, *, min_free_bytes: int = 0) -> 
     Raises:
       CheckpointError: naming the path and the reason.
     """
-    directory = os.fspath(directory)
-    # orbax needs absolute paths; relative local ones are taken from the cwd
-    path = epath.Path(directory if "://" in directory else os.path.abspath(directory))
+    path = paths.workdir_path(directory)
     probe = path / f".write_probe_{uuid.uuid4().hex}"
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -81,7 +85,7 @@ def check_writable(directory: str | os.PathLike, *, min_free_bytes: int = 0) -> 
         probe.unlink()
     except OSError as e:
         raise CheckpointError(f"directory {os.fspath(path)!r} is not writable: {e}") from e
-    if _is_local(path) and min_free_bytes > 0:
+    if paths.is_local(path) and min_free_bytes > 0:
         free = shutil.disk_usage(os.fspath(path)).free
         if free < min_free_bytes:
             raise CheckpointError(
@@ -163,6 +167,25 @@ def _process_bytes(tree: Any) -> int:
     return total
 
 
+def _verify_checksums(step: int, saved: Mapping[str, Any] | None, state: Any, host: Any | None) -> None:
+    """Raises CheckpointError if a restored array differs from the one saved
+    (steps written before checksums existed have none and pass)."""
+    if not saved:
+        return
+    actual = integrity.inspect_arrays(state).checksums
+    if set(saved.get("state", {})) - set(actual):
+        log.warning("step %d: leaves %s were saved but not restored, so not verified", step,
+                    sorted(set(saved["state"]) - set(actual)))
+    wrong = integrity.checksum_mismatches(saved.get("state", {}), actual)
+    if host is not None and "host" in saved:
+        wrong += integrity.checksum_mismatches(saved["host"], integrity.inspect_arrays(host).checksums)
+    if wrong:
+        raise CheckpointError(
+            f"checkpoint step {step} restored arrays that differ from the saved ones (corrupted data): "
+            + ", ".join(wrong)
+        )
+
+
 def _sync(name: str) -> None:
     """Barrier across processes (no-op in a single-process run)."""
     if jax.process_count() > 1:
@@ -234,7 +257,9 @@ class Checkpointer:
 
         Returns whether a save was started (False off the save interval).
         Raises :class:`CheckpointError` if this or the previous pending save
-        failed (for example ``ENOSPC``); no partial step directory remains.
+        failed (for example ``ENOSPC``), or if a floating leaf of ``state``
+        holds NaN or inf (then nothing is written); no partial step
+        directory remains.
         """
         # The interval rule is ours: orbax would also save the first step seen.
         if not force and step % self.save_interval_steps:
@@ -249,11 +274,20 @@ class Checkpointer:
                 self.wait()
             return False
         self.wait()
+        report = integrity.inspect_arrays(state)
+        if report.nonfinite:
+            raise CheckpointError(
+                f"refusing to save checkpoint step {step}: state leaf {report.nonfinite[0]} holds NaN or inf "
+                f"({len(report.nonfinite)} such leaves); only finite states are saved, nothing was written "
+                f"(latest good step: {self.latest_step()})"
+            )
         self._check_space(step, state, host)
         record = {"step": int(step), **dict(meta or {})}
+        record[_CHECKSUM_KEY] = {"state": report.checksums}
         items = {"state": ocp.args.StandardSave(_keys_to_data(state))}
         if host is not None:
             host, record[_EMPTY_KEY] = _encode_host(host)
+            record[_CHECKSUM_KEY]["host"] = integrity.inspect_arrays(host).checksums
             items["host"] = ocp.args.StandardSave(host)
         items["meta"] = ocp.args.JsonSave(record)
         self._pending_step = int(step)
@@ -267,7 +301,7 @@ class Checkpointer:
         return saved
 
     def _check_space(self, step: int, state: Any, host: Any | None) -> None:
-        if not _is_local(self.directory):
+        if not paths.is_local(self.directory):
             return
         needed = _process_bytes(state) + (_process_bytes(host) if host is not None else 0)
         free = shutil.disk_usage(os.fspath(self.directory)).free
@@ -331,7 +365,7 @@ class Checkpointer:
             # Done once two looks in a row, a moment apart, find nothing.
             quiet_checks = 0 if leftovers else quiet_checks + 1
             for child in leftovers:
-                if _is_local(child):
+                if paths.is_local(child):
                     shutil.rmtree(os.fspath(child), ignore_errors=True)
                 else:
                     child.rmtree()
@@ -401,10 +435,12 @@ class Checkpointer:
         if has_host:
             items["host"] = ocp.args.StandardRestore()
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-        state = _data_to_keys(restored["state"], abstract_state)
         meta = dict(restored["meta"])
         if meta.get("step") != step:
             raise CheckpointError(f"metadata of step {step} says step {meta.get('step')!r}")
+        _verify_checksums(step, meta.pop(_CHECKSUM_KEY, None), restored["state"],
+                          restored["host"] if has_host else None)
+        state = _data_to_keys(restored["state"], abstract_state)
         host = _decode_host(restored["host"], meta.pop(_EMPTY_KEY, {})) if has_host else None
         return Restored(step, state, meta, host)
 

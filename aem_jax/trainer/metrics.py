@@ -17,11 +17,15 @@ after k (or an earlier run's events in a reused workdir).
 Object-store workdirs (``gs://...``) cannot be appended to: the files are
 written to a local staging directory and copied to the workdir every
 ``sync_interval_s`` seconds and on :meth:`MetricsWriter.close`. Only process 0
-writes (by default).
+writes (by default). Every workdir path goes through :mod:`paths` (etils
+``epath``), so ``read_jsonl``, ``write_json`` and ``plot`` take local paths and
+object-store URIs alike; the staging directory and TensorBoard's event files
+are always local.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -34,6 +38,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from aem_jax.trainer import paths
 
 JSONL_NAME = "metrics.jsonl"
 TB_DIR = "tb"
@@ -49,19 +55,11 @@ def _to_python(value: Any) -> Any:
     return array.item()
 
 
-def _open(path: str | os.PathLike, mode: str) -> Any:
-    """``open`` that also reaches ``gs://`` style paths (through etils)."""
-    if "://" in os.fspath(path):
-        from etils import epath
-
-        return epath.Path(path).open(mode)
-    return open(path, mode, encoding=None if "b" in mode else "utf-8")
-
-
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """All records of a metrics JSONL file; a torn last line (killed writer) is skipped."""
+    """All records of a metrics JSONL file (local or object store); a torn
+    last line (killed writer) is skipped."""
     records = []
-    with _open(path, "r") as f:
+    with paths.workdir_path(path).open("r") as f:
         for line in f:
             line = line.strip()
             if not line:
@@ -73,26 +71,18 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     return records
 
 
-def _write_atomically(path: str | os.PathLike, text: str) -> None:
-    """Writes ``text`` to ``path`` through a temporary file and a rename, so a
-    killed writer never leaves a half-written file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Writes ``obj`` as JSON to ``path`` atomically."""
-    _write_atomically(path, json.dumps(obj, indent=1) + "\n")
+    """Writes ``obj`` as JSON to ``path`` (local or object store) so that a
+    killed writer never leaves a half-written file (:func:`paths.write_atomic`)."""
+    paths.write_atomic(path, json.dumps(obj, indent=1) + "\n")
 
 
 def _truncate_jsonl(path: str, resume_step: int | None) -> None:
     """Keeps records with step <= resume_step (none when None), atomically."""
-    if not os.path.exists(path):
+    if not paths.workdir_path(path).exists():
         return
     kept = [] if resume_step is None else [r for r in read_jsonl(path) if r.get("step", -1) <= resume_step]
-    _write_atomically(path, "".join(json.dumps(r) + "\n" for r in kept))
+    paths.write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def _wait_for_later_timestamp(logdir: str) -> None:
@@ -182,7 +172,7 @@ class MetricsWriter:
         self._events = None
         # Object stores (gs://) cannot append: files are written in a local
         # staging directory and copied to the workdir on every sync.
-        remote = "://" in self.workdir
+        remote = not paths.is_local(self.workdir)
         if staging_dir is None and remote and enabled:
             staging_dir = tempfile.mkdtemp(prefix="aem_jax_metrics_")
         self._staging = os.fspath(staging_dir) if staging_dir is not None else None
@@ -192,11 +182,11 @@ class MetricsWriter:
         if not enabled:
             return
         try:
-            os.makedirs(self._local, exist_ok=True)
+            paths.workdir_path(self._local).mkdir(parents=True, exist_ok=True)
             if self._staging is not None:
                 self._download_jsonl()
             _truncate_jsonl(self.path, resume_step)
-            self._file = open(self.path, "a", encoding="utf-8")
+            self._file = paths.workdir_path(self.path).open("a")
             if self._staging is not None:
                 self.sync()  # proves the workdir is writable now, not at the first sync
         except OSError as e:
@@ -205,20 +195,15 @@ class MetricsWriter:
             self._events = _EventWriter(os.path.join(self._local, TB_DIR), resume_step)
 
     def _download_jsonl(self) -> None:
-        from etils import epath
-
-        remote = epath.Path(self.workdir) / JSONL_NAME
+        remote = paths.workdir_path(self.workdir) / JSONL_NAME
         if remote.exists():
-            with open(self.path, "wb") as f:
-                f.write(remote.read_bytes())
+            paths.write_atomic(self.path, remote.read_bytes())
 
     def sync(self) -> None:
         """Copies staged files to the workdir (no-op without staging)."""
         if self._staging is None or not self.enabled:
             return
-        from etils import epath
-
-        target = epath.Path(self.workdir)
+        target = paths.workdir_path(self.workdir)
         target.mkdir(parents=True, exist_ok=True)
         for root, _, files in os.walk(self._staging):
             relative = os.path.relpath(root, self._staging)
@@ -367,11 +352,11 @@ def plot(
         fig.suptitle(title)
     fig.tight_layout()
     out_png = os.fspath(out_png)
-    if "://" not in out_png:
-        os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
-    with _open(out_png, "wb") as f:
-        fig.savefig(f, format="png", dpi=120)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=120)
     plt.close(fig)
+    paths.workdir_path(out_png).parent.mkdir(parents=True, exist_ok=True)
+    paths.write_atomic(out_png, image.getvalue())
     return out_png
 
 

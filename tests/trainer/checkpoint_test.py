@@ -1,6 +1,7 @@
 """Tests for aem_jax.trainer.checkpoint: round trips, corruption, full disks."""
 
 import errno
+import json
 import os
 import shutil
 from collections import namedtuple
@@ -15,7 +16,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from aem_jax import sharding
-from aem_jax.trainer import checkpoint
+from aem_jax.trainer import checkpoint, integrity
 
 
 def _state(mesh, scale=1.0):
@@ -210,3 +211,115 @@ def test_nnx_model_and_optimizer_state_restore_into_rule_shardings(tmp_path, mes
     np.testing.assert_array_equal(fresh_model.kernel[...], model.kernel[...])
     assert fresh_model.kernel[...].sharding.spec == P("fsdp", "tensor")
     assert int(fresh_optimizer.step[...]) == 1
+    # Every leaf was checked on restore: the restored tree has the saved paths.
+    saved = _read_meta(tmp_path / "5")["_checksums"]["state"]
+    assert set(saved) == set(integrity.inspect_arrays(restored.state).checksums) and len(saved) > 3
+
+
+def _read_meta(step_dir) -> dict:
+    return json.loads((step_dir / "meta" / "metadata").read_text())
+
+
+def _strip_checksums(step_dir) -> None:
+    """Makes a step look like one written before checksums existed."""
+    meta = _read_meta(step_dir)
+    del meta["_checksums"]
+    (step_dir / "meta" / "metadata").write_text(json.dumps(meta))
+
+
+def _big_state(mesh, seed):
+    """Shards of 8 KiB: OCDBT keeps values under about 1 KiB inline in its
+    B-tree nodes, which carry a CRC (a flipped byte there fails to decode);
+    larger ones go to data files that carry none. Random values: compression
+    cannot shrink them much, so most bytes of that file are the values."""
+    w = np.random.default_rng(seed).standard_normal((256, 64)).astype(np.float32)
+    return {"w": jax.device_put(w, NamedSharding(mesh, P("fsdp", "tensor"))), "rng": jax.random.key(seed)}
+
+
+def _flip_a_byte_in_the_array_data(step_dir) -> None:
+    """Flips one byte in the middle of the largest data file of OCDBT's store
+    (``state/ocdbt.process_0/d/<hash>``: the one holding the shards of w)."""
+    files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+    largest = max(files, key=lambda p: p.stat().st_size)
+    data = bytearray(largest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    largest.write_bytes(bytes(data))
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_corruption_that_still_decodes_is_caught_by_checksums(tmp_path, mesh):
+    ckpt = checkpoint.Checkpointer(tmp_path / "run", max_to_keep=3)
+    for step in (1, 2):
+        ckpt.save(step, _big_state(mesh, step), meta={"cursor": step})
+    ckpt.wait()
+    meta = _read_meta(tmp_path / "run" / "2")
+    assert set(meta["_checksums"]["state"]) == {"['w']", "['rng']"}
+    _flip_a_byte_in_the_array_data(tmp_path / "run" / "2")
+    # Without checksums the flipped byte restores silently as other numbers:
+    # this is the corruption that nothing but the checksums can see.
+    shutil.copytree(tmp_path / "run" / "2", tmp_path / "unchecked" / "2")
+    _strip_checksums(tmp_path / "unchecked" / "2")
+    with checkpoint.Checkpointer(tmp_path / "unchecked") as unchecked:
+        silent = unchecked.restore(_abstract(_big_state(mesh, 2)), step=2)
+    differs = np.asarray(silent.state["w"]) != np.asarray(_big_state(mesh, 2)["w"])
+    assert 0 < differs.sum() < differs.size
+    # With them, step 2 is reported, set aside, and step 1 is used.
+    with pytest.warns(RuntimeWarning, match=r"checkpoint step 2 .*differ from the saved ones.*\['w'\] \(saved"):
+        restored = ckpt.restore(_abstract(_big_state(mesh, 1)))
+    assert restored.step == 1 and restored.meta == {"step": 1, "cursor": 1}
+    _assert_state_equal(restored.state, _big_state(mesh, 1))
+    assert ckpt.all_steps() == [1] and (tmp_path / "run" / "corrupt_2").is_dir()
+    ckpt.close()
+    # Asked for exactly that step, the mismatch is raised, not skipped.
+    shutil.copytree(tmp_path / "run" / "corrupt_2", tmp_path / "again" / "2")
+    with checkpoint.Checkpointer(tmp_path / "again") as again:
+        with pytest.raises(checkpoint.CheckpointError, match="step 2 restored arrays that differ"):
+            again.restore(_abstract(_big_state(mesh, 2)), step=2)
+
+
+def test_checkpoint_written_before_checksums_still_restores(tmp_path, mesh):
+    replay = {"obs": np.arange(6.0).reshape(2, 3)}
+    with checkpoint.Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, _state(mesh, 2.0), meta={"cursor": 1}, host=replay)
+    assert set(_read_meta(tmp_path / "1")["_checksums"]) == {"state", "host"}
+    _strip_checksums(tmp_path / "1")
+    with checkpoint.Checkpointer(tmp_path) as ckpt:
+        restored = ckpt.restore(_abstract(_state(mesh)))
+    assert restored.step == 1 and restored.meta == {"step": 1, "cursor": 1}
+    _assert_state_equal(restored.state, _state(mesh, 2.0))
+    np.testing.assert_array_equal(restored.host["obs"], replay["obs"])
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_corrupted_host_arrays_are_caught_too(tmp_path, mesh):
+    replay = {"obs": np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32)}
+    with checkpoint.Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, _state(mesh), host=replay)
+        ckpt.save(2, _state(mesh), host=replay)
+    files = [p for p in (tmp_path / "2" / "host").rglob("*") if p.is_file() and p.parent.name == "d"]
+    largest = max(files, key=lambda p: p.stat().st_size)
+    data = bytearray(largest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    largest.write_bytes(bytes(data))
+    with checkpoint.Checkpointer(tmp_path) as ckpt:
+        with pytest.warns(RuntimeWarning, match=r"step 2 .*\['obs'\] \(saved"):
+            assert ckpt.restore(_abstract(_state(mesh))).step == 1
+
+
+def test_nonfinite_state_is_never_saved(tmp_path, mesh):
+    ckpt = checkpoint.Checkpointer(tmp_path)
+    ckpt.save(1, _state(mesh))
+    ckpt.wait()
+    state = _state(mesh)
+    state["params"]["w"] = state["params"]["w"].at[3, 1].set(jnp.nan)
+    state["params"]["z"] = jnp.full((2,), jnp.inf)  # after w in tree order
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=r"refusing to save checkpoint step 2: state leaf \['params'\]\['w'\] holds NaN or inf "
+                             r"\(2 such leaves\).*nothing was written \(latest good step: 1\)"):
+        ckpt.save(2, state)
+    ckpt.wait()
+    assert ckpt.all_steps() == [1] and sorted(os.listdir(tmp_path)) == ["1"]
+    # Integer leaves are never "non-finite"; a finite state saves again.
+    assert ckpt.save(2, _state(mesh, 2.0))
+    ckpt.close()
+    assert checkpoint.Checkpointer(tmp_path).restore(_abstract(_state(mesh))).step == 2
