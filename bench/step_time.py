@@ -23,8 +23,8 @@ import jax
 import numpy as np
 
 from aem_jax import sharding
-from aem_jax.trainer import loop, setup
-from aem_jax.trainer.advantages import compute_advantages
+from aem_jax.trainer import loop, rollouts, setup
+from aem_jax.trainer.advantages import AdvantageSettings, compute_advantages
 
 
 def time_call(fn, repeats: int) -> float:
@@ -48,16 +48,19 @@ def main():
     config.eval.num_tasks = 0
 
     with tempfile.TemporaryDirectory() as workdir:
-        trainer = loop.trainer_class(config)(config, workdir)
-        trainer.run()
+        loop.train(config, workdir)
         rows = [json.loads(line) for line in open(f"{workdir}/metrics.jsonl")][args.skip:]
-        with sharding.use_mesh(trainer.mesh):
-            batch, _, _ = trainer.collect(args.steps)
-            dev = sharding.put_batch(batch, trainer.mesh)
+        algorithm = loop.check_config(config)
+        ctx = loop.build_context(config, sharding.make_mesh(dict(config.mesh)))
+        with sharding.use_mesh(ctx.mesh):
+            state = algorithm.init(ctx)
+            batch, _, _ = rollouts.collect_batch(ctx, algorithm, algorithm.policy_params(state), args.steps)
+            dev = sharding.put_batch(batch, ctx.mesh)
             key = jax.random.key(0)
             timings = {}
             for enabled in (True, False):
-                settings = dataclasses.replace(trainer.adv_settings, aem_enabled=enabled)
+                settings = dataclasses.replace(AdvantageSettings.from_config(config, estimator="grpo"),
+                                               aem_enabled=enabled)
                 fn = jax.jit(functools.partial(compute_advantages, settings=settings))
                 timings[enabled] = time_call(lambda: fn(dev, key=key)[0], args.repeats)  # noqa: B023
 

@@ -15,12 +15,11 @@ import argparse
 import collections
 import os
 
-import jax
 import numpy as np
 
 from aem_jax import sharding
 from aem_jax.rollout import collect
-from aem_jax.trainer import checkpoint, loop, setup
+from aem_jax.trainer import checkpoint, loop, rng, rollouts, setup
 
 
 def main():
@@ -37,15 +36,18 @@ def main():
     ckpt_dir = os.path.join(os.path.abspath(args.workdir), "checkpoints")
     if not os.path.isdir(ckpt_dir):
         p.error(f"--workdir {args.workdir!r} has no checkpoints/ directory")
-    trainer = loop.trainer_class(config)(config, args.workdir)
-    with sharding.use_mesh(trainer.mesh):
-        step, _ = trainer.restore(checkpoint.Checkpointer(ckpt_dir))
+    algorithm = loop.check_config(config)
+    ctx = loop.build_context(config, sharding.make_mesh(dict(config.mesh)))
+    with sharding.use_mesh(ctx.mesh):
+        ckpt = checkpoint.Checkpointer(ckpt_dir)
+        step, _, state = loop.restore(ctx, algorithm, algorithm.init(ctx), ckpt, args.workdir)
+        ckpt.close()
         if step == 0:
             p.error(f"no checkpoint could be restored from {ckpt_dir}")
         cfg = setup.rollout_config(config, num_tasks=args.episodes, group_size=1)
-        _, records, _ = collect(config.env.name, trainer.policy(args.temperature), trainer.tokenizer, cfg,
-                                key=jax.random.key(config.seed + 12345),
-                                task_seeds=loop.eval_seeds(args.episodes), env_kwargs=trainer.env_kwargs)
+        policy = rollouts.sampler(ctx, algorithm.policy_params(state), temperature=args.temperature)
+        _, records, _ = collect(config.env.name, policy, ctx.tokenizer, cfg, key=ctx.keys.key("eval"),
+                                task_seeds=rng.eval_seeds(args.episodes), env_kwargs=dict(config.env.kwargs))
     actions = collections.Counter(
         " | ".join(m["content"] for m in r.transcript if m["role"] == "assistant") for r in records)
     print(f"step {step}: success {np.mean([r.success for r in records]):.3f} over {len(records)} episodes, "

@@ -194,7 +194,8 @@ def update(ctx: RunContext, state: State, batch: TurnBatch, step: int):
 
     (policy, q), history = run_steps(one, (state.policy, state.q), batches)
     metrics = mean_metrics(history)
-    metrics["q_skipped"] *= len(history)  # a count, as "skipped"
+    metrics["skipped_updates"] = metrics.pop("skipped")
+    metrics["q_skipped_updates"] = metrics.pop("q_skipped") * len(history)  # a count, as skipped_updates
     metrics.update({k: float(v) for k, v in alpha_info.items()})
     metrics["nonfinite_in_a_row"] = int(max(int(policy.nonfinite), int(q.state.nonfinite)))
     metrics["train_passes"] = float(c.learner.epochs)

@@ -112,6 +112,7 @@ def update(ctx: RunContext, state: State, batch: TurnBatch, step: int, *, varian
                           ctx.keys.numpy("shuffle", step), size=c.learner.minibatch_size, epochs=c.learner.epochs)
     train, history = run_steps(steps.update, state.train, batches)
     metrics = mean_metrics(history)
+    metrics["skipped_updates"] = metrics.pop("skipped")
     metrics.update({k: float(v) for k, v in adv_info.items()})
     metrics["nonfinite_in_a_row"] = int(train.nonfinite)
     metrics["train_passes"] = float(c.learner.epochs)

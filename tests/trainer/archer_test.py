@@ -11,7 +11,8 @@ import pytest
 from aem_jax.batch import TurnBatch
 from aem_jax import sharding
 from aem_jax.trainer import checkpoint, loop
-from aem_jax.trainer.archer import ArcherTrainer, ReplayBuffer, turn_positions
+from aem_jax.trainer.critic import turn_positions
+from aem_jax.trainer.replay import ReplayBuffer
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
 
@@ -74,38 +75,62 @@ def test_replay_buffer_is_fifo_and_round_trips_its_state():
         buf.add(_rows(0, 1, T=4))
 
 
-def test_archer_smoke_warmup_polyak_and_checkpointed_replay(tmp_path):
+def test_replay_buffer_pads_rows_of_any_t_bucket_to_its_seq_len():
+    buf = ReplayBuffer(4, seq_len=5)
+    buf.add(_rows(0, 2, T=3))
+    buf.add(_rows(2, 1, T=5))
+    rows = buf.state_dict()["arrays"]
+    assert rows["tokens"].shape == (3, 5)
+    np.testing.assert_array_equal(rows["attention_mask"][0], [1, 1, 1, 0, 0])
+    np.testing.assert_array_equal(rows["turn_ids"][0], [0, 0, 0, -1, -1])
+    np.testing.assert_array_equal(rows["loss_mask"][0], [1, 1, 1, 0, 0])
+    with pytest.raises(ValueError, match="seq_len=5"):
+        buf.add(_rows(0, 1, T=6))
+
+
+def _start(config):
+    algorithm = loop.check_config(config)
+    ctx = loop.build_context(config, sharding.make_mesh(dict(config.mesh)))
+    return algorithm, ctx
+
+
+def test_archer_smoke_warmup_polyak_entropy_and_checkpointed_replay(tmp_path):
     config = load_config("archer", "smoke")
     config.eval.num_tasks = 0  # no held-out evaluation (saves a sampler compile)
     config.rollout.invalid_penalty = 0.5  # untrained actions are invalid: non-zero rewards for the critic
+    config.rollout.seq_bucket = 16        # batches of several T buckets share the replay buffer
     config.archer.actor_steps = 2         # the first optimiser step has learning rate 0 (warm-up from 0)
     config.archer.buffer_episodes = 10    # three batches of 4 episodes wrap around
-    trainer = loop.trainer_class(config)(config, str(tmp_path))
-    assert isinstance(trainer, ArcherTrainer)
-    with sharding.use_mesh(trainer.mesh):
-        policy0 = host_copy(trainer.state.params)
-        critic0, target0 = host_copy(trainer.critic_state.params), host_copy(trainer.target_params)
+    algorithm, ctx = _start(config)
+    with sharding.use_mesh(ctx.mesh):
+        state = algorithm.init(ctx)
+        policy0 = host_copy(state.policy.params)
+        critic0, target0 = host_copy(state.critic.params), host_copy(state.target)
         assert sq_dist(critic0, target0) == 0.0
 
-        warm = trainer.train_step(0)  # actor warm-up: only the critic learns
-        assert warm["actor_updated"] == 0.0 and int(trainer.state.step) == 0
-        assert sq_dist(host_copy(trainer.state.params), policy0) == 0.0
-        critic1, target1 = host_copy(trainer.critic_state.params), host_copy(trainer.target_params)
-        assert int(trainer.critic_state.step) == config.archer.critic_steps
+        state, warm = loop.train_step(ctx, algorithm, state, 0)  # actor warm-up: only the critic learns
+        assert warm["actor_updated"] == 0.0 and int(state.policy.step) == 0
+        assert sq_dist(host_copy(state.policy.params), policy0) == 0.0
+        critic1, target1 = host_copy(state.critic.params), host_copy(state.target)
+        assert int(state.critic.step) == config.archer.critic_steps
         assert sq_dist(critic1, critic0) > 0.0
         # Polyak: the target moved towards the online critic without reaching it.
         assert 0.0 < sq_dist(target1, critic1) < sq_dist(target0, critic1)
         assert np.isfinite([warm["q_loss"], warm["v_loss"]]).all() and warm["q_loss"] > 0.0
         assert warm["buffer_size"] == 4.0
 
-        act = trainer.train_step(1)
-        assert act["actor_updated"] == 1.0 and int(trainer.state.step) == config.archer.actor_steps
-        assert sq_dist(host_copy(trainer.state.params), policy0) > 0.0
+        state, act = loop.train_step(ctx, algorithm, state, 1)
+        assert act["actor_updated"] == 1.0 and int(state.policy.step) == config.archer.actor_steps
+        assert sq_dist(host_copy(state.policy.params), policy0) > 0.0
         assert np.isfinite([act["actor_loss"], act["advantage_abs_mean"], act["alpha_mean"]]).all()
+        # loss.entropy_coef is honoured: the bonus is -coef * mean token entropy
+        assert act["entropy_bonus"] < 0.0
+        np.testing.assert_allclose(act["entropy_bonus"], -config.loss.entropy_coef * act["token_entropy_new"],
+                                   rtol=0.3)
 
-    # The run itself (what loop.train does): steps 0..1 again, checkpointed each step.
+    # The run itself: steps 0..2, checkpointed each step.
     config.total_steps = 3
-    trainer.run()
+    loop.train(config, str(tmp_path))
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
     for r in records:
@@ -114,15 +139,12 @@ def test_archer_smoke_warmup_polyak_and_checkpointed_replay(tmp_path):
     assert records[-1]["buffer_size"] == 10.0  # 5 batches of 4 into 10 slots
 
     # The replay buffer, critic and target come back from the last checkpoint.
-    saved_buffer = trainer.buffer.state_dict()
-    saved_target = host_copy(trainer.target_params)
-    trainer.buffer = ReplayBuffer(config.archer.buffer_episodes)
+    algorithm, ctx = _start(config)
     ckpt = checkpoint.Checkpointer(tmp_path / "checkpoints")
-    with sharding.use_mesh(trainer.mesh):
-        step, _ = trainer.restore(ckpt)
+    with sharding.use_mesh(ctx.mesh):
+        fresh = algorithm.init(ctx)
+        target_init = host_copy(fresh.target)
+        step, _, restored = loop.restore(ctx, algorithm, fresh, ckpt, tmp_path)
     ckpt.close()
-    assert step == 3
-    assert trainer.buffer.size == 10
-    for k, v in saved_buffer["arrays"].items():
-        np.testing.assert_array_equal(trainer.buffer.state_dict()["arrays"][k], v)
-    assert sq_dist(host_copy(trainer.target_params), saved_target) == 0.0
+    assert step == 3 and restored.buffer.size == 10
+    assert sq_dist(host_copy(restored.target), target_init) > 0.0

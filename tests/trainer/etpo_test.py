@@ -1,5 +1,6 @@
 """ETPO trainer: config checks and a 2-step smoke run that checks the Polyak
-target Q, the frozen reference, and the Q networks' checkpoint."""
+target Q, the frozen reference, the entropy bonus, AEM's weights and the Q
+networks' checkpoint."""
 import json
 
 import numpy as np
@@ -7,21 +8,39 @@ import pytest
 
 from aem_jax import sharding
 from aem_jax.trainer import checkpoint, loop
-from aem_jax.trainer.etpo import EtpoTrainer
-from tests.trainer.archer_test import host_copy, load_config, sq_dist
+from aem_jax.trainer.etpo import alpha_weights
+from aem_jax.trainer.advantages import AdvantageSettings
+from tests.trainer.archer_test import _rows, host_copy, load_config, sq_dist
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("aem.enabled", True, "config.aem.enabled=True"),
     ("rollout.history", "windowed", "config.rollout.history='windowed'"),
     ("etpo.beta", 0.0, "config.etpo.beta=0.0"),
+    ("loss.agg", "seq-mean-token-mean", "config.loss.agg='seq-mean-token-mean'"),
 ])
-def test_bad_config_names_the_key(tmp_path, key, value, message):
+def test_bad_config_names_the_key(key, value, message):
     config = load_config("etpo", "smoke")
+    config.aem.enabled = True
     section, field = key.split(".")
     config[section][field] = value
     with pytest.raises(ValueError, match=message):
-        EtpoTrainer(config, str(tmp_path))
+        loop.check_config(config)
+
+
+def test_alpha_weights_are_one_without_aem_and_alpha_per_response_with_it():
+    batch = _rows(0, 4, T=3, K=1)
+    batch = batch.replace(group_ids=np.zeros(4, np.int32),
+                          old_entropy=np.array([[0.1] * 3, [0.5] * 3, [1.0] * 3, [2.0] * 3], np.float32),
+                          turn_valid=np.ones((4, 1), bool))
+    base = dict(estimator="none", num_groups=1, num_episodes=4, max_turns=1)
+    off, _ = alpha_weights(batch, None, settings=AdvantageSettings(**base))
+    np.testing.assert_array_equal(off, np.ones((4, 3)))
+    on, info = alpha_weights(batch, None, settings=AdvantageSettings(**base, aem_enabled=True, aem_lam=1.0))
+    on = np.asarray(on)
+    assert np.allclose(on, on[:, :1])              # one weight per response
+    assert on[0, 0] > on[1, 0] > on[2, 0] > on[3, 0]  # lower entropy, larger alpha
+    np.testing.assert_allclose(on[:, 0].mean(), 1.0, rtol=1e-5)  # alpha averages 1 in the group
+    assert float(info["alpha_std"]) > 0
 
 
 def test_etpo_smoke_polyak_reference_and_checkpoint(tmp_path):
@@ -30,43 +49,46 @@ def test_etpo_smoke_polyak_reference_and_checkpoint(tmp_path):
     config.rollout.invalid_penalty = 0.5  # untrained actions are invalid: non-zero rewards
     config.learner.minibatch_size = 4     # the whole batch: one Q step and one Polyak step per iteration
     config.etpo.tau = 0.1                 # a target move well above float32 rounding
-    trainer = loop.trainer_class(config)(config, str(tmp_path))
-    assert isinstance(trainer, EtpoTrainer)
+    algorithm = loop.check_config(config)
+    ctx = loop.build_context(config, sharding.make_mesh(dict(config.mesh)))
     tau = config.etpo.tau
-    with sharding.use_mesh(trainer.mesh):
-        policy0, reference0 = host_copy(trainer.state.params), host_copy(trainer.reference)
-        q0, target0 = host_copy(trainer.q.state.params), host_copy(trainer.q.target)
+    with sharding.use_mesh(ctx.mesh):
+        state = algorithm.init(ctx)
+        policy0, reference0 = host_copy(state.policy.params), host_copy(state.reference)
+        q0, target0 = host_copy(state.q.state.params), host_copy(state.q.target)
         assert sq_dist(q0, target0) == 0.0 and sq_dist(policy0, reference0) == 0.0
 
-        first = trainer.train_step(0)
-        q1, target1 = host_copy(trainer.q.state.params), host_copy(trainer.q.target)
-        assert int(trainer.q.state.step) == 1 and sq_dist(q1, q0) > 0.0
+        state, first = loop.train_step(ctx, algorithm, state, 0)
+        q1, target1 = host_copy(state.q.state.params), host_copy(state.q.target)
+        assert int(state.q.state.step) == 1 and sq_dist(q1, q0) > 0.0
         # One Polyak step after the Q step: target = (1 - tau) target0 + tau q1 exactly.
         for t1, t0, q in zip(target1, target0, q1):
             np.testing.assert_allclose(t1, (1 - tau) * t0 + tau * q, atol=1e-6)
         assert 0.0 < sq_dist(target1, q1) < sq_dist(target0, q1)
         assert np.isfinite([first["q_loss"], first["policy_loss"], first["td_abs"]]).all()
         assert first["q_loss"] > 0.0
+        # loss.entropy_coef is honoured
+        assert first["entropy_bonus"] < 0.0
 
-        second = trainer.train_step(1)
-        assert sq_dist(host_copy(trainer.state.params), policy0) > 0.0
-        assert sq_dist(host_copy(trainer.reference), reference0) == 0.0  # frozen
+        state, second = loop.train_step(ctx, algorithm, state, 1)
+        assert sq_dist(host_copy(state.policy.params), policy0) > 0.0
+        assert sq_dist(host_copy(state.reference), reference0) == 0.0  # frozen
         assert second["kl_ref"] > 0.0  # the policy has left the reference
 
     config.total_steps = 3
-    trainer.run()  # what loop.train does: steps 0..2, checkpointed each step
+    loop.train(config, str(tmp_path))
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
     for r in records:
         assert np.isfinite([r["q_loss"], r["policy_loss"], r["q_mean"], r["kl_ref"]]).all()
         assert r["nonfinite_in_a_row"] == 0
 
-    saved = [host_copy(trainer.q.state), host_copy(trainer.q.target), host_copy(trainer.state.params)]
+    ctx = loop.build_context(config, sharding.make_mesh(dict(config.mesh)))
     ckpt = checkpoint.Checkpointer(tmp_path / "checkpoints")
-    with sharding.use_mesh(trainer.mesh):
-        trainer.q = trainer.q.replace(target=trainer.q.state.params)  # clobber; restore must undo it
-        step, _ = trainer.restore(ckpt)
+    with sharding.use_mesh(ctx.mesh):
+        fresh = algorithm.init(ctx)
+        q_init = host_copy(fresh.q.state.params)
+        step, _, restored = loop.restore(ctx, algorithm, fresh, ckpt, tmp_path)
     ckpt.close()
-    assert step == 3
-    for before, after in zip(saved, [trainer.q.state, trainer.q.target, trainer.state.params]):
-        assert sq_dist(before, host_copy(after)) == 0.0
+    assert step == 3 and int(restored.q.state.step) == 3
+    assert sq_dist(host_copy(restored.q.state.params), q_init) > 0.0

@@ -203,18 +203,18 @@ sys.argv = ["aem_jax.train"] + sys.argv[1:]
 app.run(train.main)
 """
 
-# Every advantage NaN (_build_steps reads the module global when the Trainer is built).
+# Every advantage NaN (pg.init reads the module global when it jits the step).
 _NAN_ADVANTAGES = """
 import jax.numpy as jnp
-from aem_jax.trainer import loop
+from aem_jax.trainer import pg
 
-compute = loop.compute_advantages
+compute = pg.compute_advantages
 
 def nan_advantages(*args, **kwargs):
     adv, info, rest = compute(*args, **kwargs)
     return jnp.full_like(adv, jnp.nan), info, rest
 
-loop.compute_advantages = nan_advantages
+pg.compute_advantages = nan_advantages
 """
 
 # The disk is full from the second checkpoint on.
