@@ -69,8 +69,12 @@ def registered() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def make(name: str, **kwargs: Any) -> Env:
-    """Creates the environment registered as ``name`` with ``kwargs``."""
+def resolve(name: str) -> Callable[..., Env]:
+    """The factory registered as ``name``, importing a lazy "module:attr" on first use.
+
+    Config validation reads its signature to check ``env.kwargs`` without
+    creating an environment.
+    """
     if name not in _REGISTRY:
         raise ValueError(
             f"unknown environment {name!r}; registered environments: {', '.join(registered())}"
@@ -80,4 +84,9 @@ def make(name: str, **kwargs: Any) -> Env:
         module_name, attr = factory.split(":")
         factory = getattr(importlib.import_module(module_name), attr)
         _REGISTRY[name] = factory
-    return factory(**kwargs)
+    return factory
+
+
+def make(name: str, **kwargs: Any) -> Env:
+    """Creates the environment registered as ``name`` with ``kwargs``."""
+    return resolve(name)(**kwargs)

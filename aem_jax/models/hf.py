@@ -121,8 +121,30 @@ def _resolve(path_or_hub_id: str) -> str:
         path_or_hub_id, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"])
 
 
+# What AutoTokenizer reads from a checkpoint directory: the tokenizer's class,
+# special tokens and chat template, and a vocabulary (a fast tokenizer's
+# tokenizer.json, or one of the slow tokenizers' own files). Without them it
+# may still "load" a tokenizer, built from config.json's model_type with a
+# handful of tokens, so their absence is an error here.
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+VOCABULARY_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("tokenizer.model",), ("vocab.txt",))
+
+
+def _check_tokenizer_files(directory: str) -> None:
+    """Raises FileNotFoundError naming `directory` and the tokenizer file it lacks."""
+    if not os.path.exists(os.path.join(directory, TOKENIZER_CONFIG_FILE)):
+        raise FileNotFoundError(f"{directory}: {TOKENIZER_CONFIG_FILE} is missing (the tokenizer's class, "
+                                "special tokens and chat template); save the tokenizer there with "
+                                "save_pretrained")
+    if not any(all(os.path.exists(os.path.join(directory, f)) for f in group) for group in VOCABULARY_FILES):
+        alternatives = ", ".join(" + ".join(group) for group in VOCABULARY_FILES[1:])
+        raise FileNotFoundError(f"{directory}: tokenizer.json is missing, and so is a slow tokenizer's "
+                                f"vocabulary ({alternatives}); save the tokenizer there with save_pretrained")
+
+
 def load_tokenizer(directory: str, *, require_chat_template: bool = True):
-    """`transformers.AutoTokenizer` of `directory`, checking for a chat template."""
+    """`transformers.AutoTokenizer` of `directory`, checking its files and chat template."""
+    _check_tokenizer_files(directory)
     tok = transformers.AutoTokenizer.from_pretrained(directory)
     if require_chat_template and not tok.chat_template:
         raise ValueError(
@@ -196,8 +218,25 @@ def from_pretrained(path_or_hub_id: str, *, dtype: str = "float32",
       require_chat_template: raise if the tokenizer has no chat template.
     """
     directory = _resolve(path_or_hub_id)
+    # The tokenizer first: its problems show before any weight is read.
+    tokenizer = load_tokenizer(directory, require_chat_template=require_chat_template)
+    _check_vocabulary_fits(directory, tokenizer)
     model = load_model(directory, dtype=dtype, mesh=mesh, rules=rules)
-    return model, load_tokenizer(directory, require_chat_template=require_chat_template)
+    return model, tokenizer
+
+
+def _check_vocabulary_fits(directory: str, tokenizer) -> None:
+    """Every token id has an embedding row: a larger id would be clamped inside
+    jit (jax gathers do not fail), reading another token's embedding."""
+    config_path = os.path.join(directory, "config.json")
+    if not os.path.exists(config_path):
+        return  # load_model names the missing file
+    with open(config_path) as f:
+        vocab_size = from_hf_config(json.load(f), source=config_path).vocab_size
+    if len(tokenizer) > vocab_size:
+        raise ValueError(f"{directory}: the tokenizer has {len(tokenizer)} tokens but the model's "
+                         f"vocab_size is {vocab_size} ({config_path}); ids from {vocab_size} on would "
+                         "have no embedding. Use the tokenizer the model was trained with")
 
 
 # --- writing ----------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Loading, matching and saving Hugging Face checkpoints."""
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -13,7 +14,7 @@ from flax import nnx
 
 import aem_jax.models as M
 from aem_jax import sharding
-from models_testlib import max_rel_err, padded_batch, torch_logits
+from models_testlib import WORDS, max_rel_err, padded_batch, torch_logits
 
 ARCHS = ("qwen2", "qwen3", "llama")
 logits_fn = jax.jit(M.logits)  # one compile instead of one per eager op
@@ -173,6 +174,27 @@ def test_tokenizer_without_chat_template(checkpoints, tmp_path):
         M.from_pretrained(str(path))
     model, tok = M.from_pretrained(str(path), require_chat_template=False)
     assert tok.chat_template is None
+
+
+@pytest.mark.parametrize("missing", ["tokenizer.json", "tokenizer_config.json"])
+def test_missing_tokenizer_file_names_the_directory_and_the_file(checkpoints, tmp_path, missing):
+    # Without either, AutoTokenizer "loads" anyway: from config.json's model_type
+    # (a tokenizer of 5 tokens) or without the saved special tokens.
+    path = _copy(checkpoints["qwen2"].path, tmp_path / "c")
+    os.remove(path / missing)
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{path}: {missing} is missing")):
+        M.from_pretrained(str(path))
+
+
+def test_tokenizer_larger_than_the_model_vocabulary_names_both_sizes(checkpoints, tmp_path):
+    path = _copy(checkpoints["qwen2"].path, tmp_path / "c")
+    vocab_size = json.loads((path / "config.json").read_text())["vocab_size"]
+    bigger = M.build_tokenizer(WORDS + [f"extra{i}" for i in range(7)])
+    bigger.save_pretrained(str(path))
+    assert len(bigger) == vocab_size + 7
+    with pytest.raises(ValueError, match=re.escape(
+            f"{path}: the tokenizer has {vocab_size + 7} tokens but the model's vocab_size is {vocab_size}")):
+        M.from_pretrained(str(path))
 
 
 def test_causal_blocks_match_transformers(checkpoints, monkeypatch):

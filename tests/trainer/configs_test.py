@@ -73,6 +73,7 @@ def test_textworld_variant_switches_the_environment_only(name):
 
 def test_load_config_applies_typed_overrides_and_names_bad_keys():
     from aem_jax.trainer import setup
+    from aem_jax.trainer.validate import ConfigError
 
     path = str(CONFIGS / "ppo.py")
     config = setup.load_config(path + ":smoke", ["aem.enabled=FALSE", "optim.learning_rate=3e-4",
@@ -81,22 +82,31 @@ def test_load_config_applies_typed_overrides_and_names_bad_keys():
     assert config.aem.enabled is False and config.optim.learning_rate == 3e-4
     assert config.rollout.num_tasks == 3 and isinstance(config.rollout.num_tasks, int)
     assert config.model.hidden_size == reference.model.hidden_size
-    with pytest.raises(KeyError, match="aem.nope"):
+    with pytest.raises(ConfigError, match=r"config\.aem\.nope is not a config key; "):
         setup.load_config(path, ["aem.nope=1"])
-    with pytest.raises(ValueError, match="not a boolean"):
+    with pytest.raises(ConfigError, match=re.escape(
+            "config.optim.learnig_rate is not a config key; did you mean optim.learning_rate?")):
+        setup.load_config(path, ["optim.learnig_rate=1e-4"])
+    with pytest.raises(ConfigError, match=r"config\.env\.kwargs\.num_boxs is not a config key; "
+                                          r"did you mean env\.kwargs\.num_boxes\?"):
+        setup.load_config(path, ["env.kwargs.num_boxs=3"])
+    with pytest.raises(ConfigError, match="not a boolean"):
         setup.load_config(path, ["aem.enabled=yes"])
+    with pytest.raises(ConfigError, match=re.escape("config.rollout.num_tasks='many' is not allowed; must be of "
+                                                    "type int")):
+        setup.load_config(path, ["rollout.num_tasks=many"])
     with pytest.raises(FileNotFoundError, match="missing.py"):
         setup.load_config(str(CONFIGS / "missing.py"))
 
 
 def test_entropy_mask_is_validated_before_building():
-    from aem_jax.trainer import setup
+    from aem_jax.trainer import setup, validate
 
     config = setup.load_config(str(CONFIGS / "default.py"), ["loss.entropy_mask=nonzero_advantage"])
-    setup.validate(config)
+    validate.check(config)
     config.loss.entropy_mask = "positive"
-    with pytest.raises(ValueError, match=r"config.loss.entropy_mask='positive'.*nonzero_advantage"):
-        setup.validate(config)
+    with pytest.raises(validate.ConfigError, match=r"config.loss.entropy_mask='positive'.*nonzero_advantage"):
+        validate.check(config)
 
 
 @pytest.mark.parametrize("key,bad,message", [
@@ -106,10 +116,11 @@ def test_entropy_mask_is_validated_before_building():
     ("clip_high", -0.1, "must be >= 0"),
 ])
 def test_clip_settings_are_validated_before_building(key, bad, message):
-    from aem_jax.trainer import setup
+    from aem_jax.trainer import setup, validate
 
     config = setup.load_config(str(CONFIGS / "default.py"))
-    setup.validate(config)  # dual clip 3, clips 0.2: fine
+    validate.check(config)  # dual clip 3, clips 0.2: fine
     config.loss[key] = bad
-    with pytest.raises(ValueError, match=re.escape(f"config.loss.{key}={bad!r} is not allowed; {message}")):
-        setup.validate(config)
+    with pytest.raises(validate.ConfigError,
+                       match=re.escape(f"config.loss.{key}={bad!r} is not allowed; {message}")):
+        validate.check(config)

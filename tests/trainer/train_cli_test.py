@@ -8,13 +8,15 @@ compilation prints a ``Compiling ...`` line that the fail-fast tests look for.
 from __future__ import annotations
 
 import json
-import re
 import pathlib
+import re
+import subprocess
+import sys
 import time
 
 import pytest
 
-from tests.trainer.resume_test import run_train, shared_cache_dir, train_env
+from tests.trainer.resume_test import REPO, run_train, shared_cache_dir, train_cmd, train_env
 
 
 @pytest.fixture(scope="module")
@@ -39,22 +41,44 @@ def _last_line(stderr: str) -> str:
     return [line for line in stderr.splitlines() if line.strip()][-1]
 
 
-def test_unknown_config_key_names_the_key(tmp_path, cache_dir):
-    stderr = _fails_fast(tmp_path, cache_dir, "--config.no_such_key=1")
-    assert "no_such_key" in _last_line(stderr)
-    assert not (tmp_path / "run").exists()  # rejected while parsing flags
+def _config_error(tmp_path, cache_dir, *args, default_config=False) -> str:
+    """Runs the CLI expecting a config error: exit status 2 and one line,
+    ``error: ...``, on stderr (no traceback, nothing compiled, no workdir).
+    Returns that line. ``default_config``: no --config (configs/default.py)."""
+    workdir = tmp_path / "run"
+    cmd = ([sys.executable, "-m", "aem_jax.train", f"--workdir={workdir}", *args] if default_config
+           else train_cmd(workdir, *args))
+    proc = subprocess.run(cmd, env=train_env(cache_dir, JAX_LOG_COMPILES="1"), cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
+    assert not workdir.exists()
+    return lines[0]
+
+
+@pytest.mark.parametrize("default_config", [False, True])
+def test_unknown_config_key_names_the_key(tmp_path, cache_dir, default_config):
+    # Without --config, config_flags reads the overrides while its flag is defined.
+    line = _config_error(tmp_path, cache_dir, "--config.no_such_key=1", default_config=default_config)
+    assert line.startswith("error: config.no_such_key is not a config key; keys of config: "), line
+    line = _config_error(tmp_path, cache_dir, "--config.optim.learnig_rate=1e-4", default_config=default_config)
+    assert line == "error: config.optim.learnig_rate is not a config key; did you mean optim.learning_rate?"
 
 
 def test_unknown_algorithm_lists_the_registered_ones(tmp_path, cache_dir):
-    last = _last_line(_fails_fast(tmp_path, cache_dir, "--config.algorithm=nope"))
+    last = _config_error(tmp_path, cache_dir, "--config.algorithm=nope")
     assert "'nope'" in last and "registered:" in last
     for name in ("grpo", "dapo", "gigpo", "ppo", "archer", "etpo"):
         assert name in last
 
 
 def test_bad_value_names_the_key_and_the_allowed_values(tmp_path, cache_dir):
-    last = _last_line(_fails_fast(tmp_path, cache_dir, "--config.aem.scope=episode"))
+    last = _config_error(tmp_path, cache_dir, "--config.aem.scope=episode")
     assert "config.aem.scope='episode'" in last and "group" in last and "trajectory" in last
+    last = _config_error(tmp_path, cache_dir, "--config.optim.learning_rate=inf")
+    assert last == "error: config.optim.learning_rate=inf is not allowed; must be a finite number > 0"
+    last = _config_error(tmp_path, cache_dir, "--config.optim.learning_rate=fast")
+    assert last.startswith("error: flag --config.optim.learning_rate=fast: "), last
 
 
 def test_unwritable_workdir_is_reported_before_compiling(tmp_path, cache_dir):
