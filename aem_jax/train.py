@@ -86,7 +86,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.getLogger("absl").setLevel(logging.WARNING)
     # after flags: jax flags may be set by configs
-    from aem_jax.trainer import validate
+    from aem_jax.trainer import integrity, validate
     from aem_jax.trainer.loop import train
 
     try:
@@ -94,6 +94,10 @@ def main(argv):
         summary = train(_CONFIG.value, os.path.expanduser(_WORKDIR.value))
     except validate.ConfigError as e:
         _exit_usage(e)
+    except (integrity.ConfigMismatchError, integrity.WorkdirLockedError) as e:
+        # a run refused to start: one line, no traceback (exit 1: the command line itself was fine)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     outputs = "metrics.jsonl, tb/, checkpoints/, curves.png" + (", eval.json" if "success_after" in summary else "")
     print(f"workdir: {_WORKDIR.value} ({outputs})")
     return 0 if summary else 1

@@ -19,7 +19,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c = base()
     if "textworld" in names:
         textworld(c)
-    c.algorithm = "archer"           # trainer: aem_jax.trainer.archer.ArcherTrainer
+    c.algorithm = "archer"           # aem_jax/trainer/archer.py (critic.py, replay.py)
     c.aem.enabled = True             # scale the actor's utterance advantages by AEM's alpha (False: plain ArCHer)
     c.rollout.history = "concatenated"  # ArCHer replays whole episodes (required)
     c.rollout.seq_bucket = 0         # the replay buffer stores fixed-length rows (required)

@@ -20,8 +20,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c = base()
     if "textworld" in names:
         textworld(c)
-    c.algorithm = "etpo"             # trainer: aem_jax.trainer.etpo.EtpoTrainer
-    c.aem.enabled = False            # ETPO has no advantages for AEM to rescale (required False)
+    c.algorithm = "etpo"             # aem_jax/trainer/etpo.py
+    c.aem.enabled = False            # plain ETPO (True: weight each response's policy-loss tokens by AEM's alpha)
     c.rollout.history = "concatenated"  # each turn bootstraps from the next turn of its row (required)
     c.optim.learning_rate = 1e-3     # policy AdamW learning rate
     c.learner.epochs = 1             # passes over each batch; every minibatch: one Q step, one policy step

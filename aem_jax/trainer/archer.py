@@ -37,6 +37,7 @@ from aem_jax import objectives as obj
 from aem_jax import sharding
 from aem_jax.trainer.advantages import AdvantageSettings, compute_advantages
 from aem_jax.trainer.context import Algorithm, RunContext
+from aem_jax.trainer.validate import fail
 from aem_jax.trainer.critic import UtteranceCritic, critic_update_step, critic_values
 from aem_jax.trainer.replay import ReplayBuffer, rows_of
 from aem_jax.trainer.targets import side_model_config, side_optimizer
@@ -222,7 +223,7 @@ def validate(config) -> None:
                          "head_dim", "head_width")]
     for key, value, ok, allowed in checks:
         if not ok:
-            raise ValueError(f"config.{key}={value!r} is not allowed; {allowed}")
+            fail(key, value, allowed)
 
 
 ALGORITHM = Algorithm(

@@ -21,7 +21,7 @@ is reported by step, moved aside to ``corrupt_<step>`` and the previous step
 is used instead.
 
 Integrity: the metadata of every step holds a checksum of each array
-(:func:`integrity.inspect_arrays`), compared after restoring, so corruption
+(:func:`checksums.inspect_arrays`), compared after restoring, so corruption
 that still decodes (a flipped bit in compressed data) is caught like a file
 that no longer reads. Steps written before checksums existed restore
 unchecked. A state holding NaN or inf is never saved: it would become the
@@ -46,7 +46,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from aem_jax.trainer import integrity, paths
+from aem_jax.trainer import checksums, paths
 
 log = logging.getLogger(__name__)
 
@@ -172,13 +172,13 @@ def _verify_checksums(step: int, saved: Mapping[str, Any] | None, state: Any, ho
     (steps written before checksums existed have none and pass)."""
     if not saved:
         return
-    actual = integrity.inspect_arrays(state).checksums
+    actual = checksums.inspect_arrays(state).checksums
     if set(saved.get("state", {})) - set(actual):
         log.warning("step %d: leaves %s were saved but not restored, so not verified", step,
                     sorted(set(saved["state"]) - set(actual)))
-    wrong = integrity.checksum_mismatches(saved.get("state", {}), actual)
+    wrong = checksums.checksum_mismatches(saved.get("state", {}), actual)
     if host is not None and "host" in saved:
-        wrong += integrity.checksum_mismatches(saved["host"], integrity.inspect_arrays(host).checksums)
+        wrong += checksums.checksum_mismatches(saved["host"], checksums.inspect_arrays(host).checksums)
     if wrong:
         raise CheckpointError(
             f"checkpoint step {step} restored arrays that differ from the saved ones (corrupted data): "
@@ -274,7 +274,7 @@ class Checkpointer:
                 self.wait()
             return False
         self.wait()
-        report = integrity.inspect_arrays(state)
+        report = checksums.inspect_arrays(state)
         if report.nonfinite:
             raise CheckpointError(
                 f"refusing to save checkpoint step {step}: state leaf {report.nonfinite[0]} holds NaN or inf "
@@ -287,7 +287,7 @@ class Checkpointer:
         items = {"state": ocp.args.StandardSave(_keys_to_data(state))}
         if host is not None:
             host, record[_EMPTY_KEY] = _encode_host(host)
-            record[_CHECKSUM_KEY]["host"] = integrity.inspect_arrays(host).checksums
+            record[_CHECKSUM_KEY]["host"] = checksums.inspect_arrays(host).checksums
             items["host"] = ocp.args.StandardSave(host)
         items["meta"] = ocp.args.JsonSave(record)
         self._pending_step = int(step)

@@ -55,6 +55,7 @@ from aem_jax import sharding
 from aem_jax.batch import TurnBatch
 from aem_jax.trainer.advantages import AdvantageSettings, compute_advantages
 from aem_jax.trainer.context import Algorithm, RunContext
+from aem_jax.trainer.validate import fail
 from aem_jax.trainer.targets import polyak, side_model_config, side_optimizer
 from aem_jax.trainer.update import (
     TrainState, apply_gradients, copy_tree, masked_mean, mean_metrics, minibatches, new_train_state,
@@ -232,7 +233,7 @@ def validate(config) -> None:
                for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")]
     for key, value, ok, allowed in checks:
         if not ok:
-            raise ValueError(f"config.{key}={value!r} is not allowed; {allowed}")
+            fail(key, value, allowed)
 
 
 ALGORITHM = Algorithm(

@@ -30,11 +30,9 @@ PLOT_KEYS = ("success", "token_entropy", "alpha_std", "predicted_entropy_drift")
 
 
 def check_config(config) -> Algorithm:
-    """Every config check, before anything is built; returns the algorithm."""
+    """Every config check (the algorithm's own included), before anything is built; returns the algorithm."""
     validate.check(config)
-    algorithm = algorithms.get(config.algorithm)
-    algorithm.validate(config)
-    return algorithm
+    return algorithms.get(config.algorithm)
 
 
 def build_context(config, mesh) -> RunContext:

@@ -23,6 +23,7 @@ from aem_jax import sharding
 from aem_jax.batch import TurnBatch
 from aem_jax.trainer.advantages import AdvantageSettings, compute_advantages
 from aem_jax.trainer.context import Algorithm, RunContext
+from aem_jax.trainer.validate import fail
 from aem_jax.trainer.update import (
     LossSettings, PGBatch, TrainState, copy_tree, forward_stats, init_value_head, mean_metrics,
     minibatches, new_train_state, pg_update_step, run_steps, shardings_of,
@@ -130,8 +131,8 @@ def restore(ctx: RunContext, state: State, device: Any, host: Any) -> State:
 
 def validate(config, variant: Variant) -> None:
     if variant.value_head and config.rollout.history != "concatenated":
-        raise ValueError(f"config.rollout.history={config.rollout.history!r} is not allowed; ppo's bi-level "
-                         "GAE needs 'concatenated' (the turn values of one row)")
+        fail("rollout.history", config.rollout.history,
+             "ppo's bi-level GAE needs 'concatenated' (the turn values of one row)")
 
 
 def algorithm(name: str, *, paper: str, dynamic_sampling: bool = False, **variant_fields) -> Algorithm:

@@ -8,16 +8,11 @@ from typing import Any
 import optax
 from flax import nnx
 
-from aem_jax import envs, models
+from aem_jax import envs, models, sharding
 from aem_jax.models import bpe
 from aem_jax.rollout import RolloutConfig
 from aem_jax.rollout.config import message_words
-from aem_jax.trainer import algorithms, sharding
-
-ENTROPY_MASKS = ("all", "nonzero_advantage")
-AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-AEM_SCOPES = ("group", "batch", "trajectory")
-AEM_SIGNALS = ("mean_token_entropy", "surprisal_per_token")
+from aem_jax.trainer.validate import ConfigError, check_override_key, fail
 
 
 def load_config(spec: str, overrides: tuple[str, ...] | list[str] = ()):
@@ -26,7 +21,9 @@ def load_config(spec: str, overrides: tuple[str, ...] | list[str] = ()):
     For scripts that build a trainer without the command line. ``spec`` is
     ``path/to/config.py[:variants]``; each override is ``"a.b=value"`` and is
     converted to the type of the field it replaces (``true``/``false`` for
-    booleans, any case). Unknown keys raise ``KeyError`` naming the key.
+    booleans, any case). An unknown key or a value of the wrong type raises
+    ``ConfigError`` naming the key (and the nearest known keys), as
+    the command line does; the values themselves are checked by the trainer.
     """
     path, _, variant = spec.partition(":")
     module_spec = importlib.util.spec_from_file_location("aem_jax_config", path)
@@ -38,69 +35,27 @@ def load_config(spec: str, overrides: tuple[str, ...] | list[str] = ()):
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep:
-            raise ValueError(f"override {item!r} is not KEY=VALUE")
+            raise ConfigError(f"override {item!r} is not KEY=VALUE")
+        check_override_key(config, key)
         *parents, leaf = key.split(".")
         node = config
         for name in parents:
             node = node[name]
-        if leaf not in node:
-            raise KeyError(f"config has no key {key!r}")
         old = node[leaf]
         if isinstance(old, bool):
             if text.lower() not in ("true", "false"):
-                raise ValueError(f"config.{key}={text!r} is not a boolean (true or false)")
+                raise ConfigError(f"config.{key}={text!r} is not a boolean (true or false)")
             value: Any = text.lower() == "true"
         elif old is None or isinstance(old, str):
             value = text
         else:
-            value = type(old)(text)
+            try:
+                value = type(old)(text)
+            except (TypeError, ValueError):
+                raise ConfigError(f"config.{key}={text!r} is not allowed; must be of type "
+                                  f"{type(old).__name__}, like {old!r}") from None
         node[leaf] = value
     return config
-
-
-def _fail(key: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"config.{key}={value!r} is not allowed; {allowed}")
-
-
-def validate(config) -> None:
-    """Checks values before anything is built or compiled; names the bad key."""
-    algorithms.get(config.algorithm)
-    if config.env.name not in envs.registered():
-        _fail("env.name", config.env.name, f"registered environments: {', '.join(envs.registered())}")
-    checks = [
-        ("total_steps", config.total_steps, config.total_steps >= 1, "must be >= 1"),
-        ("loss.agg", config.loss.agg, config.loss.agg in AGGREGATIONS, f"allowed: {AGGREGATIONS}"),
-        ("loss.dual_clip", config.loss.dual_clip, config.loss.dual_clip == 0 or config.loss.dual_clip > 1,
-         "must be 0 (off) or a constant > 1"),
-        ("loss.clip_low", config.loss.clip_low, 0 <= config.loss.clip_low < 1, "must be in [0, 1)"),
-        ("loss.clip_high", config.loss.clip_high, config.loss.clip_high >= 0, "must be >= 0"),
-        ("loss.entropy_mask", config.loss.entropy_mask, config.loss.entropy_mask in ENTROPY_MASKS,
-         f"allowed: {ENTROPY_MASKS}"),
-        ("aem.scope", config.aem.scope, config.aem.scope in AEM_SCOPES, f"allowed: {AEM_SCOPES}"),
-        ("aem.signal", config.aem.signal, config.aem.signal in AEM_SIGNALS, f"allowed: {AEM_SIGNALS}"),
-        ("aem.min_range", config.aem.min_range, config.aem.min_range >= 0, "must be >= 0"),
-        ("optim.learning_rate", config.optim.learning_rate, config.optim.learning_rate > 0, "must be > 0"),
-        ("learner.epochs", config.learner.epochs, config.learner.epochs >= 1, "must be >= 1"),
-        ("rollout.temperature", config.rollout.temperature, config.rollout.temperature >= 0, "must be >= 0"),
-        ("rollout.seq_bucket", config.rollout.seq_bucket,
-         isinstance(config.rollout.seq_bucket, int) and config.rollout.seq_bucket >= 0,
-         "must be an int >= 0 (0 = pad every batch to rollout.max_context_tokens)"),
-        ("loss.kl_kind", config.loss.kl_kind, config.loss.kl_kind in ("k1", "k2", "k3", "low_var_kl"),
-         "allowed: k1, k2, k3, low_var_kl"),
-    ]
-    for key, value, ok, allowed in checks:
-        if not ok:
-            _fail(key, value, allowed)
-    episodes = config.rollout.num_tasks * config.rollout.group_size
-    mb = config.learner.minibatch_size
-    if mb < 1 or episodes % mb and config.rollout.history == "concatenated":
-        _fail("learner.minibatch_size", mb, f"must be >= 1 and divide num_tasks * group_size = {episodes}")
-    if config.algorithm == "ppo" and config.rollout.history != "concatenated":
-        _fail("rollout.history", config.rollout.history,
-              "ppo's bi-level GAE needs history='concatenated' (turn values of one row)")
-    for axis in ("data", "fsdp", "tensor"):
-        if axis not in config.mesh:
-            _fail("mesh", dict(config.mesh), "needs the axes data, fsdp and tensor (-1 = the rest)")
 
 
 def rollout_config(config, *, num_tasks: int | None = None, group_size: int | None = None) -> RolloutConfig:
@@ -122,11 +77,11 @@ def scratch_tokenizer(config):
     env = envs.make(config.env.name, **dict(config.env.kwargs))
     kind = config.model.tokenizer
     if kind not in ("auto", "word", "bpe"):
-        _fail("model.tokenizer", kind, "allowed: auto, word, bpe")
+        fail("model.tokenizer", kind, "allowed: auto, word, bpe")
     has_vocab = hasattr(env, "vocabulary")
     if kind == "word" or (kind == "auto" and has_vocab):
         if not has_vocab:
-            _fail("model.tokenizer", kind, f"environment {config.env.name!r} has no vocabulary(); use bpe")
+            fail("model.tokenizer", kind, f"environment {config.env.name!r} has no vocabulary(); use bpe")
         return models.build_tokenizer(list(env.vocabulary()) + message_words(rollout_config(config)))
     corpus = list(env.corpus()) if hasattr(env, "corpus") else []
     for seed in range(config.model.tokenizer_corpus_tasks):
@@ -137,8 +92,9 @@ def scratch_tokenizer(config):
     return bpe.train_bpe_tokenizer(corpus, vocab_size=config.model.bpe_vocab_size)
 
 
-def build_model(config, mesh):
-    """(model, tokenizer), the model's parameters created already sharded on ``mesh``."""
+def build_model(config, mesh, *, init_seed: int = 0):
+    """(model, tokenizer), the model's parameters created already sharded on ``mesh``
+    (a scratch model's from ``init_seed``, the run's "init" stream)."""
     m = config.model
     if m.source == "scratch":
         tokenizer = scratch_tokenizer(config)
@@ -149,11 +105,8 @@ def build_model(config, mesh):
             qkv_bias=m.model_type == "qwen2", qk_norm=m.model_type == "qwen3",
             dtype=m.dtype, param_dtype=m.dtype, rope_theta=10_000.0,
             max_position_embeddings=config.rollout.max_context_tokens)
-        model = sharding.create_sharded(lambda: models.Decoder(mc, rngs=nnx.Rngs(config.seed)), mesh)
+        model = sharding.create_sharded(lambda: models.Decoder(mc, rngs=nnx.Rngs(init_seed)), mesh)
         return model, tokenizer
-    if not os.path.isdir(m.source) and os.environ.get("HF_HUB_OFFLINE"):
-        raise ValueError(f"config.model.source={m.source!r} is not a local directory and HF_HUB_OFFLINE is set; "
-                         "download it elsewhere and point config.model.source at the local copy")
     model, tokenizer = models.from_pretrained(m.source, dtype=m.dtype)
     graphdef, state = nnx.split(model)
     import jax

@@ -8,8 +8,7 @@ fields outside it are held to the type of their ``base()`` default. The
 ``env.kwargs`` block is checked against the registered environment's
 constructor instead. Algorithm-specific rules (the ``archer`` and ``etpo``
 blocks' ranges, history requirements) belong to each algorithm's record in
-``aem_jax.trainer.algorithms``; this module only checks that the name is
-registered.
+``aem_jax.trainer.algorithms``; ``check`` calls its ``validate`` last.
 
 Every error is a ``ConfigError`` (a ``ValueError``) naming the key, the value
 and what is allowed: ``config.optim.b2=1.5 is not allowed; must be in [0, 1)``.
@@ -299,8 +298,6 @@ def check_relations(config) -> None:
     mb = config.learner.minibatch_size
     if episodes % mb and r.history == "concatenated":
         fail("learner.minibatch_size", mb, f"must divide num_tasks * group_size = {episodes}")
-    if config.algorithm == "ppo" and r.history != "concatenated":
-        fail("rollout.history", r.history, "ppo's bi-level GAE needs history='concatenated' (turn values of one row)")
     if [config.mesh[k] for k in ("data", "fsdp", "tensor")].count(-1) > 1:
         fail("mesh", dict(config.mesh), "at most one axis may be -1 (all remaining devices)")
     if r.action_pattern:
@@ -344,8 +341,8 @@ def check(config) -> None:
     """Raises ConfigError for the first key or value that is not allowed.
 
     Order: keys, then each value, then rules between values, the model source,
-    the environment, and last the algorithm's name (its own rules are its
-    record's ``validate``).
+    the environment, and last the algorithm: its name, then its record's own
+    ``validate`` (its config block, its history requirements).
     """
     check_keys(config)
     check_values(config)
@@ -357,6 +354,7 @@ def check(config) -> None:
     from aem_jax.trainer import algorithms
 
     try:
-        algorithms.get(config.algorithm)
+        algorithm = algorithms.get(config.algorithm)
     except ValueError as e:  # its message names the key and the registered names
         raise ConfigError(str(e)) from None
+    algorithm.validate(config)

@@ -16,7 +16,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from aem_jax import sharding
-from aem_jax.trainer import checkpoint, integrity
+from aem_jax.trainer import checkpoint, checksums
 
 
 def _state(mesh, scale=1.0):
@@ -213,7 +213,7 @@ def test_nnx_model_and_optimizer_state_restore_into_rule_shardings(tmp_path, mes
     assert int(fresh_optimizer.step[...]) == 1
     # Every leaf was checked on restore: the restored tree has the saved paths.
     saved = _read_meta(tmp_path / "5")["_checksums"]["state"]
-    assert set(saved) == set(integrity.inspect_arrays(restored.state).checksums) and len(saved) > 3
+    assert set(saved) == set(checksums.inspect_arrays(restored.state).checksums) and len(saved) > 3
 
 
 def _read_meta(step_dir) -> dict:

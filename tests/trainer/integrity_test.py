@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 
 from aem_jax import sharding
-from aem_jax.trainer import integrity
+from aem_jax.trainer import checksums, integrity
 from configs import default as default_config
 from tests.trainer.metrics_test import memory_workdir  # noqa: F401 (fixture)
 
@@ -224,7 +224,7 @@ def test_checksum_matches_a_plain_reference_sharded_or_not_on_device_or_host():
     mesh = sharding.make_mesh({"fsdp": 4, "tensor": 2})
     x = np.random.default_rng(0).standard_normal((8, 6)).astype(np.float32)
     sharded = jax.device_put(x, NamedSharding(mesh, P("fsdp", "tensor")))
-    got = integrity.inspect_arrays({"host": x, "device": jnp.asarray(x), "sharded": sharded}).checksums
+    got = checksums.inspect_arrays({"host": x, "device": jnp.asarray(x), "sharded": sharded}).checksums
     assert got == {"['host']": _reference_checksum(x), "['device']": _reference_checksum(x),
                    "['sharded']": _reference_checksum(x)}
 
@@ -234,15 +234,15 @@ def test_checksum_matches_a_plain_reference_sharded_or_not_on_device_or_host():
 def test_device_and_host_checksums_agree_and_see_every_single_change(dtype):
     values = np.random.default_rng(1).standard_normal((5, 7)) * 3
     x = (values > 0) if dtype is np.bool_ else values.astype(dtype)
-    host = integrity.inspect_arrays([x]).checksums["[0]"]
-    assert integrity.inspect_arrays([jnp.asarray(x)]).checksums["[0]"] == host
+    host = checksums.inspect_arrays([x]).checksums["[0]"]
+    assert checksums.inspect_arrays([jnp.asarray(x)]).checksums["[0]"] == host
     changed = x.copy()
     changed[4, 6] = not x[4, 6] if dtype is np.bool_ else x[4, 6] + 1
-    assert integrity.inspect_arrays([changed]).checksums["[0]"] != host
+    assert checksums.inspect_arrays([changed]).checksums["[0]"] != host
     swapped = x.copy()
     swapped[[0, 1]] = x[[1, 0]]  # the same values in other places
     if not np.array_equal(swapped, x):
-        assert integrity.inspect_arrays([swapped]).checksums["[0]"] != host
+        assert checksums.inspect_arrays([swapped]).checksums["[0]"] != host
 
 
 def test_typed_keys_scalars_and_mixed_device_sets_are_checksummed():
@@ -254,9 +254,9 @@ def test_typed_keys_scalars_and_mixed_device_sets_are_checksummed():
         "loose": jnp.zeros(3),  # uncommitted
         "name": np.array(["not numeric"]),
     }
-    got = integrity.inspect_arrays(tree).checksums
+    got = checksums.inspect_arrays(tree).checksums
     assert set(got) == {"['rng']", "['count']", "['w']", "['loose']"}
-    assert got["['rng']"] == integrity.inspect_arrays([jax.random.key_data(jax.random.key(3))]).checksums["[0]"]
+    assert got["['rng']"] == checksums.inspect_arrays([jax.random.key_data(jax.random.key(3))]).checksums["[0]"]
     assert got["['count']"] == 7 and got["['loose']"] == 0
 
 
@@ -264,10 +264,10 @@ def test_nonfinite_leaves_are_found_in_tree_order():
     mesh = sharding.make_mesh({"fsdp": 4, "tensor": 2})
     bad = jax.device_put(jnp.ones((8, 2)).at[5, 1].set(jnp.inf), NamedSharding(mesh, P("fsdp")))
     tree = {"a": jnp.ones(2), "b": {"w": bad}, "c": np.array([np.nan]), "d": jnp.arange(3), "e": jnp.zeros(2)}
-    assert integrity.inspect_arrays(tree).nonfinite == ["['b']['w']", "['c']"]
-    assert integrity.inspect_arrays({"ok": jnp.ones(2), "i": jnp.arange(2)}).nonfinite == []
+    assert checksums.inspect_arrays(tree).nonfinite == ["['b']['w']", "['c']"]
+    assert checksums.inspect_arrays({"ok": jnp.ones(2), "i": jnp.arange(2)}).nonfinite == []
 
 
 def test_checksum_mismatches_name_path_and_both_values():
-    assert integrity.checksum_mismatches({"['w']": 1, "['b']": 2, "['gone']": 3}, {"['w']": 1, "['b']": 5}) == [
+    assert checksums.checksum_mismatches({"['w']": 1, "['b']": 2, "['gone']": 3}, {"['w']": 1, "['b']": 5}) == [
         "['b'] (saved 2, read 5)"]
