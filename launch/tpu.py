@@ -93,7 +93,7 @@ def setup_commands(args: argparse.Namespace) -> list[list[str]]:
     """
     install = (
         f"python3 -m venv {VENV} && {VENV}/bin/pip install -q -U pip && "
-        f"cd {REMOTE_DIR} && {VENV}/bin/pip install -q -e . 'jax[tpu]' gcsfs"
+        f"cd {REMOTE_DIR} && {VENV}/bin/pip install -q -e '.[tpu,swe]'"
     )
     if args.repo_url:
         fetch = (

@@ -46,7 +46,7 @@ def test_setup_copies_committed_tree_and_installs_on_all_workers(tmp_path):
     assert scp[5] == str(tmp_path / "aem_jax_src.tar.gz") and "--worker=all" in scp
     assert ssh[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "my-tpu"] and "--worker=all" in ssh
     remote = _remote(ssh)
-    assert "tar -xzf" in remote and "pip install -q -e . 'jax[tpu]' gcsfs" in remote
+    assert "tar -xzf" in remote and "pip install -q -e '.[tpu,swe]'" in remote
     assert not (tmp_path / "aem_jax_src.tar.gz").exists()  # dry run: nothing executed
     (clone,) = _dry_run("setup", "my-tpu", "--zone=z", "--repo-url=https://example.org/aem_jax.git", "--branch=dev")
     assert "git clone https://example.org/aem_jax.git ~/aem_jax" in _remote(clone)
