@@ -46,6 +46,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from aem_jax.trainer import checkpoint_trees as trees
 from aem_jax.trainer import checksums, paths
 
 log = logging.getLogger(__name__)
@@ -93,78 +94,6 @@ def check_writable(directory: str | os.PathLike, *, min_free_bytes: int = 0) -> 
                 f"{min_free_bytes} required (min_free_bytes)"
             )
     return path
-
-
-def _is_key(x: Any) -> bool:
-    return isinstance(x, (jax.Array, jax.ShapeDtypeStruct)) and jax.dtypes.issubdtype(
-        x.dtype, jax.dtypes.prng_key
-    )
-
-
-def _keys_to_data(tree: Any) -> Any:
-    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
-
-
-def _abstract_keys_to_data(tree: Any) -> Any:
-    def one(x: Any) -> Any:
-        if not _is_key(x):
-            return x
-        data = jax.eval_shape(jax.random.key_data, x)
-        return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=getattr(x, "sharding", None))
-
-    return jax.tree.map(one, tree)
-
-
-def _data_to_keys(restored: Any, target: Any) -> Any:
-    def one(value: Any, abstract: Any) -> Any:
-        if not _is_key(abstract):
-            return value
-        if isinstance(abstract, jax.Array):
-            impl = jax.random.key_impl(abstract)
-        else:  # a ShapeDtypeStruct: the key dtype carries its implementation
-            impl = abstract.dtype._impl
-        return jax.random.wrap_key_data(value, impl=impl)
-
-    return jax.tree.map(one, restored, target)
-
-
-_EMPTY_KEY = "_host_empty_leaves"
-
-
-def _encode_host(host: Any) -> tuple[Any, dict[str, list]]:
-    """Numpy pytree -> savable pytree: orbax rejects zero-size arrays (an
-    empty replay buffer), so they become one-element stand-ins and their
-    real shape and dtype go to the JSON metadata."""
-    empty: dict[str, list] = {}
-
-    def one(path: Any, leaf: Any) -> Any:
-        array = np.asarray(leaf)
-        if array.size:
-            return array
-        empty[jax.tree_util.keystr(path)] = [list(array.shape), array.dtype.str]
-        return np.zeros((1,), array.dtype)
-
-    return jax.tree_util.tree_map_with_path(one, host), empty
-
-
-def _decode_host(host: Any, empty: Mapping[str, list]) -> Any:
-    def one(path: Any, leaf: Any) -> Any:
-        spec = empty.get(jax.tree_util.keystr(path))
-        return leaf if spec is None else np.zeros(spec[0], np.dtype(spec[1]))
-
-    return jax.tree_util.tree_map_with_path(one, host)
-
-
-def _process_bytes(tree: Any) -> int:
-    """Bytes this process writes for ``tree`` (one replica of each shard)."""
-    total = 0
-    for leaf in jax.tree.leaves(tree):
-        shards = getattr(leaf, "addressable_shards", None)
-        if shards is None:
-            total += np.asarray(leaf).nbytes
-        else:
-            total += sum(s.data.nbytes for s in shards if s.replica_id == 0)
-    return total
 
 
 def _verify_checksums(step: int, saved: Mapping[str, Any] | None, state: Any, host: Any | None) -> None:
@@ -284,9 +213,9 @@ class Checkpointer:
         self._check_space(step, state, host)
         record = {"step": int(step), **dict(meta or {})}
         record[_CHECKSUM_KEY] = {"state": report.checksums}
-        items = {"state": ocp.args.StandardSave(_keys_to_data(state))}
+        items = {"state": ocp.args.StandardSave(trees.keys_to_data(state))}
         if host is not None:
-            host, record[_EMPTY_KEY] = _encode_host(host)
+            host, record[trees.EMPTY_KEY] = trees.encode_host(host)
             record[_CHECKSUM_KEY]["host"] = checksums.inspect_arrays(host).checksums
             items["host"] = ocp.args.StandardSave(host)
         items["meta"] = ocp.args.JsonSave(record)
@@ -303,7 +232,7 @@ class Checkpointer:
     def _check_space(self, step: int, state: Any, host: Any | None) -> None:
         if not paths.is_local(self.directory):
             return
-        needed = _process_bytes(state) + (_process_bytes(host) if host is not None else 0)
+        needed = trees.process_bytes(state) + (trees.process_bytes(host) if host is not None else 0)
         free = shutil.disk_usage(os.fspath(self.directory)).free
         if free < needed:
             raise CheckpointError(
@@ -423,7 +352,7 @@ class Checkpointer:
         return None
 
     def _restore_step(self, step: int, abstract_state: Any) -> Restored:
-        target = _abstract_keys_to_data(abstract_state)
+        target = trees.abstract_keys_to_data(abstract_state)
         target = jax.tree.map(
             lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else jax.ShapeDtypeStruct(
                 np.shape(x), x.dtype, sharding=getattr(x, "sharding", None)
@@ -440,8 +369,8 @@ class Checkpointer:
             raise CheckpointError(f"metadata of step {step} says step {meta.get('step')!r}")
         _verify_checksums(step, meta.pop(_CHECKSUM_KEY, None), restored["state"],
                           restored["host"] if has_host else None)
-        state = _data_to_keys(restored["state"], abstract_state)
-        host = _decode_host(restored["host"], meta.pop(_EMPTY_KEY, {})) if has_host else None
+        state = trees.data_to_keys(restored["state"], abstract_state)
+        host = trees.decode_host(restored["host"], meta.pop(trees.EMPTY_KEY, {})) if has_host else None
         return Restored(step, state, meta, host)
 
     def _set_aside(self, step: int) -> None:
