@@ -28,6 +28,7 @@ import dataclasses
 import functools
 from typing import Any, Callable
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,6 +36,7 @@ from flax import nnx
 
 from aem_jax import objectives as obj
 from aem_jax import sharding
+from aem_jax.batch import TurnBatch
 from aem_jax.trainer.advantages import AdvantageSettings, compute_advantages
 from aem_jax.trainer.context import Algorithm, RunContext
 from aem_jax.trainer.validate import fail
@@ -47,16 +49,24 @@ from aem_jax.trainer.update import (
 )
 
 
-def actor_update_step(state: TrainState, mb, *, graphdef, optimizer, chunk_size: int, num_turns: int,
-                      entropy_coef: float):
+@flax.struct.dataclass
+class ActorBatch:
+    """An actor minibatch: on-policy rows and the critic's utterance advantages [B,K]."""
+
+    batch: TurnBatch
+    advantages: jax.Array
+
+
+def actor_update_step(state: TrainState, mb: ActorBatch, *, graphdef, optimizer, chunk_size: int,
+                      num_turns: int, entropy_coef: float):
     """One actor step on ``objectives.archer_actor_loss`` minus the entropy bonus (pure; jit it)."""
+    b = mb.batch
 
     def loss_fn(trainable):
-        logp, ent, _ = shifted_logp_entropy(graphdef, trainable[0], mb["tokens"], mb["attention_mask"],
+        logp, ent, _ = shifted_logp_entropy(graphdef, trainable[0], b.tokens, b.attention_mask,
                                             chunk_size=chunk_size)
-        loss, aux = obj.archer_actor_loss(logp, mb["advantages"], mb["turn_ids"], mb["loss_mask"],
-                                          num_turns=num_turns)
-        mask = mb["loss_mask"]
+        loss, aux = obj.archer_actor_loss(logp, mb.advantages, b.turn_ids, b.loss_mask, num_turns=num_turns)
+        mask = b.loss_mask
         bonus, bonus_aux = obj.entropy_bonus(ent, mask, coef=entropy_coef)
         return loss + bonus, {"actor_loss": loss, "actor_advantage_mean": aux["advantage_mean"],
                               "entropy_bonus": bonus, "token_entropy_new": masked_mean(ent, mask)}
@@ -178,15 +188,14 @@ def _actor_phase(ctx: RunContext, state: State, batch, step: int):
     c, a = ctx.config, ctx.config.archer
     dev = sharding.put_batch(batch, ctx.mesh)
     adv_BK, info = state.steps.advantages(state.critic.params, dev, ctx.keys.at("advantage", step))
-    host = {k: to_host(getattr(dev, k)) for k in ("tokens", "attention_mask", "loss_mask", "turn_ids")}
-    host["advantages"] = to_host(adv_BK)
-    B = host["tokens"].shape[0]
+    host = jax.tree.map(to_host, ActorBatch(batch=dev, advantages=adv_BK))
+    B = host.advantages.shape[0]
     mb = min(c.learner.minibatch_size, B)
     rng = ctx.keys.numpy("actor_shuffle", step)
     policy, history = state.policy, []
     for _ in range(a.actor_steps):
         rows = rng.permutation(B)[:mb]
-        policy, m = state.steps.actor(policy, sharding.put_batch({k: v[rows] for k, v in host.items()}, ctx.mesh))
+        policy, m = state.steps.actor(policy, sharding.put_batch(jax.tree.map(lambda v: v[rows], host), ctx.mesh))
         history.append(m)
     out = mean_metrics(history, prefix="actor_")
     out.update({k: float(v) for k, v in info.items()})
