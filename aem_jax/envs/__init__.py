@@ -7,5 +7,6 @@ from aem_jax.envs.base import Env, Observation, Step, make, register, registered
 register("treasure", "aem_jax.envs.treasure:TreasureHunt")
 register("textworld", "aem_jax.envs.textworld_env:TextWorldEnv")
 register("swe", "aem_jax.envs.swe:SWEEnv")
+register("chain", "aem_jax.envs.chain:TwoStepChain")
 
 __all__ = ["Env", "Observation", "Step", "make", "register", "registered"]

@@ -1,0 +1,174 @@
+"""ArCHer and ETPO learn the two-step chain MDP (``aem_jax/envs/chain.py``)
+from random weights, through the real trainer (``loop.train``), in ~10-30 s a run.
+
+Why: on the built-in treasure game neither algorithm learns from a scratch
+model within a test's budget, so a failing run there cannot tell a code bug
+from a setup problem. The chain has one optimal episode ("left", then
+"right") and its first action earns nothing by itself: an algorithm that
+solves it moves credit across turns (ArCHer through its utterance critic's
+TD targets, ETPO through its token-level soft Bellman targets). If one of
+these tests fails after a change, the change broke the algorithm (or the
+trainer around it), not the tuning of a hard game.
+
+The setup, and why each setting is there:
+
+* one token per action (``max_action_tokens=1``, ``overlong_actions="play"``):
+  the sampled word is the action, no end-of-turn token to learn;
+* the scratch model starts uniform over its whole word-level vocabulary (~70
+  tokens: special tokens, punctuation, the game's and the engine's words),
+  so a random episode almost never succeeds (held-out success before
+  training is 0 on every seed here; a uniform player over the two valid
+  words would get 1/4). ``rollout.invalid_penalty=0.1`` is what teaches the
+  two valid words first; it also makes "right" in room one (which ends the
+  episode with 0) look better than "left" until room two is learnt, so the
+  algorithms must also get out of that trap;
+* eval samples at ``rollout.temperature=1`` and must reach 0.9: the policy
+  has to be nearly deterministic, not just prefer the right words.
+
+Per-algorithm settings (found by sweeping seeds 0..5 with the test's
+8 fake CPU devices):
+
+* ETPO: ``beta=0.02`` (pi* ~ rho exp(Q / beta) separates the 0.1 penalty
+  and the reward of 1 sharply; with beta=0.05 it did not learn in 60
+  steps), ``tau=0.1`` (the default 0.005 barely moves the target in 60
+  updates), four Q and policy steps per iteration (minibatch 32 of 128
+  episodes). Seeds 0..5 all reached 1.0 by iteration 40-45 (with
+  ``etpo.q.from_policy=True`` too, seed 0 by iteration 50); three seeds run
+  here (~11-15 s each once compiled).
+* ArCHer: ``loss.entropy_coef=0.02`` (without it the actor often collapses
+  on "right" in room one before room two's value is known, and never visits
+  room two again) and ``optim.grad_clip=0.1``. Its REINFORCE actor takes
+  ``actor_steps=3`` Adam steps on each batch with no trust region, and a
+  batch after a long quiet stretch (grad norm ~1-3 after ~0.05) can throw a
+  converged policy back to near-uniform over the invalid words in one
+  iteration, the critic's values being right (checked by hand: Q(room two,
+  right) = 1, Q(room two, left) = 0, invalid = -0.1, Q(room one, left) =
+  0.95 V(room two)); it then has to learn the chain again. Clipping at 0.1
+  makes this rarer; it still happens, so the run has a margin of ~15
+  iterations. With these settings seeds 0..2 and 4..5 pass; one seed
+  in six (seed 3) stalls near 0.2 success at 60 iterations. Only seed 0 runs here:
+  an ArCHer run takes ~25-30 s of CPU (ten critic steps per iteration), and
+  three would take the file well past its ~90 s budget.
+"""
+import ml_collections
+import pytest
+
+from aem_jax import envs
+from aem_jax.envs import chain
+from aem_jax.trainer import defaults, loop, setup
+
+# ETPO: three seeds; ArCHer: one (its runs are twice as long; see the module docstring).
+RUNS = [("etpo", 0), ("etpo", 1), ("etpo", 2), ("archer", 0)]
+
+# Every setting a run changes from defaults.base(), per algorithm.
+SETTINGS = {
+    "archer": {
+        "total_steps": 60,
+        "optim.learning_rate": 3e-3,        # actor
+        "loss.entropy_coef": 0.02,
+        "optim.grad_clip": 0.1,
+        "archer.critic_learning_rate": 3e-3,
+        "archer.critic_steps": 10,          # 5 left the critic too slow (a seed stalled at 0.2 success)
+        "archer.actor_steps": 3,            # 1 learns ~3x slower
+        "archer.actor_warmup": 2,
+        "archer.critic.hidden_size": 32,
+        "archer.critic.intermediate_size": 64,
+        "archer.critic.num_layers": 1,
+        "archer.critic.head_width": 32,
+        "learner.minibatch_size": 128,      # the whole batch per actor step
+    },
+    "etpo": {
+        "total_steps": 60,
+        "optim.learning_rate": 3e-3,        # policy
+        "loss.entropy_coef": 0.0,           # the KL to the reference keeps it stochastic enough
+        "etpo.beta": 0.02,
+        "etpo.tau": 0.1,
+        "etpo.q_learning_rate": 3e-3,
+        "etpo.q.hidden_size": 32,
+        "etpo.q.intermediate_size": 64,
+        "etpo.q.num_layers": 1,
+        "learner.minibatch_size": 32,       # 4 Q + policy steps per iteration
+    },
+}
+
+
+def chain_config(algorithm: str, seed: int) -> ml_collections.ConfigDict:
+    """A complete training config for ``algorithm`` on the chain."""
+    c = defaults.base()
+    c.algorithm = algorithm
+    c.seed = seed
+    c.env.name = "chain"
+    c.env.kwargs = ml_collections.ConfigDict({})   # the chain's defaults (strict one-word actions)
+    c.rollout.num_tasks = 16                       # every task is the same game: 128 episodes a batch
+    c.rollout.group_size = 8
+    c.rollout.max_turns = 2
+    c.rollout.max_action_tokens = 1
+    c.rollout.overlong_actions = "play"
+    c.rollout.max_context_tokens = 32              # two turns take 29 tokens
+    c.rollout.seq_bucket = 0                       # one T for every batch: one compile
+    c.rollout.invalid_penalty = 0.1
+    c.rollout.num_threads = 2
+    c.model.hidden_size = 32
+    c.model.intermediate_size = 64
+    c.model.num_layers = 1
+    c.model.num_heads = 2
+    c.model.num_kv_heads = 1
+    c.model.head_dim = 16
+    c.aem.enabled = False                          # plain algorithms
+    c.optim.warmup_steps = 1
+    c.eval.num_tasks = 16
+    c.checkpoint.every = 1000                      # only the final checkpoint
+    for key, value in SETTINGS[algorithm].items():
+        *parents, leaf = key.split(".")
+        node = c
+        for name in parents:
+            node = node[name]
+        node[leaf] = value
+    return c
+
+
+def test_chain_rewards_left_then_right_only():
+    env = envs.make("chain")
+    outcomes = {}
+    for first in ("left", "right", "up"):
+        for second in ("left", "right", "up"):
+            assert env.reset(seed=7).text == chain.ROOM_ONE
+            step = env.step(first)
+            if not step.done:
+                assert step.observation == chain.ROOM_TWO and step.reward == 0.0
+                step = env.step(second)
+            assert step.done
+            outcomes[first, second] = (step.reward, step.info["success"], step.info["invalid_action"])
+    assert outcomes["left", "right"] == (1.0, True, False)
+    assert outcomes["left", "left"] == (0.0, False, False)
+    assert outcomes["right", "right"] == (0.0, False, False)  # ends in room one
+    assert outcomes["up", "right"] == (0.0, False, True)      # invalid: ends at once
+    assert outcomes["left", "up"] == (0.0, False, True)
+    assert env.reset(seed=0).info["anchor"] == "room one"
+    assert chain.parse_action(" Right. ") == "right"
+    assert chain.parse_action("left right") is None
+    assert chain.parse_action("go left now", strict=False) == "left"
+    env.step("right")  # the episode ends in room one
+    with pytest.raises(RuntimeError, match="finished episode"):
+        env.step("left")
+
+
+def test_chain_words_are_single_tokens_and_two_turns_fit_the_context():
+    config = chain_config("etpo", 0)
+    tokenizer = setup.scratch_tokenizer(config)
+    for word in chain.vocabulary():
+        assert tokenizer.convert_tokens_to_ids(word) != tokenizer.unk_token_id, word
+    assert len(tokenizer) < 80  # the uniform start: ~1/70 per word
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": chain.ROOM_ONE}, {"role": "assistant", "content": "left"},
+         {"role": "user", "content": chain.ROOM_TWO}], add_generation_prompt=True, tokenize=False)
+    n = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    assert n + config.rollout.max_action_tokens <= config.rollout.max_context_tokens
+
+
+@pytest.mark.parametrize("algorithm, seed", RUNS)
+def test_algorithm_learns_the_chain(algorithm, seed, tmp_path):
+    summary = loop.train(chain_config(algorithm, seed), str(tmp_path))
+    # a scratch model is uniform over ~70 words: it (almost) never wins before training
+    assert summary["success_before"] <= 0.25, summary
+    assert summary["success_after"] >= 0.9, summary
