@@ -295,7 +295,7 @@ def _collect(group, policy, tokenizer, config, key, seeds, pool):
     batch = build_turn_batch(
         eps, num_turns=config.max_turns, windowed=config.history == "windowed",
         window=config.window, seq_len=config.seq_len, seq_bucket=config.seq_bucket,
-        row_bucket=config.row_bucket, pad_id=_pad_id(tokenizer))
+        row_bucket=config.row_bucket, pad_id=pad_id(tokenizer))
     timings["batch"] += time.perf_counter() - t0
     for ep in eps:
         if ep.failed:
@@ -331,6 +331,7 @@ def _shared_pool(num_threads: int) -> StepPool:
     return _POOLS[num_threads]
 
 
-def _pad_id(tokenizer: Any) -> int:
+def pad_id(tokenizer: Any) -> int:
+    """The token id batches are padded with (the tokenizer's pad token, else its end of sequence)."""
     pad = tokenizer.pad_token_id
     return int(pad if pad is not None else tokenizer.eos_token_id)

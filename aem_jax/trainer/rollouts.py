@@ -8,6 +8,7 @@ import numpy as np
 
 from aem_jax.batch import TurnBatch
 from aem_jax.rollout import SamplerPolicy, collect
+from aem_jax.rollout.collect import pad_id as batch_pad_id
 from aem_jax.trainer import rng, setup
 from aem_jax.trainer.context import Algorithm, RunContext
 
@@ -68,7 +69,7 @@ def dynamic_sampling(ctx: RunContext, policy, step: int, batch, records, roll):
         pool += [(extra, extra_recs, n) for n in np.flatnonzero(_informative(extra_recs, G))]
         roll["env_steps"] += sum(r.turns for r in extra_recs)
     T = max([batch.tokens.shape[1]] + [src.tokens.shape[1] for src, _, _ in pool])
-    pad_id = _pad_id(ctx.tokenizer)
+    pad_id = batch_pad_id(ctx.tokenizer)
     batch = pad_time(batch, T, pad_id)
     fields = {f: np.array(getattr(batch, f)) for f in batch.__dataclass_fields__}
     records = list(records)
@@ -85,11 +86,6 @@ def dynamic_sampling(ctx: RunContext, policy, step: int, batch, records, roll):
             fields["loss_mask"][rows] = 0.0
     roll = dict(roll, dapo_informative_frac=float(good.mean()))
     return TurnBatch(**fields), records, roll
-
-
-def _pad_id(tokenizer) -> int:
-    pad = tokenizer.pad_token_id
-    return int(pad if pad is not None else tokenizer.eos_token_id)
 
 
 def evaluate(ctx: RunContext, params, num_tasks: int) -> float:
