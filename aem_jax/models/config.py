@@ -64,6 +64,7 @@ class ModelConfig:
     qk_norm: bool = False
     dtype: str = "float32"
     param_dtype: str = "float32"
+    attention: str = "auto"  # kernel of aem_jax.models.attention.attend (see its IMPLS)
     model_type: str = "qwen2"
     max_position_embeddings: int = 32768
     bos_token_id: int | None = None

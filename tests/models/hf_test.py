@@ -199,9 +199,9 @@ def test_tokenizer_larger_than_the_model_vocabulary_names_both_sizes(checkpoints
 
 def test_causal_blocks_match_transformers(checkpoints, monkeypatch):
     """Long inputs run attention in query blocks; force small blocks to check them."""
-    from aem_jax.models import decoder
+    from aem_jax.models import attention
 
-    monkeypatch.setattr(decoder, "CAUSAL_BLOCK", 5)
+    monkeypatch.setattr(attention, "CAUSAL_BLOCK", 5)
     ckpt = checkpoints["llama"]
     model, tok = M.from_pretrained(ckpt.path)
     tokens, mask = padded_batch(len(tok), seed=3)
