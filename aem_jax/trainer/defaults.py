@@ -135,6 +135,10 @@ def base() -> ConfigDict:
     c.optim = ConfigDict()
     c.optim.learning_rate = 1e-3     # AdamW peak learning rate (2e-3 learns faster but can collapse, docs/results.md)
     c.optim.warmup_steps = 5         # linear warm-up (optimiser steps)
+    c.optim.schedule = "constant"    # after warm-up: constant | cosine (decay to final_lr_fraction * peak)
+    c.optim.final_lr_fraction = 0.1  # cosine: learning rate at the end, as a fraction of the peak
+    c.optim.decay_steps = 0          # cosine: optimiser steps from start to end (0: total_steps x
+                                     # optimiser steps per training step of the nominal rollout batch)
     c.optim.b1 = 0.9                 # AdamW first-moment decay
     c.optim.b2 = 0.99                # AdamW second-moment decay
     c.optim.eps = 1e-8               # AdamW epsilon

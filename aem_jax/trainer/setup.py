@@ -114,12 +114,44 @@ def build_model(config, mesh, *, init_seed: int = 0):
     return nnx.merge(graphdef, state), tokenizer
 
 
-def optimizer(config) -> optax.GradientTransformation:
-    o = config.optim
+def updates_per_step(config) -> int:
+    """Optimiser steps in one training step of the nominal rollout batch.
+
+    ``epochs * ceil(num_tasks * group_size / minibatch_size)``: exact for
+    concatenated histories (one row per episode); with windowed histories
+    (one row per turn) or DAPO's refill the real count varies per step.
+    """
+    rows = config.rollout.num_tasks * config.rollout.group_size
+    return config.learner.epochs * -(-rows // config.learner.minibatch_size)
+
+
+def learning_rate(o, total_updates: int | None = None) -> optax.Schedule:
+    """Linear warm-up from lr / warmup to lr, then constant or cosine decay.
+
+    Cosine (Loshchilov & Hutter, 2017):
+      lr_t = lr * (f + (1 - f) * (1 + cos(pi * (t - w) / (D - w))) / 2),  w <= t <= D
+    with f = ``final_lr_fraction`` and D = ``decay_steps`` (or ``total_updates``).
+    """
     warmup = max(o.warmup_steps, 1)
-    # starts at lr / warmup, not 0, so the first optimiser step is not a no-op
-    schedule = optax.warmup_constant_schedule(o.learning_rate / warmup, o.learning_rate, warmup)
+    start = o.learning_rate / warmup  # not 0, so the first optimiser step is not a no-op
+    if o.schedule == "constant":
+        return optax.warmup_constant_schedule(start, o.learning_rate, warmup)
+    if o.schedule != "cosine":
+        raise ValueError(f"optim.schedule={o.schedule!r}; allowed: 'constant', 'cosine'")
+    horizon = o.decay_steps or total_updates
+    if not horizon:
+        raise ValueError("optim.schedule='cosine' needs optim.decay_steps > 0 "
+                         "(or a config with total_steps to derive it from)")
+    return optax.warmup_cosine_decay_schedule(
+        init_value=start, peak_value=o.learning_rate, warmup_steps=warmup,
+        decay_steps=max(horizon, warmup + 1), end_value=o.learning_rate * o.final_lr_fraction)
+
+
+def optimizer(config) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW with `learning_rate`'s schedule over the run."""
+    o = config.optim
+    total = config.total_steps * updates_per_step(config) if hasattr(config, "total_steps") else None
     return optax.chain(
         optax.clip_by_global_norm(o.grad_clip),
-        optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay),
+        optax.adamw(learning_rate(o, total), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay),
     )

@@ -25,9 +25,15 @@ def side_model_config(policy_config: models.ModelConfig, fields) -> models.Model
 
 
 def side_optimizer(config, learning_rate: float):
-    """``config.optim``'s optimiser (warm-up, clipping, AdamW) with another learning rate."""
+    """``config.optim``'s optimiser (warm-up, clipping, AdamW) with another learning rate.
+
+    The schedule after warm-up is constant: critic and Q networks take a
+    different number of steps per iteration than the policy, and a value
+    estimate should keep tracking the moving policy to the end.
+    """
     optim = ml_collections.ConfigDict(config.optim.to_dict())
     optim.learning_rate = learning_rate
+    optim.schedule = "constant"
     return setup.optimizer(types.SimpleNamespace(optim=optim))
 
 
