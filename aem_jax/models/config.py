@@ -28,6 +28,11 @@ MODEL_TYPES: dict[str, ArchDefaults] = {
     "llama": ArchDefaults(qkv_bias=False, qk_norm=False, architecture="LlamaForCausalLM"),
 }
 DTYPES = ("float32", "bfloat16")
+# Activation checkpointing of each scanned layer (see aem_jax.models.decoder):
+# none = keep every activation; dots = keep the outputs of the weight matmuls,
+# recompute the rest; full = keep only the layer input, recompute the layer;
+# offload = like dots, but the kept matmul outputs go to pinned host memory.
+REMATS = ("none", "dots", "full", "offload")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,8 +50,13 @@ class ModelConfig:
     """A decoder-only transformer (Qwen2/2.5, Qwen3 or Llama 3 family).
 
     `dtype` is the compute (activation) dtype, `param_dtype` the storage dtype
-    of parameters; both are "float32" or "bfloat16". Norms, softmax and RoPE
-    run in float32 whatever the compute dtype.
+    of parameters; both are "float32" or "bfloat16". Training keeps float32
+    master parameters with bfloat16 compute (each matmul casts its weight
+    down): a bfloat16 parameter has an 8-bit mantissa, so an update smaller
+    than 2^-9 of its magnitude rounds away (AdamW at lr 1e-6 then changes
+    almost no weight). Norms, softmax and RoPE run in float32 whatever the
+    compute dtype. `remat` is the checkpointing policy of the scanned layers
+    (one of `REMATS`).
     """
 
     vocab_size: int
@@ -64,6 +74,7 @@ class ModelConfig:
     qk_norm: bool = False
     dtype: str = "float32"
     param_dtype: str = "float32"
+    remat: str = "none"  # activation checkpointing of each layer, one of REMATS
     attention: str = "auto"  # kernel of aem_jax.models.attention.attend (see its IMPLS)
     model_type: str = "qwen2"
     max_position_embeddings: int = 32768
@@ -77,6 +88,8 @@ class ModelConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"{name}={getattr(self, name)!r}; allowed: {DTYPES}")
+        if self.remat not in REMATS:
+            raise ValueError(f"remat={self.remat!r}; allowed: {REMATS}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of "
                              f"num_kv_heads={self.num_kv_heads}")
@@ -119,9 +132,12 @@ def _rope(hf: Mapping[str, Any], source: str) -> tuple[float, RopeScaling | None
         original_max_position_embeddings=int(params["original_max_position_embeddings"]))
 
 
-def from_hf_config(hf: Mapping[str, Any], *, dtype: str = "float32",
+def from_hf_config(hf: Mapping[str, Any], *, dtype: str = "float32", param_dtype: str | None = None,
                    source: str = "config.json") -> ModelConfig:
     """Translates a Hugging Face `config.json` dict into a `ModelConfig`.
+
+    `dtype` is the compute dtype; `param_dtype` the parameter storage dtype
+    (default: `dtype`).
 
     Raises ValueError naming `source` and the field for an unknown
     `model_type` (listing the supported ones) or an unsupported feature.
@@ -157,7 +173,7 @@ def from_hf_config(hf: Mapping[str, Any], *, dtype: str = "float32",
         qkv_bias=arch.qkv_bias,
         qk_norm=arch.qk_norm,
         dtype=dtype,
-        param_dtype=dtype,
+        param_dtype=dtype if param_dtype is None else param_dtype,
         model_type=model_type,
         max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),
         bos_token_id=hf.get("bos_token_id"),

@@ -314,14 +314,31 @@ def logits(model: Decoder, tokens_BT: jax.Array, attention_mask_BT: jax.Array) -
     return model.unembed(hidden_states(model, tokens_BT, attention_mask_BT))
 
 
-def init_model(config: ModelConfig, *, seed: int = 0, dtype: str | None = None) -> Decoder:
-    """A randomly initialised decoder; `dtype` (if given) sets compute and parameter dtype.
+def init_model(config: ModelConfig, *, seed: int = 0, dtype: str | None = None,
+               param_dtype: str | None = None, mesh: jax.sharding.Mesh | None = None,
+               rules=sharding.DEFAULT_RULES) -> Decoder:
+    """A randomly initialised decoder.
+
+    Args:
+      config: the architecture.
+      seed: seed of the initialisation.
+      dtype: if given, the compute dtype (and the parameter dtype too, unless
+        `param_dtype` is given).
+      param_dtype: if given, the parameter storage dtype, e.g. "float32"
+        master weights under `dtype="bfloat16"` compute.
+      mesh, rules: with a mesh, every parameter is created already in the
+        sharding its logical names map to under `rules`
+        (`aem_jax.sharding.create_sharded`); otherwise on the default device.
 
     The initialisation runs as one compiled function (eager initialisation
     would compile every random op separately).
     """
     if dtype is not None:
         config = config.replace(dtype=dtype, param_dtype=dtype)
+    if param_dtype is not None:
+        config = config.replace(param_dtype=param_dtype)
+    if mesh is not None:
+        return sharding.create_sharded(lambda: Decoder(config, rngs=nnx.Rngs(seed)), mesh, rules)
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(seed))))
     state = jax.jit(lambda: nnx.split(Decoder(config, rngs=nnx.Rngs(seed)))[1])()
     return nnx.merge(graphdef, state)

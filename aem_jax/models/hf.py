@@ -154,9 +154,15 @@ def load_tokenizer(directory: str, *, require_chat_template: bool = True):
     return tok
 
 
-def load_model(directory: str, *, dtype: str = "float32", mesh: jax.sharding.Mesh | None = None,
+def load_model(directory: str, *, dtype: str = "float32", param_dtype: str | None = None,
+               remat: str | None = None, attention: str | None = None,
+               mesh: jax.sharding.Mesh | None = None,
                rules: Rules = sharding.DEFAULT_RULES) -> Decoder:
     """Builds a `Decoder` from `directory`'s config.json and safetensors.
+
+    `dtype` is the compute dtype, `param_dtype` the parameter dtype (default
+    `dtype`); `remat` and `attention` set those `ModelConfig` fields (default:
+    the `ModelConfig` defaults).
 
     With a `mesh`, each parameter is placed with the sharding its logical axis
     names map to under `rules` ((logical name, mesh axes) pairs, by
@@ -167,7 +173,9 @@ def load_model(directory: str, *, dtype: str = "float32", mesh: jax.sharding.Mes
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{directory}: config.json is missing")
     with open(config_path) as f:
-        config = from_hf_config(json.load(f), dtype=dtype, source=config_path)
+        config = from_hf_config(json.load(f), dtype=dtype, param_dtype=param_dtype, source=config_path)
+    config = config.replace(**{k: v for k, v in (("remat", remat), ("attention", attention))
+                               if v is not None})
     files = _weight_files(directory)
     abstract = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
@@ -204,14 +212,20 @@ def load_model(directory: str, *, dtype: str = "float32", mesh: jax.sharding.Mes
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def from_pretrained(path_or_hub_id: str, *, dtype: str = "float32",
+def from_pretrained(path_or_hub_id: str, *, dtype: str = "float32", param_dtype: str | None = None,
+                    remat: str | None = None, attention: str | None = None,
                     mesh: jax.sharding.Mesh | None = None, rules: Rules = sharding.DEFAULT_RULES,
                     require_chat_template: bool = True):
     """Loads (model, tokenizer) from a Hugging Face directory or hub id.
 
     Args:
       path_or_hub_id: a local checkpoint directory or a hub id.
-      dtype: "float32" or "bfloat16", for parameters and compute.
+      dtype: "float32" or "bfloat16": the compute dtype, and the parameter
+        dtype unless `param_dtype` is given.
+      param_dtype: "float32" or "bfloat16" parameter storage; training uses
+        `dtype="bfloat16", param_dtype="float32"` (float32 master weights).
+      remat, attention: `ModelConfig.remat` / `.attention` (default: the
+        `ModelConfig` defaults).
       mesh, rules: optional target mesh and logical-axis rules (default
         `aem_jax.sharding.DEFAULT_RULES`); each tensor is loaded straight
         into its sharding.
@@ -221,7 +235,8 @@ def from_pretrained(path_or_hub_id: str, *, dtype: str = "float32",
     # The tokenizer first: its problems show before any weight is read.
     tokenizer = load_tokenizer(directory, require_chat_template=require_chat_template)
     _check_vocabulary_fits(directory, tokenizer)
-    model = load_model(directory, dtype=dtype, mesh=mesh, rules=rules)
+    model = load_model(directory, dtype=dtype, param_dtype=param_dtype, remat=remat,
+                       attention=attention, mesh=mesh, rules=rules)
     return model, tokenizer
 
 
