@@ -137,7 +137,7 @@ def _reset_all(eps, seeds, pool, chat, config):
 def _apply(ep, gen, closed, action, reason, outcome, turn_index, chat, config):
     """Records one turn's result on `ep` and decides whether it continues."""
     rec = ep.record
-    rec.transcript.append({"role": "assistant", "content": chat.decode_action(gen.token_ids)})
+    rec.transcript.append(chat.assistant_message(gen.token_ids))
     terminal = truncated = False
     if reason is not None:
         text, reward = config.invalid_message.format(reason=reason), -config.invalid_penalty
@@ -280,7 +280,7 @@ def collect(
 def _collect(group, policy, tokenizer, config, key, seeds, pool):
     N, G = config.num_tasks, config.group_size
     pool = pool or _shared_pool(config.num_threads)
-    chat = ChatFormat(tokenizer, config.system_prompt)
+    chat = ChatFormat(tokenizer, config.system_prompt, enable_thinking=config.enable_thinking)
     timings = {"generate": 0.0, "env": 0.0, "batch": 0.0}
     eps = [_Episode(i, i // G, e, EpisodeRecord(i, i // G, seeds[i // G]))
            for i, e in enumerate(group.take(N * G))]

@@ -58,6 +58,8 @@ class RolloutConfig:
         whole match) is the action. No match is an invalid action. None: the
         stripped text is the action.
       system_prompt: optional system message before the task.
+      enable_thinking: passed to the chat template (Qwen3: False gives every
+        generation prompt an empty think block); None passes nothing.
       step_timeout_s: seconds an environment reset/step may take; longer ends
         the episode as failed.
       num_threads: worker threads stepping environments.
@@ -80,6 +82,7 @@ class RolloutConfig:
     invalid_message: str = "invalid action ( {reason} ) ."
     action_pattern: str | None = None
     system_prompt: str | None = None
+    enable_thinking: bool | None = None
     step_timeout_s: float = 30.0
     num_threads: int = 8
     seq_len: int | None = None

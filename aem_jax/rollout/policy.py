@@ -118,7 +118,8 @@ class SamplerPolicy:
         from aem_jax.models import sampler
         from aem_jax.rollout.chat import ChatFormat
 
-        chat = ChatFormat(tokenizer, config.system_prompt)
+        chat = ChatFormat(tokenizer, config.system_prompt,
+                          enable_thinking=getattr(config, "enable_thinking", None))
         params = sampler.SamplingParams(
             max_new_tokens=config.max_action_tokens, temperature=temperature, top_k=top_k,
             top_p=top_p, stop_token_ids=chat.stop_token_ids)
