@@ -1,14 +1,18 @@
 """SWE task sets through a tensorflow-datasets builder (works without tensorflow).
 
-``tfds_builder.SweTasks`` turns a JSONL file of SWE-bench records (the project's local task
-set, or SWE-bench / SWE-bench-Verified files saved from disk) into a TFDS
-dataset stored as ``array_record`` shards, read back through
-``tfds``' random-access data sources, which need no tensorflow install.  Each
-example holds the instance id, the repository name, the split and the whole
-record as JSON text; ``load_tasks`` validates records into ``Task`` objects.
+``tfds_builder.SweTasks`` turns a task source - the project's local task set,
+or published records as they are (SWE-bench, SWE-bench Verified, SWE-Gym,
+R2E-Gym) in a JSONL / JSON / Parquet file or a directory written by
+``datasets``' ``save_to_disk`` - into a TFDS dataset stored as
+``array_record`` shards, read back through ``tfds``' random-access data
+sources, which need no tensorflow install.  Each example holds the instance
+id, the repository name, the split and the whole normalised record as JSON
+text; ``load_tasks`` validates records into ``Task`` objects.
 
-Splits come from an optional ``split`` field of each record ("test" when
-absent, as SWE-bench files are test sets).
+Splits come from the ``split`` field of the records (or the split names of a
+``DatasetDict``).  A source whose records have no split (SWE-bench files are
+one set each) is one unsplit set: any split name asks for all of it, and TFDS
+slices apply to it ("train[:10]" = its first 10 records).
 """
 from __future__ import annotations
 
@@ -51,15 +55,21 @@ def _tfds_builder_module():
     return tfds_builder
 
 
+def _source_path(source: str) -> str:
+    path = LOCAL_TASKS if source == "local" else os.path.abspath(os.fspath(source))
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"task source must be 'local', an existing .jsonl / .json / .parquet "
+                                f"file or a `datasets` save_to_disk directory, got {source!r}")
+    return path
+
+
 def builder(source: str = "local", *, data_dir: str | None = None):
-    """A prepared ``tfds_builder.SweTasks`` builder for ``source`` ("local" or a JSONL path)."""
+    """A prepared ``tfds_builder.SweTasks`` builder for ``source`` ("local" or a path)."""
     tb = _tfds_builder_module()
-    path = LOCAL_TASKS if source == "local" else os.fspath(source)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"task source must be 'local' or an existing JSONL file, got {source!r}")
+    path = _source_path(source)
     data_dir = data_dir or default_data_dir()
-    swe = tb.SweTasks(config=tb.SweTasksConfig(jsonl_path=os.path.abspath(path)), data_dir=data_dir,
-                   file_format="array_record")
+    swe = tb.SweTasks(config=tb.SweTasksConfig(source_path=path), data_dir=data_dir,
+                      file_format="array_record")
     with _file_lock(os.path.join(data_dir, "swe_tasks", f"{swe.builder_config.name}.lock")):
         swe.download_and_prepare()
     return swe
@@ -71,6 +81,9 @@ def _load_cached(path: str, mtime: float, split: str, data_dir: str | None) -> t
     swe = builder(path, data_dir=data_dir)
     available = sorted(swe.info.splits)
     parts = available if split == "all" else split.split("+")
+    if available == [_tfds_builder_module().UNSPLIT]:
+        # An unsplit source: every split name means the whole set (slices kept).
+        parts = list(dict.fromkeys(available[0] + part[len(part.split("[")[0]):] for part in parts))
     for part in parts:
         if part.split("[")[0] not in available:
             raise ValueError(f"split must be 'all' or a '+'-joined subset of {available} "
@@ -89,12 +102,13 @@ def _text(value) -> str:
 
 def load_tasks(source: str = "local", *, split: str = "train", data_dir: str | None = None
                ) -> list[tasks_lib.Task]:
-    """Loads tasks through TFDS: ``source`` is "local" or a SWE-bench JSONL path.
+    """Loads tasks through TFDS.
 
-    ``split`` is a split of the file ("train", "test"), "all", or TFDS split
-    syntax ("train+test", "train[:10]").
+    ``source`` is "local", a .jsonl / .json / .parquet file, or a directory
+    written by ``datasets``' ``save_to_disk`` (see module docstring).
+    ``split`` is a split of the source ("train", "test"), "all", or TFDS split
+    syntax ("train+test", "train[:10]"); for an unsplit source every name
+    selects the whole set.
     """
-    path = LOCAL_TASKS if source == "local" else os.path.abspath(os.fspath(source))
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"task source must be 'local' or an existing JSONL file, got {source!r}")
+    path = _source_path(source)
     return list(_load_cached(path, os.path.getmtime(path), split, data_dir))

@@ -8,11 +8,22 @@ Language Models Resolve Real-World GitHub Issues?"):
 
 plus, for tasks that run without a git server or container,
 ``repo_snapshot`` ({relative path: file text} of the repository at the base
-commit) and, for container runs, ``image`` and ``eval_command``.  A record
-needs either ``repo_snapshot`` (local sandbox) or ``image`` (container).
+commit) and, for container runs, ``image`` and ``eval_command``.
 FAIL_TO_PASS / PASS_TO_PASS may be lists or JSON-encoded lists, as in the
 SWE-bench files on disk.  Unknown fields (hints_text, version, ...) are kept
 in ``extra``.
+
+Published records are taken as they are (``records.normalize``, called first
+by ``from_record``): a SWE-bench / SWE-bench Verified / SWE-Gym record without
+``image`` gets the image name the SWE-bench harness derives from its
+``instance_id``; an R2E-Gym record (``repo_name``, ``docker_image``,
+``expected_output_json``, ...) is mapped onto these fields.  Container tasks
+also carry how their image is used: ``workdir``, ``user``, ``env`` (e.g.
+PATH) and ``shell_init`` (run before every command, e.g. the conda
+activation of SWE-bench images), and ``grading`` says how the test log is
+judged: "pytest" (the project's own tasks), "swebench" (the per-repository
+test command and log parser of the ``swebench`` package) or "r2e" (the
+R2E-Gym expected test-status map); see ``grading.py``.
 """
 from __future__ import annotations
 
@@ -25,7 +36,8 @@ from typing import Any, Iterable, Mapping
 # The default test command of local tasks; test ids are appended.
 DEFAULT_EVAL_COMMAND = "python -m pytest -rA -q -p no:cacheprovider --tb=short"
 _REQUIRED_TEXT = ("instance_id", "repo", "problem_statement", "patch", "test_patch")
-_OPTIONAL_TEXT = ("base_commit", "image", "eval_command")
+_OPTIONAL_TEXT = ("base_commit", "image", "eval_command", "workdir", "user", "shell_init")
+GRADINGS = ("pytest", "swebench", "r2e")
 
 
 class TaskFormatError(ValueError):
@@ -48,6 +60,11 @@ class Task:
     image: str = ""
     eval_command: str = ""
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    grading: str = "pytest"  # one of GRADINGS
+    workdir: str = ""  # the repository inside the image ("" = the sandbox's default)
+    user: str = ""  # user running the agent's commands in the container ("" = image default)
+    env: Mapping[str, str] = dataclasses.field(default_factory=dict)  # e.g. {"PATH": ...}
+    shell_init: str = ""  # shell lines run before every command (conda activation)
 
     @property
     def test_command(self) -> str:
@@ -64,6 +81,10 @@ class Task:
                 record[name] = getattr(self, name)
         if self.repo_snapshot is not None:
             record["repo_snapshot"] = dict(sorted(self.repo_snapshot.items()))
+        if self.grading != "pytest":
+            record["grading"] = self.grading
+        if self.env:
+            record["env"] = dict(sorted(self.env.items()))
         record.update(self.extra)
         return record
 
@@ -99,19 +120,34 @@ def _snapshot(value: Any, where: str) -> dict[str, str]:
     return dict(value)
 
 
-def from_record(record: Mapping[str, Any], index: int | str = 0) -> Task:
-    """Validates a SWE-bench record and returns a ``Task``.
+def _env(value: Any, where: str) -> dict[str, str]:
+    if not isinstance(value, Mapping) or not all(
+            isinstance(k, str) and k and "=" not in k and isinstance(v, str) for k, v in value.items()):
+        raise TaskFormatError(f"{where}: field 'env' must map variable names to strings, "
+                              f"got {value!r:.200}")
+    return dict(value)
 
-    Raises ``TaskFormatError`` naming the record and the bad field.
+
+def from_record(record: Mapping[str, Any], index: int | str = 0) -> Task:
+    """Validates a task record and returns a ``Task``.
+
+    Published records (SWE-bench, SWE-bench Verified, SWE-Gym, R2E-Gym) are
+    first brought to this format by ``records.normalize``.  Raises
+    ``TaskFormatError`` naming the record and the bad field.
     """
+    from aem_jax.envs.swe import records  # records imports this module
+
     where = _where(record, index)
     if not isinstance(record, Mapping):
         raise TaskFormatError(f"{where}: must be a JSON object, got {type(record).__name__}")
+    record = records.normalize(record, where)
     values: dict[str, Any] = {}
     for name in _REQUIRED_TEXT:
         if name not in record:
             raise TaskFormatError(f"{where}: missing required field {name!r}")
-        if not isinstance(record[name], str) or (name != "test_patch" and not record[name].strip()):
+        # R2E-Gym records carry no gold diff (the fix is a commit in the image).
+        empty_ok = name == "test_patch" or (name == "patch" and record.get("grading") == "r2e")
+        if not isinstance(record[name], str) or (not empty_ok and not record[name].strip()):
             raise TaskFormatError(f"{where}: field {name!r} must be a non-empty string, "
                                   f"got {record[name]!r:.100}")
         values[name] = record[name]
@@ -131,13 +167,22 @@ def from_record(record: Mapping[str, Any], index: int | str = 0) -> Task:
     if snapshot is None and not values["image"]:
         raise TaskFormatError(f"{where}: needs field 'repo_snapshot' (local sandbox) or 'image' "
                               "(container sandbox); neither is given")
-    known = {*_REQUIRED_TEXT, *_OPTIONAL_TEXT, "FAIL_TO_PASS", "PASS_TO_PASS", "repo_snapshot"}
+    values["grading"] = record.get("grading") or "pytest"
+    if values["grading"] not in GRADINGS:
+        raise TaskFormatError(f"{where}: field 'grading' must be one of {GRADINGS}, "
+                              f"got {values['grading']!r}")
+    values["env"] = _env(record.get("env") or {}, where)
+    known = {*_REQUIRED_TEXT, *_OPTIONAL_TEXT, "FAIL_TO_PASS", "PASS_TO_PASS", "repo_snapshot",
+             "grading", "env"}
     values["extra"] = {k: v for k, v in record.items() if k not in known}
     return Task(**values)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[Task]:
-    """Reads SWE-bench records, one JSON object a line (blank lines skipped)."""
+    """Reads task records, one JSON object a line (blank lines skipped).
+
+    ``records.read_tasks`` also reads Parquet files and ``datasets`` directories.
+    """
     tasks = []
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):

@@ -30,13 +30,18 @@ def test_record_round_trip_keeps_extra_fields():
     ({"FAIL_TO_PASS": []}, "FAIL_TO_PASS"),
     ({"PASS_TO_PASS": [1]}, "PASS_TO_PASS"),
     ({"repo_snapshot": {"../evil.py": ""}}, "repo_snapshot"),
-    ({"repo_snapshot": None}, "repo_snapshot"),
+    # Without a snapshot the record is a published SWE-bench one: it needs a version.
+    ({"repo_snapshot": None, "version": None}, "version"),
+    ({"repo_snapshot": None, "base_commit": None}, "base_commit"),
+    ({"grading": "exact"}, "grading"),
+    ({"env": {"PATH": 1}}, "env"),
     ({"image": 5}, "image"),
 ])
 def test_malformed_records_name_the_field(change, field):
     record = {k: v for k, v in {**RECORD, **change}.items() if v is not None}
-    with pytest.raises(tasks.TaskFormatError, match=field):
+    with pytest.raises(tasks.TaskFormatError, match=field) as err:
         tasks.from_record(record, 7)
+    assert field == "instance_id" or "owner__proj-1" in str(err.value)  # the instance is named
 
 
 def test_missing_field_is_named():
@@ -60,8 +65,16 @@ def test_jsonl_loads_through_tfds(tmp_path):
     loaded = dataset.load_tasks(str(path), split="test", data_dir=str(tmp_path / "tfds"))
     assert [t.instance_id for t in loaded] == ["owner__proj-0", "owner__proj-1", "owner__proj-2"]
     assert loaded == tasks.read_jsonl(path)
+    # Records without a split are one set: any split name selects it, slices apply.
+    assert dataset.load_tasks(str(path), split="train", data_dir=str(tmp_path / "tfds")) == loaded
+    assert dataset.load_tasks(str(path), split="train[1:]", data_dir=str(tmp_path / "tfds")) == loaded[1:]
+    split_path = tmp_path / "split.jsonl"
+    split_path.write_text("".join(json.dumps({**RECORD, "instance_id": f"i{i}", "split": s}) + "\n"
+                                  for i, s in enumerate(["train", "test", "train"])))
+    train = dataset.load_tasks(str(split_path), split="train", data_dir=str(tmp_path / "tfds"))
+    assert [t.instance_id for t in train] == ["i0", "i2"]
     with pytest.raises(ValueError, match="split"):
-        dataset.load_tasks(str(path), split="train", data_dir=str(tmp_path / "tfds"))
+        dataset.load_tasks(str(split_path), split="dev", data_dir=str(tmp_path / "tfds"))
 
 
 def test_bad_jsonl_line_is_located(tmp_path):

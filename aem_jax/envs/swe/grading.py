@@ -1,0 +1,362 @@
+"""Grading published tasks from their test logs, with the ``swebench`` package's parsers.
+
+Two pure functions make the seam with the evaluator (``reward.py``):
+
+* ``eval_script(task)``: the bash script to run, in a fresh container of the
+  task's image holding the agent's diff, for "swebench" and "r2e" tasks.
+  For SWE-bench records it is the ``swebench`` harness's own eval script for
+  the record's repository and version (``MAP_REPO_VERSION_TO_SPECS``: reset
+  the test files to ``base_commit``, apply ``test_patch``, run the
+  repository's test command - pytest, Django's ``tests/runtests.py``,
+  sympy's ``bin/test`` ... - on the test files of the patch), or the record's
+  own ``eval_script`` (swebench >= 5 records); for R2E-Gym records it runs the
+  image's hidden tests.  Its output is framed by the harness's start / end
+  markers and ends with the test command's exit status.
+* ``resolved(task, log) -> Verdict``: SWE-bench semantics, resolved iff every
+  FAIL_TO_PASS and every PASS_TO_PASS test passes (PASSED, or XFAIL as the
+  harness counts it); for R2E-Gym, iff the parsed status map equals
+  ``expected_output_json``.  Per-test statuses come from the ``swebench`` log
+  parser of the repository (``MAP_REPO_TO_PARSER``, or the record's
+  ``log_parser``) and from a scan of the per-test lines that keeps test ids
+  containing spaces whole.  A run is *not* resolved, whatever the parser says,
+  when the log contradicts itself:
+
+  - a test reported both passing and failing (a later fake PASSED line does
+    not override an earlier FAILED one);
+  - a summary line disagreeing with the per-test lines: pytest's
+    ``N failed`` / ``N errors`` / ``N passed`` against its FAILED / ERROR /
+    PASSED lines, Django's ``FAILED (failures=F, errors=E)`` against its
+    ``FAIL:`` / ``ERROR:`` blocks, sympy's ``tests finished: P passed, F
+    failed, ... E exceptions`` against its ``ok`` / ``F`` / ``E`` lines, or
+    two different summary lines;
+  - no summary line where the runner always prints one (the run did not
+    finish, e.g. ``os._exit``), missing markers, or a non-zero exit status
+    with no failing test in the log.
+
+Code under test runs inside the test process and can print anything; these
+checks make the printed record agree with itself and with the exit status,
+which a patch cannot fake without also making the real run agree.
+"""
+from __future__ import annotations
+
+import re
+import types
+from typing import Any, Mapping, NamedTuple
+
+from aem_jax.envs.swe.tasks import Task, TaskFormatError
+
+START = ">>>>> Start Test Output"
+END = ">>>>> End Test Output"
+EXIT = ">>>>> Test Exit Code"
+_PASSING = ("PASSED", "XFAIL")
+_FAILING = ("FAILED", "ERROR")
+_PYTEST_LINE = re.compile(r"^(PASSED|FAILED|ERROR|XFAIL|XPASS|SKIPPED) (.+)$")
+_PYTEST_SUMMARY = re.compile(
+    r"^=*\s*((?:\d+ (?:failed|passed|errors?|skipped|xfailed|xpassed|warnings?|deselected|"
+    r"rerun)(?:, )?)+) in [\d.]+s(?: \([^)]*\))?\s*=*$")
+_DJANGO_RAN = re.compile(r"^Ran (\d+) tests? in [\d.]+s$")
+_DJANGO_RESULT = re.compile(r"^(OK|FAILED)(?: \((.*)\))?$")
+_DJANGO_LINE = re.compile(r"^(.+?) \.\.\. +(ok|OK|FAIL|ERROR|skipped.*|expected failure|"
+                          r"unexpected success)$")
+_DJANGO_BLOCK = re.compile(r"^(FAIL|ERROR): (.+)$")
+_SYMPY_SUMMARY = re.compile(r"tests finished: (.*?) in [\d.]+ seconds")
+_SYMPY_LINE = re.compile(r"^(test_\S+) +(ok|F|E|f|X|s|Skipped.*)$")
+_PYTEST_NONE = re.compile(r"^=*\s*no tests ran in [\d.]+s\s*=*$")
+_DJANGO_STATUS = {"ok": "PASSED", "OK": "PASSED", "FAIL": "FAILED", "ERROR": "ERROR",
+                  "expected failure": "XFAIL", "unexpected success": "FAILED"}
+_SYMPY_STATUS = {"ok": "PASSED", "F": "FAILED", "E": "ERROR", "f": "XFAIL", "X": "FAILED"}
+_EXIT = re.compile(re.escape(EXIT) + r":\s*(-?\d+)")
+
+
+class Verdict(NamedTuple):
+    """The judgement of one test log."""
+
+    resolved: bool
+    reason: str  # one line
+    tests: dict[str, str]  # required test id -> status ("MISSING" when not reported)
+
+
+# -- the swebench package --------------------------------------------------------
+
+def _swebench():
+    try:
+        from swebench.harness import constants
+        from swebench.harness import log_parsers
+    except ImportError as err:
+        raise ImportError(f"grading SWE-bench records needs the swebench package ({err}); "
+                          "install the SWE extra: pip install 'aem_jax[swe]'") from err
+    return constants, log_parsers
+
+
+def _specs(repo: str, version: str) -> dict[str, Any] | None:
+    constants, _ = _swebench()
+    table = getattr(constants, "MAP_REPO_VERSION_TO_SPECS", None)  # removed in swebench 5
+    return None if table is None else table.get(repo, {}).get(version)
+
+
+def check_swebench_record(record: Mapping[str, Any], where: str) -> None:
+    """Raises ``TaskFormatError`` unless the installed swebench can grade ``record``."""
+    if record.get("eval_script") and record.get("log_parser"):
+        _parser(record)  # swebench >= 5 records carry their script and parser name
+        return
+    if record.get("version") in (None, ""):
+        raise TaskFormatError(f"{where}: SWE-bench record misses required field 'version' "
+                              "(it selects the repository's test command and log parser)")
+    if _specs(record["repo"], str(record["version"])) is None:
+        raise TaskFormatError(
+            f"{where}: the installed swebench package has no test specification for repo "
+            f"{record['repo']!r} version {record['version']!r}; give the record 'eval_script' "
+            "and 'log_parser', or 'eval_command' (a pytest command, graded like local tasks)")
+
+
+def _parser(record: Mapping[str, Any]):
+    _, log_parsers = _swebench()
+    name = record.get("log_parser")
+    if name:
+        registry = getattr(log_parsers, "PARSER_REGISTRY", None)  # swebench >= 5
+        if registry is not None and name in registry:
+            return registry[name]
+        for module in ("python", "javascript", "c", "go", "java", "php", "ruby", "rust"):
+            parser = getattr(getattr(log_parsers, module, None), name, None)
+            if parser is not None:
+                return parser
+        raise TaskFormatError(f"log_parser {name!r} is not a parser of the installed swebench")
+    table = getattr(log_parsers, "MAP_REPO_TO_PARSER", {})
+    if record["repo"] not in table:
+        raise TaskFormatError(f"the installed swebench has no log parser for repo {record['repo']!r}")
+    return table[record["repo"]]
+
+
+def _record(task: Task) -> dict[str, Any]:
+    return {**task.extra, "instance_id": task.instance_id, "repo": task.repo,
+            "base_commit": task.base_commit, "test_patch": task.test_patch,
+            "FAIL_TO_PASS": list(task.FAIL_TO_PASS), "PASS_TO_PASS": list(task.PASS_TO_PASS)}
+
+
+def _with_exit_status(lines: list[str]) -> list[str]:
+    """Records the test command's status after the end marker (as swebench >= 5 does)."""
+    for i, line in enumerate(lines):
+        if END in line:
+            return [*lines[:i], "__aem_status=$?", line, f'echo "{EXIT}: $__aem_status"',
+                    *lines[i + 1:]]
+    raise ValueError(f"eval script has no {END!r} marker line")
+
+
+def test_command(task: Task) -> str:
+    """The command line of the tests (the runner decides which summary lines are required)."""
+    if task.grading == "swebench" and not task.extra.get("eval_script"):
+        return _specs(task.repo, str(task.extra.get("version")))["test_cmd"]
+    return task.extra.get("eval_script") or task.eval_command or task.test_command
+
+
+def eval_script(task: Task) -> str:
+    """The bash script that runs the hidden tests of a "swebench" or "r2e" task."""
+    if task.grading == "swebench":
+        record = _record(task)
+        if record.get("eval_script"):
+            lines = [line for line in record["eval_script"].strip().split("\n")
+                     if line not in ("#!/bin/bash", "set -uxo pipefail")]
+        else:
+            from swebench.harness.test_spec.create_scripts import make_eval_script_list
+
+            specs = _specs(task.repo, str(record.get("version")))
+            lines = make_eval_script_list(record, specs, "testbed", task.workdir or "/testbed",
+                                          task.base_commit, task.test_patch)
+    elif task.grading == "r2e":
+        lines = [f"cd {task.workdir or '/testbed'}", f": '{START}'", task.eval_command, f": '{END}'"]
+    else:
+        raise ValueError(f"eval_script is for 'swebench' and 'r2e' tasks; task "
+                         f"{task.instance_id!r} is graded {task.grading!r} (reward.evaluate)")
+    return "\n".join(["#!/bin/bash", "set -uxo pipefail", *_with_exit_status(lines)]) + "\n"
+
+
+# -- reading the log ---------------------------------------------------------------
+
+def _pytest_match(rest: str, test_id: str) -> bool:
+    # "id", "id - message" (FAILED / ERROR / XFAIL), or the id cut at its first space
+    # as the swebench pytest parser stores it ("tests/t.py::test[a b]" -> "tests/t.py::test[a").
+    return (rest == test_id or rest.startswith(test_id + " - ") or rest.split()[0] == test_id
+            or rest.split(" - ")[0] == test_id)
+
+
+def _statuses(log: str, test_id: str) -> set[str]:
+    """Every status the per-test lines report for ``test_id`` (ids with spaces kept whole)."""
+    found = set()
+    for line in log.splitlines():
+        line = line.strip()
+        m = _PYTEST_LINE.match(line)
+        if m:
+            if _pytest_match(m.group(2), test_id):
+                found.add(m.group(1))
+            continue
+        m = _DJANGO_LINE.match(line)
+        if m and m.group(1) == test_id:
+            found.add(_DJANGO_STATUS.get(m.group(2), "SKIPPED"))
+            continue
+        m = _DJANGO_BLOCK.match(line)
+        if m and m.group(2) == test_id:
+            found.add("FAILED" if m.group(1) == "FAIL" else "ERROR")
+            continue
+        m = _SYMPY_LINE.match(line)
+        if m and m.group(1) == test_id:
+            found.add(_SYMPY_STATUS.get(m.group(2), "SKIPPED"))
+    return found
+
+
+def _any_failure(log: str, parsed: Mapping[str, str]) -> bool:
+    """Whether any test of the log (required or not) is reported failing."""
+    if set(parsed.values()) & set(_FAILING):
+        return True
+    for line in log.splitlines():
+        line = line.strip()
+        m = _PYTEST_LINE.match(line) or _DJANGO_BLOCK.match(line)
+        if m and m.group(1) in ("FAILED", "ERROR", "FAIL"):
+            return True
+        m = _SYMPY_LINE.match(line)
+        if m and m.group(2) in ("F", "E"):
+            return True
+    return False
+
+
+def _counts(text: str) -> dict[str, int]:
+    counts = {}
+    for part in text.split(","):
+        number, _, word = part.strip().partition(" ")
+        if number.isdigit():
+            counts[word.strip()] = int(number)
+    return counts
+
+
+def _pytest_lines(log: str) -> dict[str, set[str]]:
+    by_status: dict[str, set[str]] = {s: set() for s in ("PASSED", "FAILED", "ERROR", "XFAIL", "XPASS")}
+    for line in log.splitlines():
+        m = _PYTEST_LINE.match(line.strip())
+        if m and m.group(1) in by_status:
+            by_status[m.group(1)].add(m.group(2).split(" - ")[0] if m.group(1) in _FAILING
+                                      else m.group(2))
+    return by_status
+
+
+def _contradiction(log: str, command: str) -> str | None:
+    """Why the log's summary lines disagree with its per-test lines (None if they agree)."""
+    lines = [line.strip() for line in log.splitlines()]
+    pytest_summaries = {m.group(1) for m in map(_PYTEST_SUMMARY.match, lines) if m}
+    pytest_summaries |= {"" for line in lines if _PYTEST_NONE.match(line)}
+    if pytest_summaries:
+        if len(pytest_summaries) > 1:
+            return f"several different pytest summaries: {sorted(pytest_summaries)}"
+        counts = _counts(next(iter(pytest_summaries)))
+        seen = _pytest_lines(log)
+        for word, status in (("failed", "FAILED"), ("passed", "PASSED"), ("xfailed", "XFAIL"),
+                             ("xpassed", "XPASS")):
+            if counts.get(word, 0) != len(seen[status]):
+                return (f"pytest's summary says {counts.get(word, 0)} {word} but the log has "
+                        f"{len(seen[status])} {status} lines")
+        errors = counts.get("errors", counts.get("error", 0))
+        if errors != len(seen["ERROR"]):
+            return f"pytest's summary says {errors} errors but the log has {len(seen['ERROR'])} ERROR lines"
+    elif "pytest" in command and "runtests.py" not in command and "bin/test" not in command:
+        return "no pytest summary line: the test run did not finish"
+    ran = {m.group(1) for m in map(_DJANGO_RAN.match, lines) if m}
+    results = {m.group(0) for m in map(_DJANGO_RESULT.match, lines) if m}
+    if ran or results:
+        if len(ran) != 1 or len(results) != 1:
+            return f"Django's runner summaries disagree or are missing: Ran {sorted(ran)}, {sorted(results)}"
+        result = _DJANGO_RESULT.match(next(iter(results)))
+        counts = {k.strip(): int(v) for k, v in re.findall(r"([\w ]+)=(\d+)", result.group(2) or "")}
+        blocks = [m.group(0) for m in map(_DJANGO_BLOCK.match, lines) if m]  # one per failure
+        bad = counts.get("failures", 0) + counts.get("errors", 0)
+        ok = bad + counts.get("unexpected successes", 0) == 0
+        if (result.group(1) == "OK") != ok or bad != len(blocks):
+            return (f"Django's runner says {result.group(0)!r} but the log has {len(blocks)} "
+                    "FAIL:/ERROR: blocks")
+    elif "runtests.py" in command:
+        return "no 'Ran N tests' summary from Django's runner: the test run did not finish"
+    sympy = [m.group(1) for m in map(_SYMPY_SUMMARY.search, lines) if m]
+    if sympy:
+        if len(set(sympy)) != 1:
+            return f"several different sympy summaries: {sorted(set(sympy))}"
+        counts = _counts(sympy[0])
+        marks: dict[str, set[str]] = {"ok": set(), "F": set(), "E": set()}
+        for m in map(_SYMPY_LINE.match, lines):
+            if m and m.group(2) in marks:
+                marks[m.group(2)].add(m.group(1))
+        for word, mark in (("passed", "ok"), ("failed", "F"), ("exceptions", "E")):
+            if counts.get(word, 0) != len(marks[mark]):
+                return (f"sympy's summary says {counts.get(word, 0)} {word} but the log has "
+                        f"{len(marks[mark])} '{mark}' test lines")
+    elif "bin/test" in command:
+        return "no 'tests finished' summary from sympy's runner: the test run did not finish"
+    return None
+
+
+def _slice(log: str) -> tuple[str | None, int | None]:
+    """The test output between the first start and the last end marker, and the exit status."""
+    start, end = log.find(START), log.rfind(END)
+    if start < 0 or end < start:
+        return None, None
+    statuses = _EXIT.findall(log[end:])
+    return log[start + len(START):end], (int(statuses[-1]) if statuses else None)
+
+
+def resolved(task: Task, log: str) -> Verdict:
+    """Judges the output of ``eval_script(task)`` (see module docstring)."""
+    text, exit_status = _slice(log)
+    if text is None:
+        return Verdict(False, "the test output markers are missing (the test patch did not "
+                              "apply or the script failed before the tests)", {})
+    if task.grading == "r2e":
+        return _resolved_r2e(task, text, exit_status)
+    parsed: dict[str, str] = {}
+    if task.grading == "swebench":
+        spec = types.SimpleNamespace(instance_id=task.instance_id, repo=task.repo,
+                                     version=str(task.extra.get("version")))
+        parsed = _parser(_record(task))(text, spec)
+    tests = {}
+    for test_id in (*task.FAIL_TO_PASS, *task.PASS_TO_PASS):
+        statuses = _statuses(text, test_id) | ({parsed[test_id]} if test_id in parsed else set())
+        if not statuses:
+            tests[test_id] = "MISSING"
+        elif len(statuses) > 1 and statuses & set(_FAILING) and statuses & set(_PASSING):
+            tests[test_id] = "CONFLICT"
+        else:
+            tests[test_id] = sorted(statuses, key=lambda s: s not in _FAILING)[0]
+    problem = _contradiction(text, test_command(task))
+    if problem:
+        return Verdict(False, f"the test log contradicts itself: {problem}", tests)
+    failing = [t for t, s in tests.items() if s not in _PASSING]
+    if failing:
+        return Verdict(False, f"{len(failing)} of {len(tests)} required tests do not pass: "
+                              + ", ".join(f"{t} ({tests[t]})" for t in failing[:5]), tests)
+    if exit_status not in (None, 0) and not _any_failure(text, parsed):
+        return Verdict(False, f"the tests exited with status {exit_status} but the log reports "
+                              "no failing test", tests)
+    return Verdict(True, f"resolved: all {len(tests)} required tests pass", tests)
+
+
+def _resolved_r2e(task: Task, text: str, exit_status: int | None) -> Verdict:
+    """R2E-Gym: the parsed pytest status map must equal ``expected_output_json``."""
+    import json
+
+    expected = task.extra.get("expected_output_json")
+    expected = json.loads(expected) if isinstance(expected, str) else dict(expected or {})
+    strip = lambda name: re.sub(r"\x1b\[\d+m", "", name).split(" - ")[0]  # noqa: E731
+    expected = {strip(k): v for k, v in expected.items()}
+    parsed: dict[str, set[str]] = {}
+    summary = text.split("short test summary info", 1)
+    for line in (summary[1].splitlines() if len(summary) > 1 else []):
+        m = _PYTEST_LINE.match(line.strip())
+        if m and m.group(1) in ("PASSED", "FAILED", "ERROR"):
+            name = strip(".".join(m.group(2).split("::")[1:]))
+            parsed.setdefault(name, set()).add(m.group(1))
+    tests = {k: ("CONFLICT" if len(v) > 1 else next(iter(v))) for k, v in parsed.items()}
+    # R2E-Gym's runners are pytest; a short summary without pytest's final line is a cut-off run.
+    problem = _contradiction(text, "pytest" if len(summary) > 1 else "")
+    if problem:
+        return Verdict(False, f"the test log contradicts itself: {problem}", tests)
+    if tests != expected:
+        diff = sorted(k for k in set(tests) | set(expected) if tests.get(k) != expected.get(k))
+        return Verdict(False, f"{len(diff)} tests differ from the expected statuses: "
+                              + ", ".join(f"{k} ({tests.get(k, 'MISSING')} != "
+                                          f"{expected.get(k, 'absent')})" for k in diff[:5]), tests)
+    return Verdict(True, f"resolved: all {len(expected)} tests have their expected status", tests)
