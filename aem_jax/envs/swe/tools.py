@@ -1,4 +1,4 @@
-"""The agent's tools and their XML function-call action format.
+"""The agent's tools and their function-call action formats.
 
 One action per turn, written as a function call in the XML format of
 DeepSWE / R2E-Gym and Qwen3-Coder tool use (the ``<tool_call>`` wrapper is
@@ -7,6 +7,19 @@ optional; text around the call is ignored, so the model may think first):
     <function=bash>
     <parameter=command>python -m pytest -q tests/test_case.py</parameter>
     </function>
+
+or in the JSON format Qwen3 / Qwen2.5 (Hermes) chat templates teach their
+models, one JSON object inside ``<tool_call>`` tags:
+
+    <tool_call>
+    {"name": "bash", "arguments": {"command": "python -m pytest -q"}}
+    </tool_call>
+
+Whichever call comes first in the text is the action. In the JSON form
+``parameters`` (Llama 3.1's key) is accepted for ``arguments``, arguments
+given as a JSON-encoded string are decoded, and numbers or lists of numbers
+(``"view_range": [10, 40]``) become the text the tools take ("10,40").
+Malformed JSON is an unparsable action whose message says what was wrong.
 
 Tools (parameters in brackets are optional):
 
@@ -33,6 +46,9 @@ from aem_jax.envs.swe.sandbox import ExecResult
 
 _CALL = re.compile(r"<function=([^>\s]*)>(.*?)(?:</function>|\Z)", re.S)
 _PARAM = re.compile(r"<parameter=([^>\s]*)>(.*?)(?:</parameter>|(?=<parameter=)|\Z)", re.S)
+# A JSON tool call: "<tool_call>" and then a JSON object (XML calls may sit in the same tags).
+_JSON_CALL = re.compile(r"<tool_call>\s*(?=\{)")
+_JSON_EXAMPLE = '<tool_call>\n{"name": "bash", "arguments": {"command": "ls"}}\n</tool_call>'
 
 TOOLS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     # name: (required parameters, optional parameters)
@@ -63,7 +79,44 @@ Example:
 <function=bash>
 <parameter=command>grep -rn "def merge" .</parameter>
 </function>
+
+A JSON call is accepted too:
+<tool_call>
+{"name": "bash", "arguments": {"command": "grep -rn \\"def merge\\" ."}}
+</tool_call>
 """
+
+_DESCRIPTIONS = {
+    "bash": "Run a shell command in the repository (network off).",
+    "view": "Show a file with line numbers, or list a directory.",
+    "str_replace": "Replace the single occurrence of old_str by new_str in a file.",
+    "create": "Create a new file.",
+    "submit": "Finish; the changes are tested with hidden tests.",
+    "command": "The shell command.",
+    "path": "File or directory path, relative to the repository root.",
+    "view_range": "Optional 'start,end' line range (1-based; end -1 is the last line).",
+    "old_str": "Exact text to replace; must occur exactly once.",
+    "new_str": "Replacement text.",
+    "file_text": "Content of the new file.",
+}
+
+
+def tool_schemas() -> list[dict]:
+    """The tools as JSON function schemas, for chat templates that list tools.
+
+    Qwen3's template, given ``tools=tool_schemas()`` (e.g. through
+    ``ChatFormat(tok, template_kwargs={"tools": tool_schemas()})``), shows
+    them in the system message with its own instruction to answer in the
+    ``<tool_call>`` JSON format, which `parse_action` reads.
+    """
+    schemas = []
+    for name, (required, optional) in TOOLS.items():
+        props = {p: {"type": "string", "description": _DESCRIPTIONS.get(p, p)}
+                 for p in required + optional}
+        schemas.append({"type": "function", "function": {
+            "name": name, "description": _DESCRIPTIONS.get(name, name),
+            "parameters": {"type": "object", "properties": props, "required": list(required)}}})
+    return schemas
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,18 +140,69 @@ def _clean(value: str) -> str:
     return value
 
 
+def _json_value(name: str, key: str, value: object) -> str:
+    """A JSON argument as the text a tool takes."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if (isinstance(value, list) and value
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        return ",".join(str(v) for v in value)
+    raise ActionError(f"tool {name!r} parameter {key!r} must be a string (or a number), "
+                      f"got {json.dumps(value)}")
+
+
+def _parse_json_call(text: str, start: int) -> tuple[str, dict[str, str]]:
+    """(name, params) of the JSON object at ``text[start]`` (a ``{``)."""
+    try:
+        call, _ = json.JSONDecoder().raw_decode(text, start)
+    except json.JSONDecodeError as err:
+        raise ActionError(f"the <tool_call> does not hold valid JSON ({err.msg} at character "
+                          f"{err.pos - start} of the object); write one call such as "
+                          f"{_JSON_EXAMPLE}") from None
+    if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+        raise ActionError(f'a JSON tool call is an object with a "name" string and an '
+                          f'"arguments" object, got {json.dumps(call)[:200]}; for example '
+                          f"{_JSON_EXAMPLE}")
+    name = call["name"]
+    args = call.get("arguments", call.get("parameters", {}))
+    if isinstance(args, str):  # OpenAI style: the arguments as a JSON-encoded string
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except json.JSONDecodeError as err:
+            raise ActionError(f"tool {name!r}: the arguments string is not valid JSON "
+                              f"({err.msg}); give an object, as in {_JSON_EXAMPLE}") from None
+    if args is None:
+        args = {}
+    if not isinstance(args, dict):
+        raise ActionError(f'tool {name!r}: "arguments" must be an object of parameter names '
+                          f"to values, got {json.dumps(args)[:200]}")
+    return name, {str(key): _json_value(name, str(key), value) for key, value in args.items()}
+
+
 def parse_action(text: str) -> ToolCall:
-    """Parses the first function call in ``text``; raises ``ActionError`` explaining why not."""
+    """Parses the first function call in ``text``; raises ``ActionError`` explaining why not.
+
+    The call is the first XML call (``<function=NAME>``) or JSON call
+    (``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``) in the text.
+    """
     if not isinstance(text, str):
         raise ActionError(f"the action must be text, got {type(text).__name__}")
-    match = _CALL.search(text)
-    if not match:
+    match, json_match = _CALL.search(text), _JSON_CALL.search(text)
+    if json_match and (not match or json_match.start() < match.start()):
+        name, params = _parse_json_call(text, json_match.end())
+    elif match:
+        name = match.group(1)
+        params = {key: _clean(value) for key, value in _PARAM.findall(match.group(2))}
+    elif "<tool_call>" in text:
+        raise ActionError("the <tool_call> holds neither a JSON object nor <function=NAME>; "
+                          f"write one call such as {_JSON_EXAMPLE}")
+    else:
         raise ActionError("no tool call found: write one call such as "
                           "<function=bash>\n<parameter=command>ls</parameter>\n</function>")
-    name, body = match.group(1), match.group(2)
     if name not in TOOLS:
         raise ActionError(f"unknown tool {name!r}; available tools: {', '.join(TOOLS)}")
-    params = {key: _clean(value) for key, value in _PARAM.findall(body)}
     required, optional = TOOLS[name]
     missing = [p for p in required if p not in params]
     unknown = sorted(set(params) - set(required) - set(optional))
