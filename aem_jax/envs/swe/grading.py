@@ -60,7 +60,8 @@ _DJANGO_LINE = re.compile(r"^(.+?) \.\.\. +(ok|OK|FAIL|ERROR|skipped.*|expected 
                           r"unexpected success)$")
 _DJANGO_BLOCK = re.compile(r"^(FAIL|ERROR): (.+)$")
 _SYMPY_SUMMARY = re.compile(r"tests finished: (.*?) in [\d.]+ seconds")
-_SYMPY_LINE = re.compile(r"^(test_\S+) +(ok|F|E|f|X|s|Skipped.*)$")
+# sympy's bin/test --verbose: "test_name ok" (a file's last test ends with "[OK]" / "[FAIL]").
+_SYMPY_LINE = re.compile(r"^(test_\S+) +(ok|F|E|f|X|s)(?: +\[(?:OK|FAIL)\])?$")
 _PYTEST_NONE = re.compile(r"^=*\s*no tests ran in [\d.]+s\s*=*$")
 _DJANGO_STATUS = {"ok": "PASSED", "OK": "PASSED", "FAIL": "FAILED", "ERROR": "ERROR",
                   "expected failure": "XFAIL", "unexpected success": "FAILED"}

@@ -9,14 +9,14 @@ from aem_jax.envs.swe import dataset, records, tasks
 TEST_PATCH = """diff --git a/tests/auth_tests/test_validators.py b/tests/auth_tests/test_validators.py
 --- a/tests/auth_tests/test_validators.py
 +++ b/tests/auth_tests/test_validators.py
-@@ -237,7 +237,7 @@ def test_unicode_validator(self):
+@@ -237 +237 @@ def test_unicode_validator(self):
 -        invalid_usernames = ["o'connell", "عبد ال"]
 +        invalid_usernames = ["o'connell", "عبد ال", "trailingnewline\\u000A"]
 """
 PATCH = """diff --git a/django/contrib/auth/validators.py b/django/contrib/auth/validators.py
 --- a/django/contrib/auth/validators.py
 +++ b/django/contrib/auth/validators.py
-@@ -7,7 +7,7 @@
+@@ -7,3 +7,3 @@
  @deconstructible
  class ASCIIUsernameValidator(validators.RegexValidator):
 -    regex = r'^[\\w.@+-]+$'
