@@ -85,16 +85,53 @@ def create_commands(args: argparse.Namespace) -> list[list[str]]:
     ]]  # fmt: skip
 
 
+# System packages each --sandbox needs (aem_jax.envs.swe): bubblewrap for the
+# local sandbox (prlimit comes with util-linux, on every image); a container
+# runtime for SWE-bench images.
+SANDBOX_PACKAGES = {"local": ["bubblewrap"], "container": ["docker.io"], "none": []}
+
+
+def install_line(python: str, sandbox: str) -> str:
+    """The shell line that installs the project on a stock TPU VM image.
+
+    The images' own python3 is older than the project's 3.11 (Ubuntu
+    22.04's is 3.10), so ``uv`` (from PyPI
+    with the image's pip, else its standalone installer) creates the virtual
+    environment with a managed CPython ``python`` and installs
+    ``.[tpu,swe]`` into it. ``sandbox`` adds the system packages of the SWE
+    environment's sandbox (``SANDBOX_PACKAGES``).
+    """
+    if sandbox not in SANDBOX_PACKAGES:
+        raise SystemExit(f"--sandbox={sandbox!r}; allowed: {', '.join(SANDBOX_PACKAGES)}")
+    parts = python.split(".")
+    if len(parts) < 2 or not all(p.isdigit() for p in parts) or (int(parts[0]), int(parts[1])) < (3, 11):
+        raise SystemExit(f"--python={python!r}: the project needs Python >= 3.11, e.g. 3.11 or 3.12")
+    packages = " ".join(["git", *SANDBOX_PACKAGES[sandbox]])
+    steps = [
+        f"sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq {packages}",
+        'export PATH="$HOME/.local/bin:$HOME/.cargo/bin:$PATH"',
+        "(command -v uv >/dev/null || python3 -m pip install -q --user uv "
+        "|| curl -LsSf https://astral.sh/uv/install.sh | sh)",
+        f"rm -rf {VENV} && uv venv -q --python {shlex.quote(python)} {VENV}",
+        f"cd {REMOTE_DIR} && uv pip install -q --python {VENV}/bin/python -e '.[tpu,swe]'",
+        f"{VENV}/bin/python -c 'import sys, jax, aem_jax; print(sys.version.split()[0], jax.__version__)'",
+    ]
+    if sandbox == "container":
+        steps.append('sudo usermod -aG docker "$USER"')
+    if sandbox == "local":  # the sandbox runs unprivileged in a user namespace: check that it can
+        steps.append("(bwrap --unshare-all --ro-bind / / true || echo 'warning: bubblewrap cannot create "
+                     "a user namespace here; the SWE sandbox will fail (see docs/swe.md)' >&2)")
+    return " && ".join(steps)
+
+
 def setup_commands(args: argparse.Namespace) -> list[list[str]]:
     """Puts the code on every worker and installs it with JAX for TPU.
 
     With ``--repo-url`` every worker clones the repository; otherwise the
     committed tree of the local checkout (``git archive HEAD``) is copied.
+    Then :func:`install_line`.
     """
-    install = (
-        f"python3 -m venv {VENV} && {VENV}/bin/pip install -q -U pip && "
-        f"cd {REMOTE_DIR} && {VENV}/bin/pip install -q -e '.[tpu,swe]'"
-    )
+    install = install_line(args.python, args.sandbox)
     if args.repo_url:
         fetch = (
             f"(test -d {REMOTE_DIR}/.git || git clone {shlex.quote(args.repo_url)} {REMOTE_DIR}) && "
@@ -169,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--branch", default="main", help="branch to check out with --repo-url")
     p.add_argument("--source", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), help="local checkout to copy")
     p.add_argument("--tmp-dir", default="/tmp", help="where the local source archive is written")
+    p.add_argument("--python", default="3.11", help="Python version uv installs for the venv (>= 3.11)")
+    p.add_argument("--sandbox", default="local", choices=sorted(SANDBOX_PACKAGES),
+                   help="SWE sandbox to install: local (bubblewrap, configs/swe.py's), container (docker), none")
     p.set_defaults(build=setup_commands)
 
     p = common("run", "run the command given after '--' on all workers")

@@ -46,11 +46,30 @@ def test_setup_copies_committed_tree_and_installs_on_all_workers(tmp_path):
     assert scp[5] == str(tmp_path / "aem_jax_src.tar.gz") and "--worker=all" in scp
     assert ssh[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "my-tpu"] and "--worker=all" in ssh
     remote = _remote(ssh)
-    assert "tar -xzf" in remote and "pip install -q -e '.[tpu,swe]'" in remote
+    steps = remote.split(" && ")
+    assert "tar -xzf" in remote and "uv pip install -q --python ~/aem_jax_venv/bin/python -e '.[tpu,swe]'" in remote
+    # A Python >= 3.11 from uv, not the image's older python3 -m venv; bubblewrap for configs/swe.py's sandbox.
+    assert "python3 -m venv" not in remote and "uv venv -q --python 3.11 ~/aem_jax_venv" in steps
+    assert any(s.startswith("sudo apt-get update") for s in steps) and "apt-get install -y -qq git bubblewrap" in remote
+    assert steps.index("uv venv -q --python 3.11 ~/aem_jax_venv") < [
+        i for i, s in enumerate(steps) if "uv pip install" in s][0]
+    assert "python3 -m pip install -q --user uv" in remote and "astral.sh/uv/install.sh" in remote
+    assert "bwrap --unshare-all" in remote
     assert not (tmp_path / "aem_jax_src.tar.gz").exists()  # dry run: nothing executed
     (clone,) = _dry_run("setup", "my-tpu", "--zone=z", "--repo-url=https://example.org/aem_jax.git", "--branch=dev")
     assert "git clone https://example.org/aem_jax.git ~/aem_jax" in _remote(clone)
     assert "git checkout -q dev" in _remote(clone)
+    assert "uv venv -q --python 3.11 ~/aem_jax_venv" in _remote(clone)
+
+
+def test_setup_python_version_and_sandbox_choice():
+    (*_, ssh) = _dry_run("setup", "t", "--zone=z", "--python=3.12", "--sandbox=container")
+    remote = _remote(ssh)
+    assert "uv venv -q --python 3.12 ~/aem_jax_venv" in remote
+    assert "apt-get install -y -qq git docker.io" in remote and 'usermod -aG docker "$USER"' in remote
+    assert "bubblewrap" not in remote
+    (*_, ssh) = _dry_run("setup", "t", "--zone=z", "--sandbox=none")
+    assert "apt-get install -y -qq git &&" in _remote(ssh) and "bwrap" not in _remote(ssh)
 
 
 def test_run_same_command_on_all_workers_with_env_and_quoting():
@@ -88,6 +107,8 @@ def test_logs_and_delete():
         (["run", "t", "--zone=z", "--env=1BAD=x", "--dry-run", "--", "ls"], "must look like NAME=VALUE"),
         (["create", "t", "--zone=z", "--accelerator-type=v9-8", "--dry-run"], "no default runtime"),
         (["create", "t", "--accelerator-type=v4-8", "--dry-run"], "--zone"),
+        (["setup", "t", "--zone=z", "--python=3.10", "--dry-run"], "needs Python >= 3.11"),
+        (["setup", "t", "--zone=z", "--sandbox=vm", "--dry-run"], "invalid choice"),
     ],
 )
 def test_bad_arguments_are_reported(args, message):
