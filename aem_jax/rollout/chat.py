@@ -41,6 +41,7 @@ from typing import Any
 
 _USER, _AGENT, _OBS = "<<user-probe>>", "<<agent-probe>>", "<<observation-probe>>"
 _THINK = ("<think>", "</think>")
+OBSERVATION_ROLES = ("user", "tool")
 
 
 def _template_text(tokenizer: Any) -> str:
@@ -60,6 +61,9 @@ class ChatFormat:
         templates that do not read it.
       template_kwargs: further keyword arguments for ``apply_chat_template``
         (e.g. ``tools`` JSON schemas, Llama's ``date_string``).
+      observation_role: the role observations after the task are rendered
+        with: "user", or "tool" (tool results as the template shows them:
+        Qwen's ``<tool_response>`` block, Llama 3.1's ``ipython`` header).
 
     Attributes:
       end_of_turn_id: the special token that closes an assistant message in
@@ -72,11 +76,14 @@ class ChatFormat:
 
     def __init__(self, tokenizer: Any, system_prompt: str | None = None, *,
                  enable_thinking: bool | None = None,
-                 template_kwargs: dict[str, Any] | None = None):
+                 template_kwargs: dict[str, Any] | None = None,
+                 observation_role: str = "user"):
         if getattr(tokenizer, "chat_template", None) is None:
             raise ValueError(
                 f"tokenizer {type(tokenizer).__name__} has no chat_template; the rollout needs one "
                 "(set tokenizer.chat_template or build it with aem_jax.models.build_tokenizer)")
+        if observation_role not in OBSERVATION_ROLES:
+            raise ValueError(f"observation_role={observation_role!r}; allowed: {OBSERVATION_ROLES}")
         template = _template_text(tokenizer)
         kwargs = dict(template_kwargs or {})
         if enable_thinking is not None:
@@ -91,6 +98,7 @@ class ChatFormat:
         self.system_prompt = system_prompt
         self.enable_thinking = enable_thinking
         self.template_kwargs = kwargs
+        self.observation_role = observation_role
         self._head = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
         self.reasoning_tags = _THINK if _THINK[1] in template else None
         base = self._render([{"role": "user", "content": _USER},
@@ -135,7 +143,8 @@ class ChatFormat:
         """
         full = self._render([{"role": "user", "content": _USER},
                              {"role": "assistant", "content": _AGENT},
-                             {"role": "user", "content": observation}], generation_prompt=True)
+                             {"role": self.observation_role, "content": observation}],
+                            generation_prompt=True)
         glue = full[full.index(_AGENT) + len(_AGENT):]
         if not glue.startswith(self._closing):
             raise ValueError(
@@ -160,7 +169,7 @@ class ChatFormat:
                                          generation_prompt=False))
 
     def user_ids(self, observation: str) -> list[int]:
-        """user(observation) + assistant header, to follow a closed message."""
+        """user(observation) (or its tool message) + assistant header, after a closed message."""
         return self._encode(self._glue(observation))
 
     def env_ids(self, observation: str, *, closed: bool = True) -> list[int]:

@@ -280,7 +280,8 @@ def collect(
 def _collect(group, policy, tokenizer, config, key, seeds, pool):
     N, G = config.num_tasks, config.group_size
     pool = pool or _shared_pool(config.num_threads)
-    chat = ChatFormat(tokenizer, config.system_prompt, enable_thinking=config.enable_thinking)
+    chat = ChatFormat(tokenizer, config.system_prompt, enable_thinking=config.enable_thinking,
+                      observation_role=config.observation_role)
     timings = {"generate": 0.0, "env": 0.0, "batch": 0.0}
     eps = [_Episode(i, i // G, e, EpisodeRecord(i, i // G, seeds[i // G]))
            for i, e in enumerate(group.take(N * G))]

@@ -60,6 +60,8 @@ class RolloutConfig:
       system_prompt: optional system message before the task.
       enable_thinking: passed to the chat template (Qwen3: False gives every
         generation prompt an empty think block); None passes nothing.
+      observation_role: "user" or "tool": the role observations after the
+        task take in the chat template (see `ChatFormat`).
       step_timeout_s: seconds an environment reset/step may take; longer ends
         the episode as failed.
       num_threads: worker threads stepping environments.
@@ -83,6 +85,7 @@ class RolloutConfig:
     action_pattern: str | None = None
     system_prompt: str | None = None
     enable_thinking: bool | None = None
+    observation_role: str = "user"
     step_timeout_s: float = 30.0
     num_threads: int = 8
     seq_len: int | None = None

@@ -110,11 +110,11 @@ OBSERVATIONS = ["You open the fridge. It is empty.", "You are in a hall.  ", "Ob
 TASK = "You are in a kitchen. There is a fridge."
 
 
-def _messages(system, task, actions, observations):
+def _messages(system, task, actions, observations, role="user"):
     msgs = [] if system is None else [{"role": "system", "content": system}]
     msgs.append({"role": "user", "content": task})
     for action, obs in zip(actions, observations):
-        msgs += [{"role": "assistant", "content": action}, {"role": "user", "content": obs}]
+        msgs += [{"role": "assistant", "content": action}, {"role": role, "content": obs}]
     return msgs
 
 
@@ -163,6 +163,32 @@ def test_each_segment_is_the_template_rendering_and_actions_stay_as_sampled(
     assert chat.stop_token_ids == (chat.end_of_turn_id,)
     eot = {"qwen3": "<|im_end|>", "qwen2.5": "<|im_end|>", "llama3.1": "<|eot_id|>"}[name]
     assert tok.convert_ids_to_tokens(chat.end_of_turn_id) == eot
+
+
+@pytest.mark.parametrize("name, glue_text", [
+    ("qwen3", "<|im_end|>\n<|im_start|>user\n<tool_response>\nO1\n</tool_response><|im_end|>\n"
+              "<|im_start|>assistant\n"),
+    ("qwen2.5", "<|im_end|>\n<|im_start|>user\n<tool_response>\nO1\n</tool_response>"
+                "<|im_end|>\n<|im_start|>assistant\n"),
+    # Llama 3.1's template JSON-encodes tool results (a string is "iterable" in Jinja).
+    ("llama3.1", '<|eot_id|><|start_header_id|>ipython<|end_header_id|>\n\n"O1"<|eot_id|>'
+                 "<|start_header_id|>assistant<|end_header_id|>\n\n"),
+])
+def test_observations_as_tool_results(name, glue_text):
+    tok = TOKENIZERS[name]
+    chat = ChatFormat(tok, SYSTEM, observation_role="tool")
+    assert tok.decode([chat.end_of_turn_id] + chat.env_ids("O1")) == glue_text
+    actions = ACTIONS_REASONING if name == "qwen3" else ACTIONS_PLAIN
+    _, turns = _play(chat, TASK, actions, OBSERVATIONS)
+    for k, (_, glue) in enumerate(turns[:-1]):
+        rendered = tok.apply_chat_template(
+            _messages(SYSTEM, TASK, actions[:k + 1], OBSERVATIONS[:k + 1], role="tool"),
+            tokenize=False, add_generation_prompt=True)
+        content = _answer(actions[k])
+        assert tok.decode([chat.end_of_turn_id] + glue) == \
+            rendered[rendered.rindex(content) + len(content):]
+    with pytest.raises(ValueError, match="observation_role='system'"):
+        ChatFormat(tok, observation_role="system")
 
 
 def _decoded_row(chat, prompt, turns):
@@ -351,13 +377,13 @@ class _Thinker:
         return out
 
 
-@pytest.mark.parametrize("thinking", [True, False])
-def test_collect_with_a_qwen3_template_trains_on_what_was_sampled_and_shown(thinking):
+@pytest.mark.parametrize("thinking, role", [(True, "user"), (False, "tool")])
+def test_collect_with_a_qwen3_template_trains_on_what_was_sampled_and_shown(thinking, role):
     tok = TOKENIZERS["qwen3"]
     config = RolloutConfig(num_tasks=2, group_size=2, max_turns=6, max_context_tokens=2048,
                            max_action_tokens=200, seq_bucket=64, system_prompt=SYSTEM,
-                           enable_thinking=thinking)
-    policy = _Thinker(ChatFormat(tok, SYSTEM, enable_thinking=thinking))
+                           enable_thinking=thinking, observation_role=role)
+    policy = _Thinker(ChatFormat(tok, SYSTEM, enable_thinking=thinking, observation_role=role))
     batch, records, metrics = collect(lambda: TreasureHunt(num_clues=1), policy, tok, config,
                                       key=jax.random.key(0), task_seeds=[3, 4])
     assert metrics["success_rate"] == 1.0 and metrics["invalid_action_rate"] == 0.0
@@ -368,6 +394,9 @@ def test_collect_with_a_qwen3_template_trains_on_what_was_sampled_and_shown(thin
         for k in range(rec.turns):
             shown, sampled = policy.prompts[b, k], policy.sampled[b, k]
             assert tok.decode(shown).endswith(header)
+            if k > 0:
+                assert ("</tool_response><|im_end|>\n" + header in tok.decode(shown)) == \
+                    (role == "tool")
             # The row is what the model was shown at turn k, then what it sampled ...
             assert row[:len(shown) + len(sampled)] == shown + sampled
             # ... and only the sampled tokens are trained on, with their log-probs.
