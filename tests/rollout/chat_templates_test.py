@@ -8,6 +8,7 @@ tokenizers that carry the models' special tokens. Episodes are played with
 their text (one token per character), so any re-tokenization would show.
 """
 import pathlib
+import re
 
 import jax
 import numpy as np
@@ -352,6 +353,13 @@ def test_bad_options_are_refused():
                             "{% if m['role'] == 'assistant' %}[hidden]{% else %}{{ m['content'] }}"
                             "{% endif %}\n{% endfor %}")
     with pytest.raises(ValueError, match="does not render an assistant message's content"):
+        ChatFormat(broken)
+    # The last assistant message closed by one token, earlier ones by another.
+    broken.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+        "{% if loop.last and m['role'] == 'assistant' %}<|endoftext|>{% else %}<|im_end|>\n"
+        "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    with pytest.raises(ValueError, match=re.escape("closes an assistant message with '<|endoftext|>'")):
         ChatFormat(broken)
 
 
