@@ -46,6 +46,7 @@ slice name exits with status 2 and one line listing the known ones.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -377,6 +378,26 @@ def largest_hlo_values(hlo_text: str, n: int = 5) -> list[dict[str, Any]]:
     return [{"name": name, "shape": shape, "bytes_per_chip": b} for (name, shape), b in top]
 
 
+@contextlib.contextmanager
+def traced_for_tpu():
+    """Makes ``jax.default_backend()`` say "tpu" while a step is traced.
+
+    The planner's own backend is the CPU (the TPU devices come from the
+    topology), but the models choose kernels by the backend they run on
+    (``ModelConfig.attention="auto"`` is Pallas splash attention on TPU,
+    ``remat="offload"`` needs a backend with host memory): the program
+    compiled here must be the one a TPU host would trace.
+    """
+    import jax
+
+    real = jax.default_backend
+    jax.default_backend = lambda: "tpu"
+    try:
+        yield
+    finally:
+        jax.default_backend = real
+
+
 def compile_step(name: str, jitted, args: Sequence[Any], mesh, chips: int, hbm: int,
                  resident: int = 0, largest: list[Any] | None = None) -> tuple[StepReport, Any]:
     """Lowers and compiles ``jitted(*args)``; a failure for lack of HBM is a report, not an exception."""
@@ -385,7 +406,7 @@ def compile_step(name: str, jitted, args: Sequence[Any], mesh, chips: int, hbm: 
     from aem_jax import sharding
 
     try:
-        with sharding.use_mesh(mesh):
+        with sharding.use_mesh(mesh), traced_for_tpu():
             compiled = jitted.lower(*args).compile()
     except Exception as e:  # XLA raises JaxRuntimeError / ValueError with its message
         text = str(e)
@@ -576,6 +597,40 @@ def plan(config, sl: Slice, *, out=sys.stdout) -> dict[str, Any]:
     return record
 
 
+# Keys the planner reads that a config may predate: their defaults when the
+# config has no such key (the ModelConfig / LossSettings defaults).
+PLANNER_KEYS = {"model.param_dtype": None, "model.remat": "none", "model.attention": "auto",
+                "learner.microbatch_size": 0}
+
+
+def load_config(spec: str, overrides: Sequence[str]):
+    """``setup.load_config``, plus the keys of ``PLANNER_KEYS`` the config lacks
+    (``model.param_dtype`` defaults to ``model.dtype``), which may be overridden too."""
+    from aem_jax.trainer import setup
+    from aem_jax.trainer.validate import ConfigError
+
+    base = setup.load_config(spec)
+    later, now = [], []
+    for item in overrides:
+        key = item.partition("=")[0]
+        block, _, leaf = key.partition(".")
+        (later if key in PLANNER_KEYS and leaf not in base.get(block, {}) else now).append(item)
+    config = setup.load_config(spec, now)
+    for key, default in PLANNER_KEYS.items():
+        block, leaf = key.split(".")
+        if leaf not in config[block]:
+            config[block][leaf] = config.model.dtype if default is None else default
+    for item in later:
+        key, _, text = item.partition("=")
+        block, leaf = key.split(".")
+        old = config[block][leaf]
+        try:
+            config[block][leaf] = type(old)(text)
+        except ValueError:
+            raise ConfigError(f"config.{key}={text!r} is not allowed; must be of type {type(old).__name__}") from None
+    return config
+
+
 def _parse(argv: Sequence[str]):
     import argparse
 
@@ -604,11 +659,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     import jax
 
     jax.config.update("jax_platforms", "cpu")  # the TPU devices come from the topology, not a backend
-    from aem_jax.trainer import setup
     from aem_jax.trainer.validate import ConfigError
 
     try:
-        config = setup.load_config(args.config, overrides)
+        config = load_config(args.config, overrides)
         import libtpu  # noqa: F401  (deviceless compiles need it)
     except (ConfigError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
