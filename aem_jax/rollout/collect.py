@@ -7,6 +7,21 @@ the environments of the valid ones in a thread pool with a per-step time
 limit, and (5) appends the observation's tokens. An environment that raises
 or hangs ends only its own episode, which is marked failed.
 
+Environments may provide (all optional, duck-typed):
+
+* ``system_prompt`` (str): the system message when ``RolloutConfig.system_prompt``
+  is None (the SWE env's tool documentation);
+* ``step_time_bound_s`` (float): the longest a reset / step may take; the
+  per-step limit is raised to it when ``step_timeout_s`` is lower (an
+  evaluation that runs the hidden tests is slow, not hung);
+* ``finish(reason) -> Step``: called when the rollout cuts an episode short
+  (its next prompt would overflow ``max_context_tokens``, or ``max_turns``
+  ran out) so the environment can score what the agent did so far; its
+  reward is added to the last turn's. A step or finish whose info has
+  ``exclude_from_loss`` true masks the episode: like a failed one it keeps
+  its tokens but has loss_mask 0 and turn_valid False, so it counts in
+  neither the loss nor the group statistics ("compact filtering").
+
 Determinism: given (key, task seeds) the result is fixed -- the policy key of
 turn k is ``fold_in(key, k)`` and the environments are seeded by the task
 seeds; thread scheduling changes nothing the batch depends on.
@@ -77,10 +92,13 @@ class _Episode:
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
     anchor: str = ""
     active: bool = True
+    cut: str | None = None  # why the rollout cut the episode short, until `finish` ran
+    masked: bool = False  # excluded from the loss (the environment's exclude_from_loss)
 
     @property
     def failed(self) -> bool:
-        return self.record.failed
+        """No learning signal (what `build_turn_batch` reads): the env failed, or masked."""
+        return self.record.failed or self.masked
 
 
 def _cut(gen: Generation, stops: set[int], limit: int) -> tuple[Generation, bool]:
@@ -156,6 +174,7 @@ def _apply(ep, gen, closed, action, reason, outcome, turn_index, chat, config):
             reward -= config.invalid_penalty
             rec.invalid_actions += 1
         rec.success = rec.success or bool(info.get("success", False))
+        ep.masked = ep.masked or bool(info.get("exclude_from_loss", False))
         truncated = bool(step.done) and bool(info.get("truncated", False))
         terminal = bool(step.done) and not truncated
         anchor = str(info.get("anchor", text))
@@ -168,7 +187,7 @@ def _apply(ep, gen, closed, action, reason, outcome, turn_index, chat, config):
         ep.active, rec.truncated = False, truncated
         return
     if turn_index + 1 >= config.max_turns:
-        ep.active, rec.truncated = False, True
+        ep.active, rec.truncated, ep.cut = False, True, "no turns left"
         return
     turn.env_ids = chat.env_ids(text, closed=closed)
     window = None
@@ -176,7 +195,31 @@ def _apply(ep, gen, closed, action, reason, outcome, turn_index, chat, config):
         turn.user_ids, window = chat.user_ids(text), config.window
     prompt = prompt_for_turn(ep, len(ep.turns), window)
     if len(prompt) + config.max_action_tokens > config.max_context_tokens:
-        ep.active, rec.truncated = False, True
+        ep.active, rec.truncated, ep.cut = False, True, "the context is full"
+
+
+def _finish_cut(eps, pool, config):
+    """Lets the environments of episodes the rollout cut short end them (``env.finish``).
+
+    The returned reward is added to the last turn's; an environment whose
+    ``finish`` raises or hangs fails its episode like a failed step.
+    """
+    cut = [ep for ep in eps if ep.cut is not None and ep.turns
+           and callable(getattr(ep.env, "finish", None))]
+    outcomes = pool.run([lambda e=ep: e.env.finish(e.cut) for ep in cut],
+                        timeout_s=config.step_timeout_s)
+    for ep, outcome in zip(cut, outcomes):
+        ep.cut = None
+        if outcome.error is not None:
+            _fail(ep, outcome.error)
+            continue
+        step, rec = outcome.value, ep.record
+        info = dict(step.info)
+        reward = float(step.reward)
+        ep.turns[-1].reward += reward
+        rec.turn_rewards[-1] += reward
+        rec.success = rec.success or bool(info.get("success", False))
+        ep.masked = ep.masked or bool(info.get("exclude_from_loss", False))
 
 
 def _play_turn(k, eps, policy, pool, chat, config, key, timings):
@@ -206,12 +249,15 @@ def _play_turn(k, eps, policy, pool, chat, config, key, timings):
     for ep, (gen, closed, action, reason) in zip(active, checked):
         _apply(ep, gen, closed, action, reason, by_episode.get(ep.index), k, chat, config)
     t5 = time.perf_counter()
+    _finish_cut(active, pool, config)
+    t6 = time.perf_counter()
     timings["generate"] += t2 - t1
-    timings["env"] += t4 - t3
+    timings["env"] += (t4 - t3) + (t6 - t5)
     timings["batch"] += (t1 - t0) + (t3 - t2) + (t5 - t4)
 
 
-def _metrics(records: list[EpisodeRecord], timings: dict[str, float], batch: TurnBatch):
+def _metrics(records: list[EpisodeRecord], timings: dict[str, float], batch: TurnBatch,
+             *, masked: int = 0, step_timeout_s: float = 0.0):
     n = max(len(records), 1)
     turns = sum(r.turns for r in records)
     total = sum(timings.values())
@@ -223,6 +269,8 @@ def _metrics(records: list[EpisodeRecord], timings: dict[str, float], batch: Tur
         "invalid_action_rate": sum(r.invalid_actions for r in records) / max(turns, 1),
         "truncated_frac": sum(r.truncated for r in records) / n,
         "failed": sum(r.failed for r in records),
+        "masked": masked,
+        "step_timeout_s": step_timeout_s,
         "agent_tokens": float(batch.loss_mask.sum()),
         "rows": int(batch.tokens.shape[0]),
         "seq_len": int(batch.tokens.shape[1]),
@@ -280,11 +328,13 @@ def collect(
 def _collect(group, policy, tokenizer, config, key, seeds, pool):
     N, G = config.num_tasks, config.group_size
     pool = pool or _shared_pool(config.num_threads)
+    envs = group.take(N * G)
+    config = _adapt(config, envs)
     chat = ChatFormat(tokenizer, config.system_prompt, enable_thinking=config.enable_thinking,
                       observation_role=config.observation_role)
     timings = {"generate": 0.0, "env": 0.0, "batch": 0.0}
     eps = [_Episode(i, i // G, e, EpisodeRecord(i, i // G, seeds[i // G]))
-           for i, e in enumerate(group.take(N * G))]
+           for i, e in enumerate(envs)]
     t0 = time.perf_counter()
     _reset_all(eps, [ep.record.seed for ep in eps], pool, chat, config)
     timings["env"] += time.perf_counter() - t0
@@ -299,10 +349,34 @@ def _collect(group, policy, tokenizer, config, key, seeds, pool):
         row_bucket=config.row_bucket, pad_id=pad_id(tokenizer))
     timings["batch"] += time.perf_counter() - t0
     for ep in eps:
-        if ep.failed:
+        if ep.record.failed:
             group.discard(ep.index)
     records = [ep.record for ep in eps]
-    return batch, records, _metrics(records, timings, batch)
+    return batch, records, _metrics(records, timings, batch,
+                                    masked=sum(ep.masked and not ep.record.failed for ep in eps),
+                                    step_timeout_s=config.step_timeout_s)
+
+
+def _adapt(config: RolloutConfig, envs: Sequence[Any]) -> RolloutConfig:
+    """The config with the environments' system prompt and step-time bound applied.
+
+    ``system_prompt``: the config's, else the environments' own (they must
+    agree). ``step_timeout_s``: at least every environment's
+    ``step_time_bound_s``.
+    """
+    changes: dict[str, Any] = {}
+    if config.system_prompt is None:
+        prompts = {getattr(env, "system_prompt", None) for env in envs}
+        if len(prompts) > 1:
+            raise ValueError("the environments of one batch have different system_prompt "
+                             "attributes; set RolloutConfig.system_prompt")
+        prompt = prompts.pop() if prompts else None
+        if prompt is not None:
+            changes["system_prompt"] = str(prompt)
+    bound = max([float(getattr(env, "step_time_bound_s", 0.0) or 0.0) for env in envs] + [0.0])
+    if bound > config.step_timeout_s:
+        changes["step_timeout_s"] = bound
+    return dataclasses.replace(config, **changes) if changes else config
 
 
 _POOLS: dict[int, StepPool] = {}
