@@ -2,79 +2,148 @@
 
 ``LocalSandbox`` starts ``unshare --mount --net --pid ... python -I -S
 _unshare_init.py SPEC`` when bubblewrap is missing.  This script is PID 1 of
-the new PID namespace and the only process with privileges in it: it makes
-every inherited mount read-only, puts private tmpfs over /tmp, /dev/shm and
-the hidden home directories, binds the workspace read-write, then drops to the
-unprivileged uid, applies the rlimits and execs ``/bin/sh -c command``.  Any
-failure exits with status 126 before the command runs.
+the new PID namespace and the only process with privileges in it.  It
+
+1. builds a new root on a tmpfs: the system directories and ``/etc`` files
+   of the spec bound read-only, an empty tmpfs over hidden paths, a fresh
+   ``/proc``, a minimal ``/dev`` (null, zero, full, random, urandom, tty),
+   private ``/tmp`` and ``/dev/shm``, the workspace (and the evaluator
+   directory) read-write; every mount ``nosuid`` (and ``nodev`` but for
+   ``/dev``);
+2. ``pivot_root``s into it and detaches the old root, so no host path is
+   reachable;
+3. sets ``no_new_privs``, empties the capability bounding set, drops to the
+   spec's uid/gid with no supplementary groups and no capabilities, applies
+   the rlimits and execs ``/bin/sh -c command``.
+
+Any failure exits with status 126 before the command runs.
 """
 import ctypes
 import json
 import os
+import platform
 import resource
 import sys
 
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = (
-    1, 2, 4, 32, 4096, 16384, 1 << 18)
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = (
+    1, 2, 4, 8, 32, 4096, 16384, 1 << 18)
+MNT_DETACH = 2
+PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 24, 38
+_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
 _LIBC = ctypes.CDLL(None, use_errno=True)
-# Mounts replaced by fresh ones (or that must stay writable for the kernel).
-_SKIP_RO = ("/proc", "/dev/pts", "/dev/shm", "/dev/mqueue")
+NEW_ROOT = "/tmp"  # a tmpfs is mounted here (in this mount namespace only) and becomes /
+
+
+def _check(result, what):
+    if result != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"{what}: {os.strerror(errno)}")
 
 
 def _mount(source, target, fstype, flags, data=None):
-    if _LIBC.mount(source and source.encode(), target.encode(), fstype and fstype.encode(),
-                   flags, data and data.encode()) != 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, f"mount {source} on {target}: {os.strerror(errno)}")
+    _check(_LIBC.mount(source and source.encode(), target.encode(), fstype and fstype.encode(),
+                       flags, data and data.encode()), f"mount {source} on {target}")
 
 
-def _mount_points():
-    points = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            # Field 5 is the mount point, octal-escaped.
-            point = line.split()[4].encode().decode("unicode_escape")
-            points.append(point)
-    return points
+def _target(path, directory):
+    full = NEW_ROOT + path
+    if directory:
+        os.makedirs(full, exist_ok=True)
+    else:
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        if not os.path.exists(full):
+            open(full, "w").close()
+    return full
 
 
-def _bind_ro(fd, target):
-    os.makedirs(target, exist_ok=True)
-    _mount(f"/proc/self/fd/{fd}", target, None, MS_BIND | MS_REC)
-    os.close(fd)
-    _mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID)
+def _bind(fd, path, *, writable, directory, devices=False):
+    target = _target(path, directory)
+    _mount(f"/proc/self/fd/{fd}", target, None, MS_BIND)
+    flags = MS_REMOUNT | MS_BIND | MS_NOSUID | (0 if devices else MS_NODEV) | (0 if writable else MS_RDONLY)
+    _mount(None, target, None, flags)
 
 
-def _setup_mounts(spec):
+def _build_root(spec):
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
-    # Opened before /tmp and the home directories are covered by tmpfs.
-    workspace_fd = os.open(spec["workspace"], os.O_PATH | os.O_DIRECTORY)
-    exposed = {p: os.open(p, os.O_PATH | os.O_DIRECTORY) for p in spec["exposed"]}
-    for point in sorted(set(_mount_points()), key=len):
-        if point.startswith(_SKIP_RO) or point.startswith(tuple(spec["hidden"])):
+    # Sources are opened before anything is covered (the workspace may live in /tmp).
+    sources = []
+    for kind, path, link in spec["ro"]:
+        if kind == "bind":
+            sources.append((os.open(path, os.O_PATH), path, False, os.path.isdir(path), False))
+    for source, target, writable in spec["binds"]:
+        sources.append((os.open(source, os.O_PATH), target, writable, os.path.isdir(source), False))
+    for name in spec["devices"]:
+        if os.path.exists(f"/dev/{name}"):
+            sources.append((os.open(f"/dev/{name}", os.O_PATH), f"/dev/{name}", True, False, True))
+    _mount("tmpfs", NEW_ROOT, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=755")
+    for kind, path, link in spec["ro"]:
+        if kind == "link":
+            os.makedirs(os.path.dirname(NEW_ROOT + path), exist_ok=True)
+            os.symlink(link, NEW_ROOT + path)
+    tmp_options = f"size={spec['tmp_bytes']},mode=1777"
+    late = []
+    for fd, path, writable, directory, devices in sources:
+        if path == spec["workdir"] or path.startswith("/tmp/"):
+            late.append((fd, path, writable, directory, devices))  # after /tmp's tmpfs
             continue
-        flags = os.statvfs(point).f_flag
-        # Keep nosuid/nodev/noexec (ST_* equal MS_* for these bits) when adding ro.
-        _mount(None, point, None, MS_REMOUNT | MS_BIND | MS_RDONLY | (flags & 0b1110))
-    size = spec["tmp_bytes"]
-    for point in ["/tmp", "/dev/shm", *spec["hidden"]]:
-        if os.path.isdir(point):
-            _mount("tmpfs", point, "tmpfs", MS_NOSUID | MS_NODEV, f"size={size},mode=1777"
-                   if point in ("/tmp", "/dev/shm") else "size=1m,mode=755")
-    for prefix, fd in exposed.items():
-        _bind_ro(fd, prefix)
-    os.makedirs(spec["workdir"], exist_ok=True)
-    _mount(f"/proc/self/fd/{workspace_fd}", spec["workdir"], None, MS_BIND)
-    # The bind inherits the read-only flag just set on its source mount.
-    _mount(None, spec["workdir"], None, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV)
-    os.close(workspace_fd)
+        if path.startswith("/dev/"):
+            late.append((fd, path, writable, directory, devices))  # after /dev's tmpfs
+            continue
+        _bind(fd, path, writable=writable, directory=directory, devices=devices)
+    for path in spec["covered"]:
+        _mount("tmpfs", _target(path, True), "tmpfs", MS_NOSUID | MS_NODEV | MS_RDONLY, "size=64k,mode=755")
+    _mount("tmpfs", _target("/tmp", True), "tmpfs", MS_NOSUID | MS_NODEV, tmp_options)
+    _mount("tmpfs", _target("/dev", True), "tmpfs", MS_NOSUID | MS_NOEXEC, "size=64k,mode=755")
+    _mount("tmpfs", _target("/dev/shm", True), "tmpfs", MS_NOSUID | MS_NODEV, tmp_options)
+    for fd, path, writable, directory, devices in late:
+        _bind(fd, path, writable=writable, directory=directory, devices=devices)
+    for fd, *_ in sources:
+        os.close(fd)
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+        os.symlink(target, f"{NEW_ROOT}/dev/{name}")
+    os.makedirs(NEW_ROOT + "/proc", exist_ok=True)
+    # Into the new root; the old one is detached, so no host path stays reachable.
+    number = _PIVOT_ROOT.get(platform.machine())
+    if number is None:
+        raise OSError(0, f"pivot_root: unknown syscall number on {platform.machine()}")
+    os.chdir(NEW_ROOT)
+    _check(_LIBC.syscall(number, b".", b"."), "pivot_root")
+    _check(_LIBC.umount2(b".", MNT_DETACH), "detaching the old root")
+    os.chdir("/")
+    _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    _mount(None, "/", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+
+
+def _last_cap():
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            return int(f.read())
+    except OSError:
+        return 40
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
 
 
 def _drop_privileges(spec):
-    limits = spec["limits"]
+    _check(_LIBC.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+    for cap in range(_last_cap() + 1):
+        _check(_LIBC.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0), f"prctl(PR_CAPBSET_DROP, {cap})")
     os.setgroups([])
     os.setresgid(spec["gid"], spec["gid"], spec["gid"])
     os.setresuid(spec["uid"], spec["uid"], spec["uid"])
+    # setresuid cleared the permitted/effective/ambient sets; clear the inheritable one too.
+    header = _CapHeader(0x20080522, 0)
+    data = (_CapData * 2)()
+    _check(_LIBC.capset(ctypes.byref(header), data), "capset")
+    limits = spec["limits"]
     for name, value in (("RLIMIT_CPU", limits["cpu_seconds"]),
                         ("RLIMIT_AS", limits["memory_bytes"]),
                         ("RLIMIT_NPROC", limits["max_processes"]),
@@ -86,7 +155,7 @@ def _drop_privileges(spec):
 def main():
     spec = json.loads(sys.argv[1])
     try:
-        _setup_mounts(spec)
+        _build_root(spec)
         _drop_privileges(spec)
         os.chdir(spec["workdir"])
     except OSError as err:

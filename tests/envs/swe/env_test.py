@@ -34,7 +34,7 @@ def test_make_works_with_defaults(tmp_path, monkeypatch):
     assert isinstance(swe, Env) and len(swe.tasks) >= 50
     observation = swe.reset(seed=0)
     assert swe.task.problem_statement.strip() in observation.text
-    assert "<function=bash>" in observation.text and observation.info["anchor"]
+    assert "<function=bash>" in swe.system_prompt and observation.info["anchor"]
     swe.close()
 
 
@@ -77,8 +77,9 @@ def test_bad_actions_give_observations_and_the_episode_goes_on(env):
     assert "already exists" in step.observation
     step = env.step(scripted.call("view", path="README.md", view_range="1,1"))
     assert step.observation.startswith("     1\t#")
-    step = env.step(scripted.call("view", path="/etc/shadow"))
-    assert "Permission denied" in step.observation and not step.done
+    step = env.step(scripted.call("view", path="/etc/shadow"))  # not mounted in the sandbox
+    assert "/etc/shadow is not a file" in step.observation and "root:" not in step.observation
+    assert not step.done
     step = env.step(scripted.call("submit"))
     assert step.done and step.reward == 0.0
     after = env.step(scripted.call("submit"))
@@ -144,3 +145,15 @@ def test_bad_env_arguments():
         SWEEnv(tasks=SAMPLE, sandbox="vm")
     with pytest.raises(ValueError, match="max_turns"):
         SWEEnv(tasks=SAMPLE, max_turns=0)
+
+
+@pytest.mark.slow
+def test_gold_patch_resolves_every_local_task():
+    """The hardened evaluator still resolves all local tasks with their gold patches."""
+    import concurrent.futures
+
+    swe = SWEEnv(tasks=ALL_TASKS)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        evaluations = list(pool.map(lambda t: swe.evaluate_diff(t, t.patch), ALL_TASKS))
+    failed = {t.instance_id: e.reason for t, e in zip(ALL_TASKS, evaluations) if not e.resolved}
+    assert len(ALL_TASKS) >= 120 and not failed, failed

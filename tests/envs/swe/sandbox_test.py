@@ -6,6 +6,7 @@ this test starts on 127.0.0.1.
 """
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -53,7 +54,8 @@ def test_runs_in_workspace_as_unprivileged_user(box):
         f"{box.workdir}\n{box.uid}\nhello from the workspace\n", 0, False)
     assert os.path.exists(os.path.join(box.workspace, "made.txt"))
     if os.geteuid() == 0:
-        assert box.uid == 65534
+        lo, hi = sandbox_lib.DEFAULT_UID_RANGE
+        assert lo <= box.uid <= hi
 
 
 def test_exit_status_is_reported(box):
@@ -101,11 +103,12 @@ def test_writing_outside_workspace_fails(box, tmp_path):
 
 def test_reading_root_and_shadow_fails(box):
     result = box.execute("cat /etc/shadow; ls -A /root", timeout=10)
-    assert "/etc/shadow: Permission denied" in result.output
+    assert "/etc/shadow: No such file or directory" in result.output  # not mounted at all
     with open("/etc/passwd") as f:
         assert "root:" in f.read()  # sanity: the host file exists
     listing = set(result.output.splitlines()[1:])
-    exposed = {p.split("/")[2] for p in box._exposed_prefixes() if p.startswith("/root/")}
+    prefixes = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix)}
+    exposed = {p.split("/")[2] for p in prefixes if p.startswith("/root/")}  # the interpreter only
     assert listing <= exposed, f"/root shows {listing}"
 
 
@@ -120,7 +123,7 @@ def test_host_loopback_server_is_unreachable(box):
     thread.start()
     code = ("import socket; s = socket.socket(); s.settimeout(2); "
             f"s.connect(('127.0.0.1', {port})); print('CONNECTED')")
-    result = box.execute(f"python -c \"{code}\"; ls /sys/class/net", timeout=20)
+    result = box.execute(f"python -c \"{code}\"; tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '", timeout=20)
     thread.join()
     server.close()
     assert "CONNECTED" not in result.output and not accepted
