@@ -34,7 +34,7 @@ def test_make_works_with_defaults(tmp_path, monkeypatch):
     assert isinstance(swe, Env) and len(swe.tasks) >= 50
     observation = swe.reset(seed=0)
     assert swe.task.problem_statement.strip() in observation.text
-    assert "<function=bash>" in swe.system_prompt and observation.info["anchor"]
+    assert "<function=" in swe.system_prompt and observation.info["anchor"]
     swe.close()
 
 
