@@ -312,3 +312,39 @@ def test_step_timeout_must_cover_evaluation_and_sandbox_start():
                             (dict(system_prompt=3), "system_prompt must be a str")):
         with pytest.raises(ValueError, match=message):
             SWEEnv(tasks=[TASK], **kwargs)
+
+
+@pytest.mark.parametrize("overflow", ["score", "mask"])
+def test_collect_scores_or_masks_an_episode_the_rollout_cuts_short(overflow):
+    """The gold edit, then the rollout's turns run out: finish evaluates the diff."""
+    import jax
+
+    from aem_jax.rollout import ChatFormat, EnvGroup, RolloutConfig, collect
+    from tests.rollout.helpers import byte_level_tokenizer, scripted as scripted_policy
+
+    edit, _ = scripted.gold_actions(TASK)
+    tok = byte_level_tokenizer([tools.SYSTEM_PROMPT, TASK.problem_statement, edit] * 4)
+    envs = []
+
+    def make():
+        envs.append(SWEEnv(tasks=[TASK], overflow=overflow, command_timeout_s=30))
+        return envs[-1]
+
+    config = RolloutConfig(num_tasks=1, group_size=1, max_turns=1, max_context_tokens=16384,
+                           max_action_tokens=4096, step_timeout_s=1.0)
+    try:
+        batch, records, metrics = collect(EnvGroup(make), scripted_policy(lambda ctx: edit, tok),
+                                          tok, config, key=jax.random.key(0), task_seeds=[0])
+    finally:
+        for swe in envs:
+            swe.close()
+    rec = records[0]
+    assert not rec.failed and rec.truncated and rec.success and rec.turn_rewards == [1.0]
+    assert rec.transcript[0] == {"role": "system", "content": tools.SYSTEM_PROMPT}
+    assert metrics["step_timeout_s"] == envs[0].step_time_bound_s
+    prompt = ChatFormat(tok, tools.SYSTEM_PROMPT).prompt_ids(rec.transcript[1]["content"])
+    assert batch.tokens[0, :len(prompt)].tolist() == prompt
+    masked = overflow == "mask"
+    assert metrics["masked"] == int(masked)
+    assert (batch.loss_mask.sum() == 0) == masked and batch.turn_valid[0, 0] == (not masked)
+    assert batch.turn_rewards[0, 0] == 1.0
