@@ -69,7 +69,8 @@ class SWEEnv:
       max_turns, episode_time_s: per-episode limits (then truncated and scored).
       command_timeout_s, eval_timeout_s: wall-clock limits of one tool call /
         of the hidden-test evaluation.
-      max_observation_chars: tool output past this keeps its head and tail.
+      max_observation_chars: every observation (tool output, parse error) past this
+        keeps its head and tail, with a note of how many characters were cut.
       workspace_root: where local workspaces are created (default: tmp).
       uid_range: (low, high) uids the local sandboxes lease theirs from (root only;
         default ``sandbox.DEFAULT_UID_RANGE``).
