@@ -157,7 +157,7 @@ def test_container_commands():
     exec_argv = box.exec_argv("pytest -rA", 9.5)
     assert exec_argv == ["podman", "exec", "-w", "/testbed", "-e", "A=1", box.name, "timeout", "-s",
                          "KILL", "10", "sh", "-c", "pytest -rA"]
-    assert box.remove_argv() == ["podman", "rm", "-f", box.name]
+    assert box.remove_argv() == ["podman", "rm", "-f", "-t", "0", box.name]  # no 10 s stop wait
     with pytest.raises(ValueError, match="cli"):
         ContainerSandbox("img", cli="lxc")
 
