@@ -220,6 +220,9 @@ def validate(config) -> None:
     a = config.archer
     checks = [("rollout.history", config.rollout.history, config.rollout.history == "concatenated",
                "ArCHer replays whole episodes: use 'concatenated'"),
+              ("learner.microbatch_size", config.learner.microbatch_size, config.learner.microbatch_size == 0,
+               "ArCHer's actor step does not accumulate gradients over micro-batches: use 0 (or a "
+               "policy-gradient algorithm)"),
               ("archer.tau", a.tau, 0 < a.tau <= 1, "must be in (0, 1]"),
               ("archer.gamma", a.gamma, 0 <= a.gamma <= 1, "must be in [0, 1]"),
               ("archer.actor_warmup", a.actor_warmup, a.actor_warmup >= 0, "must be >= 0"),

@@ -34,7 +34,9 @@ def base() -> ConfigDict:
     c.model.num_kv_heads = 2         # key/value heads (GQA) of a scratch model
     c.model.head_dim = 16            # per-head size of a scratch model
     c.model.tie_embeddings = True    # share embedding and unembedding
-    c.model.dtype = "float32"        # parameter and compute dtype: float32 | bfloat16
+    c.model.dtype = "float32"        # compute (activation and matmul) dtype: float32 | bfloat16
+    c.model.param_dtype = "float32"  # storage dtype of parameters and optimiser state: float32 | bfloat16;
+                                     # float32 master weights keep updates of lr ~1e-6 that bfloat16 rounds away
     c.model.tokenizer = "auto"       # scratch tokenizer: auto (word-level if the env has a vocabulary, else bpe) | word | bpe
     c.model.bpe_vocab_size = 512     # vocabulary of a scratch byte-level BPE tokenizer
     c.model.tokenizer_corpus_tasks = 8  # first observations of this many tasks train the BPE tokenizer
@@ -131,6 +133,8 @@ def base() -> ConfigDict:
     c.learner = ConfigDict()
     c.learner.epochs = 1              # passes over each rollout batch
     c.learner.minibatch_size = 128    # rows per optimiser step
+    c.learner.microbatch_size = 0     # rows per gradient-accumulation micro-batch (must divide minibatch_size;
+                                      # 0 = the whole minibatch at once): same update, 1/k of the activations
 
     c.optim = ConfigDict()
     c.optim.learning_rate = 1e-3     # AdamW peak learning rate (2e-3 learns faster but can collapse, docs/results.md)

@@ -223,6 +223,9 @@ def validate(config) -> None:
         ("loss.agg", config.loss.agg, not (config.aem.enabled and config.loss.agg == "seq-mean-token-mean"),
          "with aem.enabled, ETPO weights tokens by alpha, which seq-mean-token-mean cancels: use another "
          "aggregation or aem.enabled=False"),
+        ("learner.microbatch_size", config.learner.microbatch_size, config.learner.microbatch_size == 0,
+         "ETPO's Q and policy steps do not accumulate gradients over micro-batches: use 0 (or a "
+         "policy-gradient algorithm)"),
         ("etpo.beta", e.beta, finite_pos(e.beta), "must be finite and > 0"),
         ("etpo.gamma", e.gamma, 0 <= e.gamma <= 1, "must be in [0, 1]"),
         ("etpo.tau", e.tau, 0 < e.tau <= 1, "must be in (0, 1]"),

@@ -73,9 +73,12 @@ class LossSettings:
     chunk_size: int = 1024
     value_coef: float = 0.0        # > 0 trains the value head (PPO)
     num_turns: int = 1
+    microbatch_size: int = 0       # rows per gradient-accumulation micro-batch (0 = the whole minibatch)
 
     @classmethod
     def from_config(cls, config, **extra) -> "LossSettings":
+        """``config.loss`` whole, ``learner.microbatch_size``, then ``extra``."""
+        extra.setdefault("microbatch_size", config.learner.get("microbatch_size", 0))
         return cls(**config.loss.to_dict(), **extra)
 
 
@@ -142,40 +145,97 @@ def masked_mean(x_BT, mask_BT):
     return jnp.sum(x_BT * mask_BT) / jnp.maximum(jnp.sum(mask_BT), 1.0)
 
 
-def pg_loss(trainable, graphdef, mb: PGBatch, settings: LossSettings):
-    """Policy-gradient loss (+ entropy bonus, KL to reference, value loss)."""
+def loss_denominators(mb: PGBatch, settings: LossSettings) -> dict[str, jax.Array]:
+    """The denominators of every term of :func:`pg_loss` over the rows of ``mb``.
+
+    Computed once over a whole minibatch and passed to the loss of each of
+    its micro-batches, so that the micro-batch losses (and gradients) add up
+    to the minibatch's exactly (``objectives.policy``'s module docstring):
+
+      policy   ``loss_denominator(mask, agg)`` (token-mean: agent tokens;
+               seq-mean-*: rows with an agent token; -sum-norm: those x T),
+               or for GSPO the number of responses
+      entropy  the same over the tokens the bonus covers (``entropy_mask``)
+      tokens   agent tokens (the value loss, and the token-mean diagnostics)
+      responses  responses (GSPO's diagnostics)
+    """
+    b = mb.batch
+    mask = b.loss_mask
+    ids = jnp.where(mask > 0, b.turn_ids, -1)
+    responses = jnp.sum((obj.turn_count(ids, num_turns=settings.num_turns) > 0).astype(jnp.float32))
+    agg = obj.loss_denominator(mask, agg=settings.agg)
+    return {
+        "policy": responses if settings.kind == "gspo" else agg,
+        "agg": agg,
+        "entropy": obj.loss_denominator(_entropy_mask(mb, settings), agg=settings.agg),
+        "tokens": jnp.sum(mask.astype(jnp.float32)),
+        "responses": responses,
+    }
+
+
+def _entropy_mask(mb: PGBatch, settings: LossSettings):
+    # "nonzero_advantage": no bonus where the advantage is 0 (a group whose
+    # rollouts all got the same return), so once every group succeeds the
+    # bonus is not the only gradient left (docs/results.md: this alone did
+    # not stop the default job's late-training dips).
+    mask = mb.batch.loss_mask
+    return mask if settings.entropy_mask == "all" else mask * (mb.advantages != 0)
+
+
+def _share(count, total):
+    """count / total (0 when total is 0): the weight of a micro-batch's mean in the minibatch's mean."""
+    return count / jnp.maximum(total, 1.0)
+
+
+def pg_loss(trainable, graphdef, mb: PGBatch, settings: LossSettings, denominators=None):
+    """Policy-gradient loss (+ entropy bonus, KL to reference, value loss).
+
+    ``denominators`` (:func:`loss_denominators` of the minibatch ``mb`` is a
+    micro-batch of) normalise every term by the whole minibatch's counts, and
+    the diagnostics (clip fraction, ratio, approximate KL, entropy) come out
+    weighted by this micro-batch's share of its tokens (responses for GSPO),
+    so summing the micro-batches' losses, gradients and metrics gives the
+    minibatch's. ``None``: ``mb`` is the whole minibatch.
+    """
     params, extra = trainable
     b = mb.batch
+    den = loss_denominators(mb, settings) if denominators is None else denominators
     logp, ent, hidden = shifted_logp_entropy(graphdef, params, b.tokens, b.attention_mask,
                                              chunk_size=settings.chunk_size)
     mask = b.loss_mask
+    tokens = jnp.sum(mask.astype(jnp.float32))
+    token_share = _share(tokens, den["tokens"])
     if settings.kind == "gspo":
         loss, aux = obj.gspo_policy_loss(
             logp, b.old_logp, mb.advantages, mask, b.turn_ids, num_turns=settings.num_turns,
-            clip_low=settings.clip_low, clip_high=settings.clip_high)
+            clip_low=settings.clip_low, clip_high=settings.clip_high, denominator=den["policy"])
+        ids = jnp.where(mask > 0, b.turn_ids, -1)
+        responses = jnp.sum((obj.turn_count(ids, num_turns=settings.num_turns) > 0).astype(jnp.float32))
+        ratio_share = _share(responses, den["responses"])
     else:
         loss, aux = obj.ppo_policy_loss(
             logp, b.old_logp, mb.advantages, mask, clip_low=settings.clip_low,
-            clip_high=settings.clip_high, dual_clip=settings.dual_clip or None, agg=settings.agg)
-    metrics = {"policy_loss": loss, "clip_frac": aux["clip_frac"], "ratio_mean": aux["ratio_mean"],
-               "approx_kl": aux.get("approx_kl", jnp.zeros(())), "token_entropy_new": masked_mean(ent, mask)}
+            clip_high=settings.clip_high, dual_clip=settings.dual_clip or None, agg=settings.agg,
+            denominator=den["policy"])
+        ratio_share = token_share
+    metrics = {"policy_loss": loss, "clip_frac": aux["clip_frac"] * ratio_share,
+               "ratio_mean": aux["ratio_mean"] * ratio_share,
+               "approx_kl": aux.get("approx_kl", jnp.zeros(())) * token_share,
+               "token_entropy_new": masked_mean(ent, mask) * token_share}
     total = loss
     if settings.entropy_coef:
-        # "nonzero_advantage": no bonus where the advantage is 0 (a group whose
-        # rollouts all got the same return), so once every group succeeds the
-        # bonus is not the only gradient left (docs/results.md: this alone did
-        # not stop the default job's late-training dips).
-        ent_mask = mask if settings.entropy_mask == "all" else mask * (mb.advantages != 0)
-        bonus, _ = obj.entropy_bonus(ent, ent_mask, coef=settings.entropy_coef, agg=settings.agg)
+        bonus, _ = obj.entropy_bonus(ent, _entropy_mask(mb, settings), coef=settings.entropy_coef,
+                                     agg=settings.agg, denominator=den["entropy"])
         total = total + bonus
     if settings.kl_coef:
         kl = obj.kl_penalty(logp, b.ref_logp, kind=settings.kl_kind)
-        kl_loss, _, _ = obj.aggregate(kl, mask, agg=settings.agg)
+        kl_loss, _, _ = obj.aggregate(kl, mask, agg=settings.agg, denominator=den["agg"])
         total = total + settings.kl_coef * kl_loss
         metrics["kl_ref"] = kl_loss
     if settings.value_coef:
         values = token_values(extra, hidden)
-        v_loss, _, _ = obj.aggregate(0.5 * (values - mb.returns) ** 2, mask, agg="token-mean")
+        v_loss, _, _ = obj.aggregate(0.5 * (values - mb.returns) ** 2, mask, agg="token-mean",
+                                     denominator=den["tokens"])
         total = total + settings.value_coef * v_loss
         metrics["value_loss"] = v_loss
     metrics["loss"] = total
@@ -213,10 +273,78 @@ def apply_gradients(state: TrainState, grads, loss, optimizer: optax.GradientTra
 
 
 def pg_update_step(state: TrainState, mb: PGBatch, *, graphdef, optimizer, settings: LossSettings):
-    """Loss, gradient and optimiser step on one minibatch (pure; jit it)."""
-    grad_fn = jax.value_and_grad(pg_loss, has_aux=True)
-    (loss, metrics), grads = grad_fn((state.params, state.extra), graphdef, mb, settings)
+    """Loss, gradient and optimiser step on one minibatch (pure; jit it).
+
+    With ``settings.microbatch_size`` = m < B the gradient is accumulated over
+    B / m micro-batches (:func:`accumulate_gradients`), so the activations of
+    only m rows are live at a time; the update is the same as the whole
+    minibatch's (up to float rounding).
+    """
+    trainable = (state.params, state.extra)
+    B = mb.advantages.shape[0]
+    m = settings.microbatch_size
+    if m and m < B:
+        loss, metrics, grads = accumulate_gradients(trainable, graphdef, mb, settings)
+    else:
+        grad_fn = jax.value_and_grad(pg_loss, has_aux=True)
+        (loss, metrics), grads = grad_fn(trainable, graphdef, mb, settings)
     return apply_gradients(state, grads, loss, optimizer, metrics)
+
+
+def split_microbatches(tree, num: int):
+    """[B, ...] leaves -> [num, B / num, ...]; micro-batch j holds rows j, j + num, j + 2 num, ...
+
+    Strided, not contiguous: with B split over the devices of the batch axes
+    in contiguous blocks (and B / num divisible by their count), the reshape
+    [B] -> [B / num, num] keeps every device's rows on it, so each
+    micro-batch is spread over all devices and splitting moves no data.
+    """
+    def one(x):
+        B = x.shape[0]
+        if B % num:
+            raise ValueError(f"cannot split {B} rows into {num} equal micro-batches")
+        y = jnp.swapaxes(x.reshape(B // num, num, *x.shape[1:]), 0, 1)
+        return sharding.constrain(y, (None, "batch") + (None,) * (x.ndim - 1))
+
+    return jax.tree.map(one, tree)
+
+
+def accumulate_gradients(trainable, graphdef, mb: PGBatch, settings: LossSettings):
+    """(loss, metrics, gradient) of the minibatch ``mb``, summed over its micro-batches.
+
+    Every micro-batch's loss is divided by the whole minibatch's
+    denominators (:func:`loss_denominators`), so
+
+      L = sum_j L_j,   grad L = sum_j grad L_j
+
+    exactly, for every aggregation (token-mean, seq-mean-token-sum,
+    seq-mean-token-mean, seq-mean-token-sum-norm, GSPO's per response) and
+    the value loss, however unevenly the agent tokens fall. A
+    ``jax.lax.scan`` over the micro-batches keeps one micro-batch's
+    activations alive at a time (the gradient accumulator has the
+    parameters' shape and sharding).
+    """
+    B, m = mb.advantages.shape[0], settings.microbatch_size
+    if B % m:
+        raise ValueError(f"learner.microbatch_size={m} does not divide the minibatch's {B} rows")
+    den = loss_denominators(mb, settings)
+    micro = split_microbatches(mb, B // m)
+    grad_fn = jax.value_and_grad(pg_loss, has_aux=True)
+
+    def loss_and_grads(one):
+        (_, metrics), grads = grad_fn(trainable, graphdef, one, settings, den)
+        return metrics, jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+
+    def body(carry, one):
+        return jax.tree.map(jnp.add, carry, loss_and_grads(one)), None
+
+    # float32 accumulators (exact sums even for bfloat16 parameters), the
+    # gradient's shapes: zeros from the abstract value of one micro-batch.
+    shapes = jax.eval_shape(loss_and_grads, jax.tree.map(lambda x: x[0], micro))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    (metrics, grads), _ = jax.lax.scan(body, zeros, micro)
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, trainable)
+    return metrics["loss"], metrics, grads
 
 
 def forward_stats(params, extra, batch: TurnBatch, *, graphdef, chunk_size: int, with_values: bool):

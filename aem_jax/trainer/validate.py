@@ -119,6 +119,7 @@ RULES: dict[str, Rule] = {
     "max_nonfinite_in_a_row": _POSITIVE_INT,
     "model.model_type": _one_of(sorted(MODEL_TYPES)),
     "model.dtype": _one_of(DTYPES),
+    "model.param_dtype": _one_of(DTYPES),
     "model.tokenizer": _one_of(TOKENIZERS),
     **{f"model.{k}": _POSITIVE_INT for k in (
         "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")},
@@ -158,6 +159,7 @@ RULES: dict[str, Rule] = {
     "dapo.max_resample": _COUNT,
     "learner.epochs": _POSITIVE_INT,
     "learner.minibatch_size": _POSITIVE_INT,
+    "learner.microbatch_size": _int(0, text=">= 0 (0 = the whole minibatch at once)"),
     "optim.learning_rate": _POSITIVE,
     "optim.warmup_steps": _COUNT,
     "optim.schedule": _one_of(("constant", "cosine")),
@@ -301,6 +303,13 @@ def check_relations(config) -> None:
     mb = config.learner.minibatch_size
     if episodes % mb and r.history == "concatenated":
         fail("learner.minibatch_size", mb, f"must divide num_tasks * group_size = {episodes}")
+    micro = config.learner.microbatch_size
+    if micro and (micro > mb or mb % micro):
+        fail("learner.microbatch_size", micro, f"must divide learner.minibatch_size={mb} "
+             "(0 = no gradient accumulation)")
+    if m.param_dtype == "bfloat16" and m.dtype == "float32":
+        fail("model.param_dtype", m.param_dtype, "bfloat16 parameters need model.dtype='bfloat16' "
+             "(float32 compute over bfloat16 storage is never what is wanted)")
     if [config.mesh[k] for k in ("data", "fsdp", "tensor")].count(-1) > 1:
         fail("mesh", dict(config.mesh), "at most one axis may be -1 (all remaining devices)")
     if r.action_pattern:

@@ -98,6 +98,8 @@ def test_every_shipped_config_passes(spec):
     ("aem.enabled", 1, "must be True or False"),
     ("model.source", 3, "must be a string"),
     ("model.dtype", "float16", "allowed: 'float32', 'bfloat16'"),
+    ("model.param_dtype", "float16", "allowed: 'float32', 'bfloat16'"),
+    ("learner.microbatch_size", -1, "must be >= 0 (0 = the whole minibatch at once)"),
 ])
 def test_bad_value_names_the_key_value_and_what_is_allowed(key, value, allowed):
     assert rejected(key, value) == allowed
@@ -176,6 +178,16 @@ def test_env_kwargs_are_checked_against_the_constructor():
                                       "num_tasks * group_size = 512"),
     ({"mesh.data": -1, "mesh.fsdp": -1}, "config.mesh={'data': -1, 'fsdp': -1, 'tensor': 1} is not allowed; "
                                          "at most one axis may be -1"),
+    ({"learner.microbatch_size": 48}, "config.learner.microbatch_size=48 is not allowed; must divide "
+                                      "learner.minibatch_size=128"),
+    ({"learner.microbatch_size": 256}, "config.learner.microbatch_size=256 is not allowed; must divide "
+                                       "learner.minibatch_size=128"),
+    ({"model.param_dtype": "bfloat16"}, "config.model.param_dtype='bfloat16' is not allowed; bfloat16 "
+                                        "parameters need model.dtype='bfloat16'"),
+    ({"algorithm": "archer", "rollout.history": "concatenated", "learner.microbatch_size": 32},
+     "config.learner.microbatch_size=32 is not allowed; ArCHer's actor step does not accumulate"),
+    ({"algorithm": "etpo", "learner.microbatch_size": 32},
+     "config.learner.microbatch_size=32 is not allowed; ETPO's Q and policy steps do not accumulate"),
     ({"rollout.action_pattern": "(unclosed"}, "config.rollout.action_pattern='(unclosed' is not allowed; "
                                               "must be a regular expression"),
 ])
