@@ -10,11 +10,22 @@ advantages without std division, clip-higher 0.28, token-mean loss, no KL and
 no entropy term, many long turns. The agent speaks the XML tool format of
 aem_jax.envs.swe (bash, view, str_replace, create, submit).
 
-Mesh for a TPU v5p-128 slice (64 chips, 95 GiB HBM each): Qwen3-32B in
-bfloat16 with AdamW states is about 450 GB, so parameters and optimiser state
-are sharded FSDP-style over 16 chips (``fsdp=16``), the wide matmuls over 4
-(``tensor=4``, heads / MLP / vocab), and the remaining axis is data parallel
-(``data=-1`` -> 1 here; 2 on v5p-256). On a v5p-64, use fsdp=8, tensor=4.
+Precision: float32 master parameters and AdamW moments, bfloat16 compute
+(``model.param_dtype`` / ``model.dtype``): at lr 1e-6 an AdamW step moves a
+weight by ~1e-6 of its scale, below bfloat16's 2^-9 rounding step, so
+bfloat16 storage would drop most updates.
+
+Mesh for a TPU v5p-128 slice (64 chips, 95 GiB HBM each): Qwen3-32B has
+32.8e9 parameters; float32 master parameters + 2 float32 Adam moments are
+12 bytes/param = 393 GB, and the float32 gradient another 4 bytes/param
+(131 GB) during the update: 525 GB in all, about 8.2 GB per chip when
+parameters and optimiser state are sharded FSDP-style over 16 chips
+(``fsdp=16``) and the wide matmuls over 4 (``tensor=4``, heads / MLP /
+vocab); the remaining axis is data parallel (``data=-1`` -> 1 here; 2 on
+v5p-256). The rest of each chip's HBM holds activations: a minibatch of
+32 rows x 32k tokens is accumulated in micro-batches of 16 rows
+(``learner.microbatch_size``: one row per FSDP shard at a time). On a
+v5p-64, use fsdp=8, tensor=4.
 """
 from aem_jax.trainer.defaults import base, smoke
 
@@ -33,7 +44,8 @@ def get_config(arg: str | None = None):
         "episode_time_s": 1800.0,        # wall-clock limit of one episode
     }
     c.model.source = "Qwen/Qwen3-32B"    # hub id or local Hugging Face directory
-    c.model.dtype = "bfloat16"
+    c.model.dtype = "bfloat16"           # compute
+    c.model.param_dtype = "float32"      # master parameters and optimiser state
     c.rollout.num_tasks = 16
     c.rollout.group_size = 8
     c.rollout.max_turns = 40
@@ -50,6 +62,7 @@ def get_config(arg: str | None = None):
     c.loss.chunk_size = 2048
     c.aem.enabled = True
     c.learner.minibatch_size = 32
+    c.learner.microbatch_size = 16       # gradient accumulation: 2 micro-batches per optimiser step
     c.optim.learning_rate = 1e-6
     c.optim.warmup_steps = 10
     c.mesh.data = -1
@@ -60,12 +73,14 @@ def get_config(arg: str | None = None):
     if arg == "smoke":
         c.model.source = "scratch"
         c.model.dtype = "float32"
+        c.model.param_dtype = "float32"
         c.model.tokenizer = "bpe"
         c.model.tokenizer_corpus_tasks = 2
         c.model.bpe_vocab_size = 400
         c.mesh.fsdp = 1
         c.mesh.tensor = 1
         smoke(c)
+        c.learner.microbatch_size = 2    # minibatch of 4 rows in 2 micro-batches: accumulation runs in the smoke test
         c.env.kwargs["max_turns"] = 2
         c.rollout.max_turns = 2
         c.rollout.max_context_tokens = 2048

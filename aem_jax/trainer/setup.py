@@ -94,7 +94,14 @@ def scratch_tokenizer(config):
 
 def build_model(config, mesh, *, init_seed: int = 0):
     """(model, tokenizer), the model's parameters created already sharded on ``mesh``
-    (a scratch model's from ``init_seed``, the run's "init" stream)."""
+    (a scratch model's from ``init_seed``, the run's "init" stream).
+
+    Parameters are stored in ``model.param_dtype`` and the model computes in
+    ``model.dtype``: float32 master weights under bfloat16 compute keep the
+    small updates that bfloat16 storage would round away. A Hugging Face
+    checkpoint is read straight into its shardings (each process reads only
+    the slices its devices hold).
+    """
     m = config.model
     if m.source == "scratch":
         tokenizer = scratch_tokenizer(config)
@@ -103,15 +110,11 @@ def build_model(config, mesh, *, init_seed: int = 0):
             num_layers=m.num_layers, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
             head_dim=m.head_dim, tie_embeddings=m.tie_embeddings, model_type=m.model_type,
             qkv_bias=m.model_type == "qwen2", qk_norm=m.model_type == "qwen3",
-            dtype=m.dtype, param_dtype=m.dtype, rope_theta=10_000.0,
+            dtype=m.dtype, param_dtype=m.param_dtype, rope_theta=10_000.0,
             max_position_embeddings=config.rollout.max_context_tokens)
         model = sharding.create_sharded(lambda: models.Decoder(mc, rngs=nnx.Rngs(init_seed)), mesh)
         return model, tokenizer
-    model, tokenizer = models.from_pretrained(m.source, dtype=m.dtype)
-    graphdef, state = nnx.split(model)
-    import jax
-    state = jax.device_put(state, sharding.state_shardings(state, mesh))
-    return nnx.merge(graphdef, state), tokenizer
+    return models.from_pretrained(m.source, dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh)
 
 
 def updates_per_step(config) -> int:
