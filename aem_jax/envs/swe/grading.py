@@ -1,6 +1,8 @@
 """Grading published tasks from their test logs, with the ``swebench`` package's parsers.
 
-Two pure functions make the seam with the evaluator (``reward.py``):
+Two pure functions make the seam with the evaluator (``reward.py``), and
+``run_tests(task, sandbox, timeout)`` joins them for a sandbox that already
+holds the agent's change:
 
 * ``eval_script(task)``: the bash script to run, in a fresh container of the
   task's image holding the agent's diff, for "swebench" and "r2e" tasks.
@@ -39,6 +41,7 @@ which a patch cannot fake without also making the real run agree.
 """
 from __future__ import annotations
 
+import base64
 import re
 import types
 from typing import Any, Mapping, NamedTuple
@@ -361,3 +364,31 @@ def _resolved_r2e(task: Task, text: str, exit_status: int | None) -> Verdict:
                               + ", ".join(f"{k} ({tests.get(k, 'MISSING')} != "
                                           f"{expected.get(k, 'absent')})" for k in diff[:5]), tests)
     return Verdict(True, f"resolved: all {len(expected)} tests have their expected status", tests)
+
+
+_SCRIPT_DIR = "/tmp/.aem_eval"
+_CHUNK = 60_000  # base64 characters per command line (well under the kernel's argument limit)
+
+
+def run_tests(task: Task, sandbox, timeout: float = 1800.0) -> tuple[Verdict, str]:
+    """Runs ``eval_script(task)`` in ``sandbox`` (holding the agent's change) and judges it.
+
+    ``sandbox`` needs ``execute(command, timeout) -> ExecResult`` (local or
+    container).  The script is staged outside the repository, in chunks.
+    Returns the verdict and the log.
+    """
+    data = base64.b64encode(eval_script(task).encode()).decode()
+    path = f"{_SCRIPT_DIR}/eval.sh"
+    staged = sandbox.execute(f"mkdir -p {_SCRIPT_DIR} && : > {path}.b64", timeout=60)
+    for start in range(0, len(data), _CHUNK):
+        if staged.returncode != 0:
+            break
+        staged = sandbox.execute(f"printf %s {data[start:start + _CHUNK]} >> {path}.b64", timeout=60)
+    if staged.returncode == 0:
+        staged = sandbox.execute(f"base64 -d {path}.b64 > {path}", timeout=60)
+    if staged.returncode != 0:
+        return Verdict(False, f"could not stage the eval script: {staged.output.strip()[-300:]}", {}), ""
+    result = sandbox.execute(f"bash {path}", timeout=timeout)
+    if result.timed_out:
+        return Verdict(False, f"the tests timed out after {timeout:g} s", {}), result.output
+    return resolved(task, result.output), result.output

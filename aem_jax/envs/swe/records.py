@@ -52,8 +52,9 @@ R2E_PATH = ("/testbed/.venv/bin:/root/.venv/bin:/root/.local/bin:/usr/local/sbin
 # repository's unittest runner) from /testbed.
 R2E_EVAL_COMMAND = (
     "for d in /r2e_tests /root/r2e_tests; do [ -d $d ] && ln -sfn $d r2e_tests && break; done; "
-    "for s in /testbed/run_tests.sh /root/run_tests.sh /run_tests.sh; do "
-    "[ -f $s ] && exec bash $s; done; echo 'no run_tests.sh in the image' >&2; exit 2")
+    "s=; for c in /testbed/run_tests.sh /root/run_tests.sh /run_tests.sh; do "
+    "[ -f $c ] && s=$c && break; done; "
+    "if [ -n \"$s\" ]; then bash $s; else echo 'no run_tests.sh in the image' >&2; false; fi")
 _ISSUE = re.compile(r"\[ISSUE\](.*)\[/ISSUE\]", re.DOTALL)
 
 

@@ -7,6 +7,8 @@ in a tarball and loaded with ``podman import``; it is built once per session.
 Needs ``apt-get install podman runc``; skipped (saying why) only when podman
 cannot run a container here.
 """
+import ast
+import json
 import os
 import shlex
 import shutil
@@ -17,7 +19,7 @@ import tarfile
 
 import pytest
 
-from aem_jax.envs.swe import container, dataset, tasks
+from aem_jax.envs.swe import container, dataset, grading, tasks
 from aem_jax.envs.swe.env import SWEEnv
 
 TOOLS = ("bash sh cat ls mkdir rm cp mv sleep env timeout mktemp head tail wc tr cut dirname basename "
@@ -105,6 +107,15 @@ def _build_rootfs(root, task):
     git = ["git", "-C", root + "/testbed", "-c", "user.name=aem", "-c", "user.email=aem@localhost"]
     for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "base"]):
         subprocess.run(git + args, check=True, capture_output=True)
+    # R2E-Gym's layout too: hidden tests in /r2e_tests, the runner in /root/run_tests.sh.
+    hidden = root + "/tmp/hidden"
+    tasks.materialize(task.repo_snapshot, hidden)
+    subprocess.run(["git", "apply", "-"], input=task.test_patch, text=True, cwd=hidden, check=True)
+    os.makedirs(root + "/r2e_tests")
+    shutil.copy(os.path.join(hidden, task.FAIL_TO_PASS[0].split("::")[0]), root + "/r2e_tests/test_1.py")
+    shutil.rmtree(hidden)
+    with open(root + "/root/run_tests.sh", "w") as f:
+        f.write("python -m pytest -rA -p no:cacheprovider r2e_tests\n")
 
 
 def _podman_options(image):
@@ -203,6 +214,30 @@ def test_episode_through_the_env(image):
         assert step.done and step.reward == 0.0
     finally:
         env.close()
+
+
+def test_r2e_gym_record_graded_in_the_container(image):
+    """An R2E-Gym record as published: hidden tests in the image, graded against the expected map."""
+    probe = container.ContainerSandbox(image.image, cli="podman")
+    try:
+        source = probe.execute("cat /r2e_tests/test_1.py", timeout=60).output
+    finally:
+        probe.close()
+    names = [n.name for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name.startswith("test")]
+    task = tasks.from_record({"repo_name": "textkit", "docker_image": image.image, "commit_hash": "0" * 12,
+                              "problem_statement": f"[ISSUE]\n{image.problem_statement}\n[/ISSUE]",
+                              "expected_output_json": json.dumps({n: "PASSED" for n in names})})
+    for fix, expect in ((image.patch, True), ("", False)):
+        sandbox = container.ContainerSandbox.for_task(task, cli="podman")
+        try:
+            if fix:
+                applied = sandbox.execute(f"git apply <<'AEM_EOF'\n{fix}AEM_EOF", timeout=60)
+                assert applied.returncode == 0, applied.output
+            verdict, log = grading.run_tests(task, sandbox, timeout=120)
+        finally:
+            sandbox.close()
+        assert verdict.resolved is expect, (verdict.reason, log[-2000:])
+        assert expect or image.FAIL_TO_PASS[0].split("::")[1] in verdict.reason
 
 
 # -- without a container runtime ---------------------------------------------------------
