@@ -176,35 +176,38 @@ def eval_script(task: Task) -> str:
 
 # -- reading the log ---------------------------------------------------------------
 
-def _pytest_match(rest: str, test_id: str) -> bool:
-    # "id", "id - message" (FAILED / ERROR / XFAIL), or the id cut at its first space
-    # as the swebench pytest parser stores it ("tests/t.py::test[a b]" -> "tests/t.py::test[a").
-    return (rest == test_id or rest.startswith(test_id + " - ") or rest.split()[0] == test_id
-            or rest.split(" - ")[0] == test_id)
+def _status_index(log: str) -> dict[str, set[str]]:
+    """Test id -> every status the per-test lines report for it, read once.
 
-
-def _statuses(log: str, test_id: str) -> set[str]:
-    """Every status the per-test lines report for ``test_id`` (ids with spaces kept whole)."""
-    found = set()
+    A pytest line ``STATUS rest`` is filed under ``rest``, under each prefix of
+    it that ends before a " - " (the message of FAILED / ERROR / XFAIL lines;
+    ids may contain spaces), and under its first word (the id cut at its first
+    space, as the swebench pytest parser stores it: ``tests/t.py::test[a b]`` ->
+    ``tests/t.py::test[a``).  Django's ``id ... ok`` lines and ``FAIL: id``
+    blocks and sympy's ``id ok`` lines are filed under the id.
+    """
+    index: dict[str, set[str]] = {}
     for line in log.splitlines():
         line = line.strip()
         m = _PYTEST_LINE.match(line)
         if m:
-            if _pytest_match(m.group(2), test_id):
-                found.add(m.group(1))
+            status, rest = m.groups()
+            parts = rest.split(" - ")
+            for key in {rest, rest.split()[0], *(" - ".join(parts[:i]) for i in range(1, len(parts)))}:
+                index.setdefault(key, set()).add(status)
             continue
         m = _DJANGO_LINE.match(line)
-        if m and m.group(1) == test_id:
-            found.add(_DJANGO_STATUS.get(m.group(2), "SKIPPED"))
+        if m:
+            index.setdefault(m.group(1), set()).add(_DJANGO_STATUS.get(m.group(2), "SKIPPED"))
             continue
         m = _DJANGO_BLOCK.match(line)
-        if m and m.group(2) == test_id:
-            found.add("FAILED" if m.group(1) == "FAIL" else "ERROR")
+        if m:
+            index.setdefault(m.group(2), set()).add("FAILED" if m.group(1) == "FAIL" else "ERROR")
             continue
         m = _SYMPY_LINE.match(line)
-        if m and m.group(1) == test_id:
-            found.add(_SYMPY_STATUS.get(m.group(2), "SKIPPED"))
-    return found
+        if m:
+            index.setdefault(m.group(1), set()).add(_SYMPY_STATUS.get(m.group(2), "SKIPPED"))
+    return index
 
 
 def _any_failure(log: str, parsed: Mapping[str, str]) -> bool:
@@ -316,9 +319,9 @@ def resolved(task: Task, log: str) -> Verdict:
         spec = types.SimpleNamespace(instance_id=task.instance_id, repo=task.repo,
                                      version=str(task.extra.get("version")))
         parsed = _parser(_record(task))(text, spec)
-    tests = {}
+    tests, index = {}, _status_index(text)
     for test_id in (*task.FAIL_TO_PASS, *task.PASS_TO_PASS):
-        statuses = _statuses(text, test_id) | ({parsed[test_id]} if test_id in parsed else set())
+        statuses = index.get(test_id, set()) | ({parsed[test_id]} if test_id in parsed else set())
         if not statuses:
             tests[test_id] = "MISSING"
         elif len(statuses) > 1 and statuses & set(_FAILING) and statuses & set(_PASSING):
