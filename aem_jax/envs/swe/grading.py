@@ -92,21 +92,42 @@ def _swebench():
     return constants, log_parsers
 
 
+# Repositories the swebench package has no specification for (SWE-Gym's: pandas,
+# moto, mypy, dask, pydantic, ...) run pytest on the test files of the test patch
+# in the SWE-bench image layout, read by the harness's pytest parser.
+FALLBACK_TEST_CMD = "pytest -rA"
+FALLBACK_PARSER = "parse_log_pytest"
+
+
+def _known_repo(repo: str) -> bool:
+    constants, _ = _swebench()
+    return repo in getattr(constants, "MAP_REPO_VERSION_TO_SPECS", {})
+
+
 def _specs(repo: str, version: str) -> dict[str, Any] | None:
+    """The swebench specification of (repo, version); None for repositories it does not know."""
     constants, _ = _swebench()
     table = getattr(constants, "MAP_REPO_VERSION_TO_SPECS", None)  # removed in swebench 5
     return None if table is None else table.get(repo, {}).get(version)
 
 
 def check_swebench_record(record: Mapping[str, Any], where: str) -> None:
-    """Raises ``TaskFormatError`` unless the installed swebench can grade ``record``."""
+    """Raises ``TaskFormatError`` unless the installed swebench can grade ``record``.
+
+    A repository swebench does not know is graded with ``FALLBACK_TEST_CMD``; an
+    unknown version of a repository it knows is an error (a wrong record).
+    """
     if record.get("eval_script") and record.get("log_parser"):
         _parser(record)  # swebench >= 5 records carry their script and parser name
         return
     if record.get("version") in (None, ""):
         raise TaskFormatError(f"{where}: SWE-bench record misses required field 'version' "
                               "(it selects the repository's test command and log parser)")
-    if _specs(record["repo"], str(record["version"])) is None:
+    constants, _ = _swebench()
+    if getattr(constants, "MAP_REPO_VERSION_TO_SPECS", None) is None:
+        raise TaskFormatError(f"{where}: the installed swebench (>= 5) has no per-repository test "
+                              "specifications; install swebench<5 or give 'eval_script' and 'log_parser'")
+    if _known_repo(record["repo"]) and _specs(record["repo"], str(record["version"])) is None:
         raise TaskFormatError(
             f"{where}: the installed swebench package has no test specification for repo "
             f"{record['repo']!r} version {record['version']!r}; give the record 'eval_script' "
@@ -127,7 +148,7 @@ def _parser(record: Mapping[str, Any]):
         raise TaskFormatError(f"log_parser {name!r} is not a parser of the installed swebench")
     table = getattr(log_parsers, "MAP_REPO_TO_PARSER", {})
     if record["repo"] not in table:
-        raise TaskFormatError(f"the installed swebench has no log parser for repo {record['repo']!r}")
+        return _parser({"log_parser": FALLBACK_PARSER})
     return table[record["repo"]]
 
 
@@ -149,8 +170,24 @@ def _with_exit_status(lines: list[str]) -> list[str]:
 def test_command(task: Task) -> str:
     """The command line of the tests (the runner decides which summary lines are required)."""
     if task.grading == "swebench" and not task.extra.get("eval_script"):
-        return _specs(task.repo, str(task.extra.get("version")))["test_cmd"]
+        specs = _specs(task.repo, str(task.extra.get("version")))
+        return FALLBACK_TEST_CMD if specs is None else specs["test_cmd"]
     return task.extra.get("eval_script") or task.eval_command or task.test_command
+
+
+def _fallback_script(task: Task) -> list[str]:
+    """The SWE-bench eval script's steps with ``FALLBACK_TEST_CMD`` (repositories swebench lacks)."""
+    from swebench.harness.test_spec.python import get_test_directives
+    from swebench.harness.utils import get_modified_files
+
+    workdir, files = task.workdir or "/testbed", " ".join(get_modified_files(task.test_patch))
+    delimiter = "EOF_AEM_TEST_PATCH"
+    return [*([task.shell_init] if task.shell_init else []), f"cd {workdir}",
+            f"git config --global --add safe.directory {workdir}",
+            f"git checkout {task.base_commit} {files}",
+            f"git apply -v - <<'{delimiter}'\n{task.test_patch}\n{delimiter}",
+            f": '{START}'", " ".join([FALLBACK_TEST_CMD, *get_test_directives(_record(task))]),
+            f": '{END}'", f"git checkout {task.base_commit} {files}"]
 
 
 def eval_script(task: Task) -> str:
@@ -160,12 +197,14 @@ def eval_script(task: Task) -> str:
         if record.get("eval_script"):
             lines = [line for line in record["eval_script"].strip().split("\n")
                      if line not in ("#!/bin/bash", "set -uxo pipefail")]
-        else:
+        elif _known_repo(task.repo):
             from swebench.harness.test_spec.create_scripts import make_eval_script_list
 
             specs = _specs(task.repo, str(record.get("version")))
             lines = make_eval_script_list(record, specs, "testbed", task.workdir or "/testbed",
                                           task.base_commit, task.test_patch)
+        else:
+            lines = _fallback_script(task)
     elif task.grading == "r2e":
         lines = [f"cd {task.workdir or '/testbed'}", f": '{START}'", task.eval_command, f": '{END}'"]
     else:

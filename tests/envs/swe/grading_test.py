@@ -205,3 +205,23 @@ def test_r2e_gym_expected_status_map():
     fixed_too = lines[:2] + [lines[2].replace("FAILED", "PASSED").split(" - ")[0]]
     assert not grading.resolved(task, log(fixed_too, "3 passed")).resolved
     assert "contradicts" in grading.resolved(task, log(lines[:2], "1 failed, 2 passed")).reason
+
+
+def test_swe_gym_repositories_swebench_does_not_know_run_pytest():
+    """SWE-Gym's repositories (moto, pandas, ...) are absent from swebench's tables."""
+    moto = tasks.from_record({
+        **VERIFIED, "repo": "getmoto/moto", "instance_id": "getmoto__moto-5752", "version": "4.0",
+        "image": "xingyaoww/sweb.eval.x86_64.getmoto_s_moto-5752",
+        "FAIL_TO_PASS": ["tests/test_ssm/test_ssm_boto3.py::test_get_parameters_by_path"], "PASS_TO_PASS": [],
+        "test_patch": VERIFIED["test_patch"].replace("tests/auth_tests/test_validators.py",
+                                                     "tests/test_ssm/test_ssm_boto3.py")})
+    script = grading.eval_script(moto)
+    assert "pytest -rA tests/test_ssm/test_ssm_boto3.py" in script and "conda activate testbed" in script
+    assert f"git checkout {VERIFIED['base_commit']} tests/test_ssm/test_ssm_boto3.py" in script
+    log = (START + "============================= test session starts ==============================\n"
+           "=========================== short test summary info ============================\n"
+           "PASSED tests/test_ssm/test_ssm_boto3.py::test_get_parameters_by_path\n"
+           "============================== 1 passed in 3.10s ===============================\n" + _end())
+    assert grading.resolved(moto, log).resolved
+    assert not grading.resolved(moto, log.replace("PASSED tests", "FAILED tests").replace(
+        "1 passed", "1 failed")).resolved
