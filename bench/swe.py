@@ -10,6 +10,9 @@
     resolved (must be 1.0: the gold patch resolves every task).
 (b) Sandbox start-up overhead per command: median wall time of ``true`` in
     each working local backend minus that of ``sh -c true`` without a sandbox.
+(c) The reward-hacking suite (tests/envs/swe/hacks_test.py, run with pytest):
+    hack attempts made through the env's tools on a still-buggy task, and how
+    many scored 0 (must be all); skipped with ``--no-hacks``.
 
 Prints a table, then one JSON line of the figures.
 """
@@ -21,8 +24,10 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
+import xml.etree.ElementTree as ET
 
 from aem_jax.envs.swe import SWEEnv, read_jsonl, scripted
 from aem_jax.envs.swe import sandbox as sandbox_lib
@@ -75,7 +80,25 @@ def command_overhead(repeats: int) -> dict:
                 box = sandbox_lib.LocalSandbox(workspace, backend=backend)
                 figures[f"{backend}_s"] = _median_time(lambda: box.execute("true", timeout=30), repeats)
                 figures[f"{backend}_overhead_s"] = figures[f"{backend}_s"] - figures["bare_s"]
+                box.close()
     return figures
+
+
+def hack_suite() -> dict:
+    """Runs tests/envs/swe/hacks_test.py; counts the hack attempts and those that scored 0."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with tempfile.TemporaryDirectory() as scratch:
+        report = os.path.join(scratch, "hacks.xml")
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}",
+                        os.path.join(root, "tests", "envs", "swe", "hacks_test.py")],
+                       cwd=root, capture_output=True, check=False)
+        wall = time.perf_counter() - start
+        cases = ET.parse(report).getroot().iter("testcase")
+        hacks = [c for c in cases if "hack" in c.get("name", "") and "at_least" not in c.get("name", "")]
+    blocked = sum(1 for c in hacks if c.find("failure") is None and c.find("error") is None
+                  and c.find("skipped") is None)
+    return {"hack_attempts": len(hacks), "hacks_scoring_zero": blocked, "hack_suite_s": wall}
 
 
 def main() -> None:
@@ -83,11 +106,13 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=0, help="number of local tasks (0: all)")
     parser.add_argument("--parallel", type=int, default=8, help="environments run at once")
     parser.add_argument("--commands", type=int, default=100, help="repeats of the overhead timing")
+    parser.add_argument("--no-hacks", action="store_true", help="skip the reward-hacking suite")
     args = parser.parse_args()
     tasks = read_jsonl(LOCAL_TASKS)
     tasks = tasks[: args.tasks] if args.tasks else tasks
     overhead = command_overhead(args.commands)
     episodes = run_episodes(tasks, args.parallel)
+    hacks = {} if args.no_hacks else hack_suite()
     print(f"SWE environment benchmark ({os.cpu_count()} CPUs)")
     print(f"{'figure':<44}{'value':>12}")
     print(f"{'episodes (reset + gold patch + reward)':<44}{episodes['tasks']:>12d}")
@@ -101,7 +126,10 @@ def main() -> None:
             print(f"{backend + ' command (ms)':<44}{overhead[backend + '_s'] * 1e3:>12.1f}")
             print(f"{backend + ' start-up overhead per command (ms)':<44}"
                   f"{overhead[backend + '_overhead_s'] * 1e3:>12.1f}")
-    print(json.dumps({"bench": "swe", **episodes, **overhead}, sort_keys=True))
+    if hacks:
+        print(f"{'hack attempts (hacks_test.py)':<44}{hacks['hack_attempts']:>12d}")
+        print(f"{'hack attempts scoring 0':<44}{hacks['hacks_scoring_zero']:>12d}")
+    print(json.dumps({"bench": "swe", **episodes, **overhead, **hacks}, sort_keys=True))
 
 
 if __name__ == "__main__":

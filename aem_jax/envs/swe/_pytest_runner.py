@@ -12,8 +12,9 @@ cannot provide ``pytest.py``, ``sitecustomize.py`` or ``.pth`` files), and
 pytest, pluggy and this runner are imported before the workspace is put
 on ``sys.path`` (position 0, as ``python -m pytest`` would).  pytest gets an
 explicit ``-c`` (a copy of the base commit's configuration written by the
-evaluator), ``--rootdir``, ``-p no:cacheprovider`` and
-``PYTEST_DISABLE_PLUGIN_AUTOLOAD=1``.
+evaluator; its ``pythonpath`` entries resolved against the repository),
+``--rootdir`` and ``--confcutdir`` (conftest files from the repository only),
+``-p no:cacheprovider`` and ``PYTEST_DISABLE_PLUGIN_AUTOLOAD=1``.
 
 The ``Recorder`` plugin records every test phase as it happens, from the
 exception the phase raised (``call.excinfo``), not from the report other
@@ -75,8 +76,8 @@ def _snapshot():
 class Recorder:
     """pytest plugin: observes every phase of every test (see module docstring)."""
 
-    def __init__(self, report_path):
-        self.report_path = report_path
+    def __init__(self, report_path, rootdir):
+        self.report_path, self.rootdir = report_path, rootdir
         self.guard = _snapshot()
         self.phases = []  # [nodeid, when, raised exception type or None, skip?]
         self.reports = []  # [nodeid, when, reported outcome, wasxfail?]
@@ -84,6 +85,16 @@ class Recorder:
         self.collect_reports = []  # [nodeid, outcome] of collectors that failed or skipped
         self.stats = {}
         self.written = False
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_load_initial_conftests(self, early_config):
+        # ``pythonpath`` entries are relative to the configuration file, which is
+        # the evaluator's copy: resolve them against the repository instead.
+        inipath = early_config.inipath
+        if inipath is not None:
+            for path in reversed(early_config.getini("pythonpath")):
+                relative = os.path.relpath(str(path), str(inipath.parent))
+                sys.path.insert(0, os.path.normpath(os.path.join(self.rootdir, relative)))
 
     @pytest.hookimpl(wrapper=True, tryfirst=True)
     def pytest_runtest_makereport(self, item, call):
@@ -141,13 +152,14 @@ def main():
     with open(sys.argv[1]) as f:
         config = json.load(f)
     exit_now = os._exit
-    recorder = Recorder(config["report_path"])
+    recorder = Recorder(config["report_path"], config["rootdir"])
     os.environ["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
     for name in ("PYTHONPATH", "PYTHONSTARTUP", "PYTEST_ADDOPTS", "PYTEST_PLUGINS"):
         os.environ.pop(name, None)
     os.chdir(config["rootdir"])
     sys.path.insert(0, config["rootdir"])
-    args = ["-c", config["ini"], "--rootdir", config["rootdir"], "-p", "no:cacheprovider",
+    args = ["-c", config["ini"], "--rootdir", config["rootdir"], "--confcutdir", config["rootdir"],
+            "-p", "no:cacheprovider",
             "-rA", "--tb=short", "-q", *config["args"], "--", *config["test_ids"]]
     status, error = None, None
     try:

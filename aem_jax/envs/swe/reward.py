@@ -375,10 +375,11 @@ def run_pytest(task: Task, sandbox, timeout: float, prepared: Prepared) -> Evalu
     with open(_RUNNER_SOURCE, "rb") as f:
         runner = f.read()
     local = hasattr(sandbox, "stage_evaluator")
-    files = {"runner.py": runner, f"ini.{ini_name}": ini_data}
+    # The copy keeps its name: pytest picks the format (and section) from the file name.
+    files = {"runner.py": runner, ini_name: ini_data}
     directory = sandbox.stage_evaluator(files) if local else _stage_generic(sandbox, files, timeout)
     args = shlex.split(str(task.extra.get("pytest_args", "")))
-    config = {"rootdir": sandbox.workdir, "ini": f"{directory}/ini.{ini_name}",
+    config = {"rootdir": sandbox.workdir, "ini": f"{directory}/{ini_name}",
               "report_path": f"{directory}/out/report.json", "test_ids": test_ids, "args": args}
     config_data = json.dumps(config).encode()
     if local:

@@ -292,3 +292,27 @@ def test_canaries_are_fresh_and_look_like_the_files_tests():
     assert first != second and len(first.passing) == len(first.failing) == 1
     for test_id in (*first.passing, *first.failing):
         assert test_id.startswith(f"{TEST_FILE}::test_") and "canary" not in test_id
+
+
+def test_base_configuration_conftest_and_pythonpath_are_honoured(env):
+    """A src-layout repository whose tests need its pyproject's pythonpath and a conftest fixture."""
+    from aem_jax.envs.swe import tasks
+
+    snapshot = {
+        "pyproject.toml": '[project]\nname = "calc"\n\n[tool.pytest.ini_options]\npythonpath = ["src"]\n'
+                          'addopts = "--strict-markers"\nmarkers = ["fast: quick tests"]\n',
+        "src/calc/__init__.py": "def add(a, b):\n    return a - b\n",
+        "tests/conftest.py": "import pytest\n\n\n@pytest.fixture\ndef pair():\n    return 2, 3\n",
+        "tests/test_calc.py": "import pytest\nfrom calc import add\n\n\n@pytest.mark.fast\ndef test_add(pair):\n"
+                              "    assert add(*pair) == 5\n\n\ndef test_zero():\n    assert add(0, 0) == 0\n",
+    }
+    fixed = dict(snapshot, **{"src/calc/__init__.py": "def add(a, b):\n    return a + b\n"})
+    task = tasks.from_record({
+        "instance_id": "calc-1", "repo": "local/calc", "problem_statement": "add subtracts",
+        "patch": diffs.snapshot_diff(snapshot, fixed), "test_patch": "",
+        "FAIL_TO_PASS": ["tests/test_calc.py::test_add"], "PASS_TO_PASS": ["tests/test_calc.py::test_zero"],
+        "repo_snapshot": snapshot})
+    assert env.evaluate_diff(task, task.patch).resolved
+    unfixed = env.evaluate_diff(task, diffs.file_diff("README.md", None, "notes\n"))
+    assert not unfixed.resolved and unfixed.tests == {"tests/test_calc.py::test_add": "FAILED",
+                                                     "tests/test_calc.py::test_zero": "PASSED"}, unfixed
