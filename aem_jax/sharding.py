@@ -21,6 +21,7 @@ parallelism layout is a config edit, never a code edit:
 | embed        | "fsdp"             | ZeRO-3 style: parameters split along the model dimension |
 | mlp, heads, kv_heads, vocab | "tensor" | Megatron-style tensor parallelism of the wide dimensions |
 | head_dim, norm | None             | small dimensions are replicated |
+| layers       | None               | the stacked layer axis of scanned models: each device holds its share of every layer, and the scan reads one layer at a time |
 
 Mesh axes are always ``("data", "fsdp", "tensor")`` in this order, so the
 ``tensor`` axis (the most communication-heavy) is the innermost one and lands
@@ -68,6 +69,7 @@ DEFAULT_RULES: LogicalRules = (
     ("vocab", "tensor"),
     ("head_dim", None),
     ("norm", None),
+    ("layers", None),
 )
 
 _AXIS_TYPES = {"auto": AxisType.Auto, "explicit": AxisType.Explicit}

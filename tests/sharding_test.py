@@ -184,9 +184,11 @@ def test_decoder_activation_constraints_match_parameter_and_batch_specs(mesh_fn,
     mesh = mesh_fn()
     config = _decoder_config(num_heads=4, num_kv_heads=2)  # kv_heads=2 does not divide tensor=4
     model, out, expected, constraints, batch_spec = _sharded_decoder_logits(config, mesh, monkeypatch)
-    attn, mlp = model.layers[0].attn, model.layers[0].mlp
+    attn, mlp = model.layers.attn, model.layers.mlp  # stacked: [L, ...], layer axis whole
     q_spec, k_spec = attn.q[...].sharding.spec, attn.k[...].sharding.spec
     up_spec, head_spec = mlp.up[...].sharding.spec, model.lm_head[...].sharding.spec
+    assert _dims(q_spec, 4)[0] is None and _dims(up_spec, 3)[0] is None
+    q_spec, k_spec, up_spec = (P(*_dims(spec, n)[1:]) for spec, n in ((q_spec, 4), (k_spec, 4), (up_spec, 3)))
     assert _dims(q_spec, 3)[1] == "tensor" and _dims(k_spec, 3)[1] is None
     b, t = 8, 6
     # Each activation dimension is laid out like the parameter dimension of the same name.
@@ -203,7 +205,7 @@ def test_decoder_heads_not_divisible_by_tensor_fall_back_to_replication(monkeypa
     mesh = sharding.make_mesh({"data": 2, "tensor": 4})
     config = _decoder_config(num_heads=6, num_kv_heads=3)  # neither divides tensor=4
     model, out, expected, constraints, batch_spec = _sharded_decoder_logits(config, mesh, monkeypatch)
-    assert _dims(model.layers[0].attn.q[...].sharding.spec, 3)[1] is None
+    assert _dims(model.layers.attn.q[...].sharding.spec, 4)[2] is None
     assert _dims(constraints[(8, 6, 6, 8)], 4) == (batch_spec, None, None, None)
     assert _dims(constraints[(8, 3, 6, 8)], 4) == (batch_spec, None, None, None)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)

@@ -11,19 +11,30 @@ RMSNorm(x) = w * x / sqrt(mean(x^2) + eps) (Zhang & Sennrich, 2019); RoPE
 (Su et al., 2021) in the "rotate half" layout with optional Llama 3 frequency
 scaling; attention softmax(q k^T / sqrt(head_dim)) in float32.
 
+Scanned layers. The L layers are one `Block` whose parameters are stacked
+along a leading layer axis (`model.layers.attn.q[...]` is [L, D, N, H]); the
+forward pass runs them with `jax.lax.scan`, so XLA compiles one layer body
+whatever the depth. Each layer can be rematerialised (`ModelConfig.remat`,
+see `REMAT_POLICIES`): the backward pass then recomputes what the policy did
+not save instead of holding every activation of every layer. The KV cache
+is likewise stacked ([L,B,K,S,H]) and carried through the scan.
+
 Logical axis names. Every parameter carries them as the `out_sharding`
 metadata of its `nnx.Param` (not applied eagerly); `aem_jax.sharding` maps
-them to mesh axes with its rule table (`create_sharded`, `state_shardings`):
+them to mesh axes with its rule table (`create_sharded`, `state_shardings`).
+Per-layer parameters have the extra leading name `layers` (kept whole on
+every device: the scan reads one layer at a time):
 
-  parameter              shape          names
-  embed                  [V, D]         (vocab, embed)
-  lm_head (untied)       [D, V]         (embed, vocab)
-  q / k / v kernels      [D, N|K, H]    (embed, heads|kv_heads, head_dim)
-  q / k / v biases       [N|K, H]       (heads|kv_heads, head_dim)
-  o kernel               [N, H, D]      (heads, head_dim, embed)
-  gate / up kernels      [D, F]         (embed, mlp)
-  down kernel            [F, D]         (mlp, embed)
-  RMSNorm scales         [D] or [H]     (norm,) or (head_dim,)
+  parameter              shape             names
+  embed                  [V, D]            (vocab, embed)
+  lm_head (untied)       [D, V]            (embed, vocab)
+  final_norm scale       [D]               (norm,)
+  q / k / v kernels      [L, D, N|K, H]    (layers, embed, heads|kv_heads, head_dim)
+  q / k / v biases       [L, N|K, H]       (layers, heads|kv_heads, head_dim)
+  o kernel               [L, N, H, D]      (layers, heads, head_dim, embed)
+  gate / up kernels      [L, D, F]         (layers, embed, mlp)
+  down kernel            [L, F, D]         (layers, mlp, embed)
+  RMSNorm scales         [L, D] or [L, H]  (layers, norm) or (layers, head_dim)
 
 Activations are constrained with the names batch, length, embed, heads,
 kv_heads, head_dim, mlp, vocab through `aem_jax.sharding.constrain` (only when
@@ -46,11 +57,42 @@ from aem_jax import sharding
 from aem_jax.models import attention
 from aem_jax.models.config import ModelConfig
 
+# Memory kinds that hold offloaded residuals, by backend; a backend missing
+# here (CPU: XLA:CPU accepts the policy but keeps everything in place) has
+# no host offload, and remat="offload" is refused on it.
+_OFFLOAD_PLATFORMS = ("tpu", "gpu", "cuda", "rocm")
 
+
+def remat_policy(remat: str):
+    """The `jax.checkpoint` policy of `ModelConfig.remat` (None: no checkpointing).
+
+    dots: save the outputs of matmuls without batch dimensions (the weight
+    projections, all done by `dense`), recompute norms, RoPE, attention and
+    the SwiGLU product. full: save nothing; the backward pass reruns the
+    layer from its input. offload: as dots, with the saved values moved to
+    pinned host memory between the forward and the backward pass.
+    """
+    if remat == "none":
+        return None
+    if remat == "dots":
+        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    if remat == "full":
+        return jax.checkpoint_policies.nothing_saveable
+    if remat == "offload":
+        backend = jax.default_backend()
+        if backend not in _OFFLOAD_PLATFORMS:
+            raise ValueError(f"remat='offload' needs host-offload support, which backend "
+                             f"{backend!r} lacks (supported on: {_OFFLOAD_PLATFORMS}); use "
+                             "remat='dots' or 'full'")
+        return jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host")
+    raise ValueError(f"remat={remat!r}; allowed: ('none', 'dots', 'full', 'offload')")
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str, ...], dtype,
-           init: str = "normal") -> nnx.Param:
+           init: str = "normal", layers: int | None = None) -> nnx.Param:
+    """A parameter; with `layers`, `layers` stacked copies (leading axis named "layers")."""
+    if layers is not None:
+        shape, names = (layers, *shape), ("layers", *names)
     if init == "normal":  # HF initializer_range = 0.02
         value = 0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)
     else:
@@ -71,29 +113,29 @@ def dense(x: jax.Array, w: jax.Array, in_dims: int = 1, **kwargs) -> jax.Array:
 
 
 class KVCache(NamedTuple):
-    """A preallocated key/value cache: one [B,K,S,H] array per layer.
+    """A preallocated key/value cache: keys and values [L,B,K,S,H], all layers stacked.
 
     `index` is the cache slot where the next call's first token is written.
     """
 
-    keys: tuple[jax.Array, ...]
-    values: tuple[jax.Array, ...]
+    keys: jax.Array
+    values: jax.Array
     index: jax.Array
 
     @classmethod
     def zeros(cls, config: ModelConfig, batch: int, length: int) -> "KVCache":
-        shape = (batch, config.num_kv_heads, length, config.head_dim)
-        z = tuple(jnp.zeros(shape, config.compute_dtype) for _ in range(config.num_layers))
-        return cls(keys=z, values=tuple(jnp.zeros_like(a) for a in z),
-                   index=jnp.zeros((), jnp.int32))
+        shape = (config.num_layers, batch, config.num_kv_heads, length, config.head_dim)
+        return cls(keys=jnp.zeros(shape, config.compute_dtype),
+                   values=jnp.zeros(shape, config.compute_dtype), index=jnp.zeros((), jnp.int32))
 
 
 class RMSNorm(nnx.Module):
     """y = w * x / sqrt(mean(x^2) + eps), statistics in float32."""
 
-    def __init__(self, size: int, config: ModelConfig, *, names: tuple[str, ...], rngs: nnx.Rngs):
+    def __init__(self, size: int, config: ModelConfig, *, names: tuple[str, ...], rngs: nnx.Rngs,
+                 layers: int | None = None):
         self.eps = config.rms_norm_eps
-        self.scale = _param(rngs, (size,), names, config.params_dtype, init="ones")
+        self.scale = _param(rngs, (size,), names, config.params_dtype, init="ones", layers=layers)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
@@ -137,22 +179,27 @@ def apply_rope(x_BNTH: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Arra
 
 
 class Attention(nnx.Module):
-    """Grouped-query attention with RoPE and an optional KV cache."""
+    """Grouped-query attention with RoPE and an optional KV cache.
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-        c, pd = config, config.params_dtype
+    With `layers`, every parameter is stacked `layers` times (see `Block`).
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, layers: int | None = None):
+        c, pd, lay = config, config.params_dtype, dict(layers=layers)
         self.config = config
-        self.q = _param(rngs, (c.hidden_size, c.num_heads, c.head_dim), ("embed", "heads", "head_dim"), pd)
-        self.k = _param(rngs, (c.hidden_size, c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), pd)
-        self.v = _param(rngs, (c.hidden_size, c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), pd)
-        self.o = _param(rngs, (c.num_heads, c.head_dim, c.hidden_size), ("heads", "head_dim", "embed"), pd)
+        self.q = _param(rngs, (c.hidden_size, c.num_heads, c.head_dim), ("embed", "heads", "head_dim"), pd, **lay)
+        self.k = _param(rngs, (c.hidden_size, c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), pd,
+                        **lay)
+        self.v = _param(rngs, (c.hidden_size, c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), pd,
+                        **lay)
+        self.o = _param(rngs, (c.num_heads, c.head_dim, c.hidden_size), ("heads", "head_dim", "embed"), pd, **lay)
         if c.qkv_bias:
-            self.q_bias = _param(rngs, (c.num_heads, c.head_dim), ("heads", "head_dim"), pd, "zeros")
-            self.k_bias = _param(rngs, (c.num_kv_heads, c.head_dim), ("kv_heads", "head_dim"), pd, "zeros")
-            self.v_bias = _param(rngs, (c.num_kv_heads, c.head_dim), ("kv_heads", "head_dim"), pd, "zeros")
+            self.q_bias = _param(rngs, (c.num_heads, c.head_dim), ("heads", "head_dim"), pd, "zeros", **lay)
+            self.k_bias = _param(rngs, (c.num_kv_heads, c.head_dim), ("kv_heads", "head_dim"), pd, "zeros", **lay)
+            self.v_bias = _param(rngs, (c.num_kv_heads, c.head_dim), ("kv_heads", "head_dim"), pd, "zeros", **lay)
         if c.qk_norm:
-            self.q_norm = RMSNorm(c.head_dim, c, names=("head_dim",), rngs=rngs)
-            self.k_norm = RMSNorm(c.head_dim, c, names=("head_dim",), rngs=rngs)
+            self.q_norm = RMSNorm(c.head_dim, c, names=("head_dim",), rngs=rngs, layers=layers)
+            self.k_norm = RMSNorm(c.head_dim, c, names=("head_dim",), rngs=rngs, layers=layers)
 
     def _project(self, x_BTD: jax.Array, name: str) -> jax.Array:
         """x W (+ b) in the head-major layout [B, heads, T, H]."""
@@ -164,10 +211,13 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BTD, rope, segments, kv=None, index=None,
                  prefill=False):
-        """Returns the attention output [B,T,D] and the (possibly updated) k/v [B,K,S,H].
+        """Returns the attention output [B,T,D] and the new keys/values [B,K,T,H].
 
         `segments` is (query segment ids [B,T], key segment ids [B,S]); see
-        `aem_jax.models.attention`.
+        `aem_jax.models.attention`. `kv` is this layer's cache (keys, values
+        [B,K,S,H]) or None; with it, the queries attend to the cache with the
+        new keys written at slots [index, index + T) (the caller stores the
+        returned new keys/values in the cache).
 
         Keys and values are kept head-major ([B,K,S,H]) so that a decode step
         reads the cache without a transpose.
@@ -178,33 +228,30 @@ class Attention(nnx.Module):
             q_BNTH, k_BKTH = self.q_norm(q_BNTH), self.k_norm(k_BKTH)
         q_BNTH = sharding.constrain(apply_rope(q_BNTH, rope), ("batch", "heads", "length", "head_dim"))
         k_BKTH = sharding.constrain(apply_rope(k_BKTH, rope), ("batch", "kv_heads", "length", "head_dim"))
-        if kv is not None:  # write the new keys/values at slots [index, index + T)
-            start = (0, 0, index, 0)
-            k_BKSH = jax.lax.dynamic_update_slice(kv[0], k_BKTH.astype(kv[0].dtype), start)
-            v_BKSH = jax.lax.dynamic_update_slice(kv[1], v_BKTH.astype(kv[1].dtype), start)
-        else:
-            k_BKSH, v_BKSH = k_BKTH, v_BKTH
         q_seg_BT, kv_seg_BS = segments
         if kv is None or prefill:  # keys are the T new tokens at slots [0, T): causal blocks
             t = q_BNTH.shape[2]
             out_BNTH = attention.attend(q_BNTH, k_BKTH, v_BKTH, q_seg_BT, kv_seg_BS[:, :t],
                                         impl=c.attention)
-        else:
+        else:  # the cache with the new keys/values at slots [index, index + T)
+            start = (0, 0, index, 0)
+            k_BKSH = jax.lax.dynamic_update_slice(kv[0], k_BKTH.astype(kv[0].dtype), start)
+            v_BKSH = jax.lax.dynamic_update_slice(kv[1], v_BKTH.astype(kv[1].dtype), start)
             out_BNTH = attention.attend(q_BNTH, k_BKSH, v_BKSH, q_seg_BT, kv_seg_BS,
                                         q_offset=index, impl=c.attention)
         y = dense(out_BNTH.transpose(0, 2, 1, 3), self.o[...].astype(c.compute_dtype), in_dims=2)
-        return y, (k_BKSH, v_BKSH)
+        return y, (k_BKTH, v_BKTH)
 
 
 class MLP(nnx.Module):
     """SwiGLU: W_down(silu(W_gate x) * W_up x)."""
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, layers: int | None = None):
         c, pd = config, config.params_dtype
         self.dtype = c.compute_dtype
-        self.gate = _param(rngs, (c.hidden_size, c.intermediate_size), ("embed", "mlp"), pd)
-        self.up = _param(rngs, (c.hidden_size, c.intermediate_size), ("embed", "mlp"), pd)
-        self.down = _param(rngs, (c.intermediate_size, c.hidden_size), ("mlp", "embed"), pd)
+        self.gate = _param(rngs, (c.hidden_size, c.intermediate_size), ("embed", "mlp"), pd, layers=layers)
+        self.up = _param(rngs, (c.hidden_size, c.intermediate_size), ("embed", "mlp"), pd, layers=layers)
+        self.down = _param(rngs, (c.intermediate_size, c.hidden_size), ("mlp", "embed"), pd, layers=layers)
 
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
         dt = self.dtype
@@ -215,13 +262,18 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    """One pre-norm transformer layer."""
+    """One pre-norm transformer layer, or with `layers` that many stacked.
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-        self.input_norm = RMSNorm(config.hidden_size, config, names=("norm",), rngs=rngs)
-        self.attn = Attention(config, rngs=rngs)
-        self.post_attn_norm = RMSNorm(config.hidden_size, config, names=("norm",), rngs=rngs)
-        self.mlp = MLP(config, rngs=rngs)
+    A stacked Block holds every parameter with a leading layer axis and is
+    not called directly: `Decoder.hidden` scans over it, calling the Block
+    rebuilt from one layer's slice of the parameters.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, layers: int | None = None):
+        self.input_norm = RMSNorm(config.hidden_size, config, names=("norm",), rngs=rngs, layers=layers)
+        self.attn = Attention(config, rngs=rngs, layers=layers)
+        self.post_attn_norm = RMSNorm(config.hidden_size, config, names=("norm",), rngs=rngs, layers=layers)
+        self.mlp = MLP(config, rngs=rngs, layers=layers)
 
     def __call__(self, x_BTD, rope, segments, kv=None, index=None,
                  prefill=False):
@@ -233,13 +285,13 @@ class Block(nnx.Module):
 
 
 class Decoder(nnx.Module):
-    """The decoder: embedding, `num_layers` blocks, final norm, unembedding."""
+    """The decoder: embedding, `num_layers` stacked blocks, final norm, unembedding."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
         pd = config.params_dtype
         self.embed = _param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), pd)
-        self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
+        self.layers = Block(config, rngs=rngs, layers=config.num_layers)
         self.final_norm = RMSNorm(config.hidden_size, config, names=("norm",), rngs=rngs)
         if not config.tie_embeddings:
             self.lm_head = _param(rngs, (config.hidden_size, config.vocab_size), ("embed", "vocab"), pd)
@@ -265,14 +317,34 @@ class Decoder(nnx.Module):
         q_seg_BT = kv_seg_BS if cache is None else jax.lax.dynamic_slice_in_dim(kv_seg_BS, index, t, axis=1)
         segments = (q_seg_BT, kv_seg_BS)
         rope = rope_tables(positions_BT, rope_inverse_frequencies(c), c.compute_dtype)
-        new_k, new_v = [], []
-        for i, layer in enumerate(self.layers):
-            kv = None if cache is None else (cache.keys[i], cache.values[i])
-            x_BTD, (k, v) = layer(x_BTD, rope, segments, kv, index, prefill)
-            new_k.append(k)
-            new_v.append(v)
-        new_cache = None if cache is None else KVCache(tuple(new_k), tuple(new_v), index + t)
-        return self.final_norm(x_BTD), new_cache
+        graphdef, stacked = nnx.split(self.layers)
+
+        def layer(x_BTD, params, kv=None):
+            return nnx.merge(graphdef, params)(x_BTD, rope, segments, kv, index, prefill)
+
+        if cache is None:  # training / scoring: the layers under remat, no cache
+            policy = remat_policy(c.remat)
+            if policy is not None:
+                layer = jax.checkpoint(layer, policy=policy, prevent_cse=False)
+            x_BTD, _ = jax.lax.scan(lambda x, params: (layer(x, params)[0], None), x_BTD, stacked)
+            return self.final_norm(x_BTD), None
+
+        def body(carry, xs):
+            # The cache rides in the carry and only the T new slots of layer l
+            # are written: an in-place update, where scanning the cache as
+            # xs -> ys would copy all of it every call.
+            x_BTD, keys, values = carry
+            params, l = xs
+            kv = None if prefill else (keys[l], values[l])
+            x_BTD, (k_BKTH, v_BKTH) = layer(x_BTD, params, kv)
+            start = (l, 0, 0, index, 0)
+            keys = jax.lax.dynamic_update_slice(keys, k_BKTH[None].astype(keys.dtype), start)
+            values = jax.lax.dynamic_update_slice(values, v_BKTH[None].astype(values.dtype), start)
+            return (x_BTD, keys, values), None
+
+        layer_ids = jnp.arange(c.num_layers, dtype=jnp.int32)
+        (x_BTD, keys, values), _ = jax.lax.scan(body, (x_BTD, cache.keys, cache.values), (stacked, layer_ids))
+        return self.final_norm(x_BTD), KVCache(keys, values, index + t)
 
     def unembed(self, hidden_BTD: jax.Array) -> jax.Array:
         """Float32 logits [B,T,V] from hidden states."""

@@ -3,12 +3,17 @@
 Loading never holds the model twice in host memory: safetensors files are
 memory-mapped, each tensor is viewed in our layout (transposes and reshapes
 of the mapping, no copy) and `jax.make_array_from_callback` copies only each
-device's shard of it straight into its target sharding. The model skeleton
-is built with `nnx.eval_shape`, so no random initialisation is materialised.
+device's shard of it straight into its target sharding. The per-layer tensors
+`model.layers.{i}.*` of Hugging Face become slices of our stacked [L, ...]
+parameters: the callback of a stacked parameter reads, for the index a
+device asks for, the requested part of each requested layer's mapped tensor,
+so no process ever builds a whole stack (or anything its devices do not
+hold). The model skeleton is built with `nnx.eval_shape`, so no random
+initialisation is materialised.
 
-Saving gathers one tensor at a time and writes shards of at most
-`max_shard_bytes`, with a `model.safetensors.index.json` when there is more
-than one.
+Saving gathers one tensor (one layer's slice of a stacked parameter) at a
+time and writes shards of at most `max_shard_bytes`, with a
+`model.safetensors.index.json` when there is more than one.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import os
 from typing import Any, Callable, Iterator, Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import safetensors.numpy
@@ -36,8 +42,12 @@ Rules = Sequence[tuple[str, Any]]
 
 # --- the name and layout map ------------------------------------------------
 
-def _entries(config: ModelConfig) -> Iterator[tuple[str, tuple, Callable, Callable]]:
-    """(HF name, our state path, HF->ours view, ours->HF) for every parameter."""
+def _entries(config: ModelConfig) -> Iterator[tuple[str, tuple, int | None, Callable, Callable]]:
+    """(HF name, our state path, layer, HF->ours view, ours->HF) for every HF tensor.
+
+    `layer` is the index into the leading axis of our stacked parameter at
+    `path` (None for parameters outside the layers).
+    """
     n, k, h, d = config.num_heads, config.num_kv_heads, config.head_dim, config.hidden_size
     ident = (lambda a: a, lambda a: a)
     transpose = (lambda a: a.T, lambda a: a.T)
@@ -51,24 +61,24 @@ def _entries(config: ModelConfig) -> Iterator[tuple[str, tuple, Callable, Callab
 
     o = (lambda a: a.reshape(d, n, h).transpose(1, 2, 0),  # HF [D, N*H] <-> ours [N, H, D]
          lambda a: a.transpose(2, 0, 1).reshape(d, n * h))
-    yield ("model.embed_tokens.weight", ("embed",), *ident)
+    yield ("model.embed_tokens.weight", ("embed",), None, *ident)
     for i in range(config.num_layers):
-        p, ours = f"model.layers.{i}.", ("layers", i)
-        yield (p + "input_layernorm.weight", (*ours, "input_norm", "scale"), *ident)
-        yield (p + "post_attention_layernorm.weight", (*ours, "post_attn_norm", "scale"), *ident)
+        p, ours = f"model.layers.{i}.", ("layers",)
+        yield (p + "input_layernorm.weight", (*ours, "input_norm", "scale"), i, *ident)
+        yield (p + "post_attention_layernorm.weight", (*ours, "post_attn_norm", "scale"), i, *ident)
         for name, heads in (("q", n), ("k", k), ("v", k)):
-            yield (p + f"self_attn.{name}_proj.weight", (*ours, "attn", name), *qkv(heads))
+            yield (p + f"self_attn.{name}_proj.weight", (*ours, "attn", name), i, *qkv(heads))
             if config.qkv_bias:
-                yield (p + f"self_attn.{name}_proj.bias", (*ours, "attn", f"{name}_bias"), *bias(heads))
-        yield (p + "self_attn.o_proj.weight", (*ours, "attn", "o"), *o)
+                yield (p + f"self_attn.{name}_proj.bias", (*ours, "attn", f"{name}_bias"), i, *bias(heads))
+        yield (p + "self_attn.o_proj.weight", (*ours, "attn", "o"), i, *o)
         if config.qk_norm:
-            yield (p + "self_attn.q_norm.weight", (*ours, "attn", "q_norm", "scale"), *ident)
-            yield (p + "self_attn.k_norm.weight", (*ours, "attn", "k_norm", "scale"), *ident)
+            yield (p + "self_attn.q_norm.weight", (*ours, "attn", "q_norm", "scale"), i, *ident)
+            yield (p + "self_attn.k_norm.weight", (*ours, "attn", "k_norm", "scale"), i, *ident)
         for name in ("gate", "up", "down"):
-            yield (p + f"mlp.{name}_proj.weight", (*ours, "mlp", name), *transpose)
-    yield ("model.norm.weight", ("final_norm", "scale"), *ident)
+            yield (p + f"mlp.{name}_proj.weight", (*ours, "mlp", name), i, *transpose)
+    yield ("model.norm.weight", ("final_norm", "scale"), None, *ident)
     if not config.tie_embeddings:
-        yield ("lm_head.weight", ("lm_head",), *transpose)
+        yield ("lm_head.weight", ("lm_head",), None, *transpose)
 
 
 # --- reading ----------------------------------------------------------------
@@ -181,7 +191,8 @@ def load_model(directory: str, *, dtype: str = "float32", param_dtype: str | Non
     graphdef, state = nnx.split(abstract)
     flat = dict(nnx.to_flat_state(state))
     opened: dict[str, dict[str, np.ndarray]] = {}
-    for hf_name, path, to_ours, _ in _entries(config):
+    sources: dict[tuple, list[np.ndarray | None]] = {}  # our path -> per-layer views (or [view])
+    for hf_name, path, layer, to_ours, _ in _entries(config):
         if hf_name not in files:
             raise ValueError(f"{directory}: tensor {hf_name!r} is missing from the checkpoint")
         file = files[hf_name]
@@ -189,27 +200,48 @@ def load_model(directory: str, *, dtype: str = "float32", param_dtype: str | Non
             opened[file] = _mmap_safetensors(os.path.join(directory, file))
         if hf_name not in opened[file]:
             raise ValueError(f"{os.path.join(directory, file)}: tensor {hf_name!r} is missing")
-        variable = flat[path]
+        shape = tuple(flat[path].shape)[0 if layer is None else 1:]
         raw = opened[file][hf_name]
         try:
             view = to_ours(raw)
         except ValueError:
             view = None
-        if view is None or view.shape != tuple(variable.shape):
+        if view is None or view.shape != shape:
             raise ValueError(f"{os.path.join(directory, file)}: tensor {hf_name!r} has shape "
                              f"{list(raw.shape)}, which does not fit {config_path} (expected a "
-                             f"tensor that maps to {list(variable.shape)})")
+                             f"tensor that maps to {list(shape)})")
+        if layer is None:
+            sources[path] = [view]
+        else:
+            sources.setdefault(path, [None] * config.num_layers)[layer] = view
+    for path, views in sources.items():
+        variable = flat[path]
         if mesh is None:
             placement = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         else:
-            names = variable.get_metadata().get("out_sharding") or (None,) * view.ndim
-            spec = sharding.logical_to_spec(names, rules, shape=view.shape, mesh=mesh)
+            names = variable.get_metadata().get("out_sharding") or (None,) * len(variable.shape)
+            spec = sharding.logical_to_spec(names, rules, shape=variable.shape, mesh=mesh)
             placement = jax.sharding.NamedSharding(mesh, spec)
-        target = variable.dtype
+        stacked = path[0] == "layers"
         value = jax.make_array_from_callback(
-            view.shape, placement, lambda idx, v=view, t=target: np.ascontiguousarray(v[idx]).astype(t))
+            tuple(variable.shape), placement,
+            lambda index, p=path, v=views, t=variable.dtype, st=stacked: _read_shard(p, v, index, t, stacked=st))
         variable.set_value(value)
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _read_shard(path: tuple, views: list[np.ndarray], index: tuple[slice, ...], dtype,
+                *, stacked: bool) -> np.ndarray:
+    """One device's part `index` of the parameter at `path`, read from the mapped tensors.
+
+    For a stacked parameter, `views[l]` is layer l's tensor and index[0]
+    selects layers; only the requested layers, and in each only the
+    requested part, are read from disk.
+    """
+    if not stacked:
+        return np.ascontiguousarray(views[0][index]).astype(dtype)
+    layers, rest = index[0], tuple(index[1:])
+    return np.stack([np.asarray(views[l][rest]).astype(dtype) for l in range(len(views))[layers]])
 
 
 def from_pretrained(path_or_hub_id: str, *, dtype: str = "float32", param_dtype: str | None = None,
@@ -264,6 +296,17 @@ def _to_host(value: jax.Array) -> np.ndarray:
     return np.asarray(jax.device_get(value))
 
 
+_layer_slice = jax.jit(lambda a, i: jax.lax.dynamic_index_in_dim(a, i, keepdims=False))
+
+
+def _tensor(state, path: tuple, layer: int | None) -> np.ndarray:
+    """Our parameter at `path` (its `layer` slice if stacked) on the host."""
+    value = state[path][...]
+    if layer is not None:  # one layer at a time: never the whole stack on the host
+        value = _layer_slice(value, jnp.int32(layer))
+    return _to_host(value)
+
+
 def save_pretrained(model: Decoder, tokenizer, path: str | os.PathLike, *,
                     max_shard_bytes: int = 2 * 1024 ** 3) -> None:
     """Writes `model` (config.json + safetensors) and `tokenizer` to `path`.
@@ -276,24 +319,28 @@ def save_pretrained(model: Decoder, tokenizer, path: str | os.PathLike, *,
     config: ModelConfig = model.config
     state = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     entries = list(_entries(config))
+
+    def nbytes(entry) -> int:
+        value = state[entry[1]]
+        return value.size * value.dtype.itemsize // (1 if entry[2] is None else config.num_layers)
+
     # Plan shards from sizes first, then hold only one shard in host memory.
     shards: list[list[tuple]] = [[]]
     size = 0
     for entry in entries:
-        nbytes = state[entry[1]].size * state[entry[1]].dtype.itemsize
-        if shards[-1] and size + nbytes > max_shard_bytes:
+        if shards[-1] and size + nbytes(entry) > max_shard_bytes:
             shards.append([])
             size = 0
         shards[-1].append(entry)
-        size += nbytes
+        size += nbytes(entry)
     writer = jax.process_index() == 0
     if writer:
         os.makedirs(path, exist_ok=True)
     weight_map = {}
     for i, shard in enumerate(shards):
         file = SINGLE_FILE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {hf: np.ascontiguousarray(to_hf(_to_host(state[p][...])))
-                   for hf, p, _, to_hf in shard}
+        tensors = {hf: np.ascontiguousarray(to_hf(_tensor(state, p, layer)))
+                   for hf, p, layer, _, to_hf in shard}
         if writer:
             safetensors.numpy.save_file(tensors, os.path.join(path, file), metadata={"format": "pt"})
         weight_map.update({hf: file for hf in tensors})
@@ -301,7 +348,7 @@ def save_pretrained(model: Decoder, tokenizer, path: str | os.PathLike, *,
     if not writer:
         return
     if len(shards) > 1:
-        total = sum(state[p].size * state[p].dtype.itemsize for _, p, _, _ in entries)
+        total = sum(nbytes(entry) for entry in entries)
         with open(os.path.join(path, INDEX_FILE), "w") as f:
             json.dump({"metadata": {"total_size": int(total)}, "weight_map": weight_map}, f, indent=2)
     pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None

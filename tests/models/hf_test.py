@@ -73,18 +73,18 @@ def test_sharded_save_and_load_onto_a_mesh(checkpoints, tmp_path):
     rules = [("batch", "fsdp"), ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"),
              ("kv_heads", "tensor"), ("vocab", "tensor")]
     sharded, _ = M.from_pretrained(str(tmp_path), mesh=mesh, rules=rules)
-    up = sharded.layers[0].mlp.up[...]
-    assert up.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
-    assert up.addressable_shards[0].data.shape == (32, 24)
+    up = sharded.layers.mlp.up[...]  # [L, D, F]: the layer axis is never split
+    assert up.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    assert up.addressable_shards[0].data.shape == (2, 32, 24)
     # kv_heads=2 does not divide tensor=4: replicated on that axis.
-    assert sharded.layers[0].attn.k[...].sharding.spec == jax.sharding.PartitionSpec("fsdp", None, None)
+    assert sharded.layers.attn.k[...].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None, None)
     # Loading places every tensor exactly where aem_jax.sharding would create it.
     state = nnx.state(sharded)
     expected = sharding.state_shardings(state, mesh, rules)
     for (path, var), (_, want) in zip(nnx.to_flat_state(state), nnx.to_flat_state(expected)):
         assert var.get_value().sharding.spec == want.get_value().spec, path
     default, _ = M.from_pretrained(str(tmp_path), mesh=sharding.make_mesh({"fsdp": 2, "tensor": 4}))
-    assert default.layers[0].mlp.up[...].sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    assert default.layers.mlp.up[...].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
     tokens, mask = padded_batch(len(tok), seed=2)
     tokens, mask = np.concatenate([tokens, tokens[:1]]), np.concatenate([mask, mask[:1]])
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
@@ -95,7 +95,7 @@ def test_sharded_save_and_load_onto_a_mesh(checkpoints, tmp_path):
 def test_bfloat16_load(checkpoints):
     ckpt = checkpoints["qwen2"]
     model, tok = M.from_pretrained(ckpt.path, dtype="bfloat16")
-    assert model.layers[0].mlp.up[...].dtype == jnp.bfloat16
+    assert model.layers.mlp.up[...].dtype == jnp.bfloat16
     tokens, mask = padded_batch(len(tok))
     ours = logits_fn(model, jnp.asarray(tokens), jnp.asarray(mask))
     assert max_rel_err(ours, torch_logits(ckpt.torch_model, tokens, mask), mask) < 0.05
@@ -125,8 +125,8 @@ def test_parameters_carry_logical_axis_names(tokenizer):
     state = nnx.state(M.init_model(config), nnx.Param)
     names = {p: v.get_metadata()["out_sharding"] for p, v in nnx.to_flat_state(state)}
     assert names[("embed",)] == ("vocab", "embed") and names[("lm_head",)] == ("embed", "vocab")
-    assert names[("layers", 0, "attn", "k")] == ("embed", "kv_heads", "head_dim")
-    assert names[("layers", 0, "mlp", "down")] == ("mlp", "embed")
+    assert names[("layers", "attn", "k")] == ("layers", "embed", "kv_heads", "head_dim")
+    assert names[("layers", "mlp", "down")] == ("layers", "mlp", "embed")
     assert all(len(n) == v.ndim for (p, v), n in zip(nnx.to_flat_state(state), names.values()))
 
 
