@@ -255,15 +255,16 @@ def test_shell_protocol_on_a_host_bash():
         assert session.run(tricky, 10).output == "it's|a \"b\"|é|\t|\n"
         assert session.run("pwd; echo $X $FROM_INIT; printf 'no newline'", 10).output == "/\n1 1\nno newline"
         assert session.run("cat; echo read-nothing", 10).output == "read-nothing\n"  # stdin is /dev/null
-        assert session.run("sleep 60 & echo $! > /tmp/.aem_bg_pid_$$; echo started", 10).output == "started\n"
+        started = session.run("export BGF=/tmp/.aem_bg_$$; sleep 60 & echo $! > $BGF; echo started", 10)
+        assert started.output == "started\n"
         slow = session.run("cd /tmp; sleep 60; echo never", 1)
         assert slow.timed_out and slow.returncode == 137 and "never" not in slow.output
         flood = session.run("while :; do echo yyyyyyyyyyyyyyyy; done", 10)
         assert "output exceeded 5000 bytes" in flood.output and len(flood.output) < 5400
         assert session.run("exit 5", 10).returncode == 5
-        after = session.run("pwd; echo $X $FROM_INIT; kill -0 $(cat /tmp/.aem_bg_pid_*) && echo bg-alive", 10)
+        after = session.run("pwd; echo $X $FROM_INIT; kill -0 $(cat $BGF) && echo bg-alive", 10)
         assert after.output.split() == ["/", "1", "1", "bg-alive"]  # state and earlier background jobs kept
-        session.run("kill $(cat /tmp/.aem_bg_pid_*); rm -f /tmp/.aem_bg_pid_*", 10)
+        session.run("kill $(cat $BGF); rm -f $BGF", 10)
     finally:
         session.close()
 
