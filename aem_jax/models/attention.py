@@ -25,7 +25,7 @@ Implementations (`impl`, see IMPLS):
   axis). Training and prefill only (T == S, q_offset the int 0); otherwise xla.
 * "cudnn": cuDNN flash attention (`jax.nn.dot_product_attention`) on GPU for
   bfloat16/float16; other cases fall back to xla (see `_cudnn`).
-* "auto": by `jax.default_backend()`: TPU splash, GPU cudnn, CPU blockwise for
+* "auto": by the platform of the current mesh (else `jax.default_backend()`): TPU splash, GPU cudnn, CPU blockwise for
   T >= AUTO_BLOCKWISE_MIN_T; xla otherwise and for decode steps.
 
 Dimension letters: B batch, T query length, S key length, N query heads,
@@ -356,13 +356,24 @@ def _cudnn(q_BNTH, k_BKTH, v_BKTH, q_segments_BT, kv_segments_BT, *, implementat
 # ----------------------------------------------------------------------------------------------
 
 
+def platform() -> str:
+    """The platform attention will run on: the current mesh's devices, else the default backend.
+
+    Reading the mesh matters for ahead-of-time compilation: a CPU host that
+    compiles for a TPU topology (``python -m aem_jax.plan``) sets a mesh of
+    TPU devices, and "auto" must then pick the TPU kernel.
+    """
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    return device.platform if device is not None else jax.default_backend()
+
+
 def resolve_impl(impl: str, q_BNTH, k_BKSH, q_offset) -> str:
     """The implementation `attend` runs for `impl` and these shapes (never "auto")."""
     if impl not in IMPLS:
         raise ValueError(f"attention impl={impl!r}; allowed: {IMPLS}")
     self_attention = _is_self_attention(q_BNTH, k_BKSH, q_offset)
     if impl == "auto":
-        backend = jax.default_backend()
+        backend = platform()
         if backend == "tpu":
             impl = "splash"
         elif backend == "gpu":

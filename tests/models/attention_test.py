@@ -272,3 +272,18 @@ def test_splash_compiles_for_a_v5p_slice():
         assert r["platform"] == "tpu", (tensor, r)
         assert r["kernels"] >= 3, (tensor, r)  # forward, dq and dkv kernels are Mosaic calls
         assert r["temp_mib"] < 256, (tensor, r)  # below one head's [T,T] float32 scores (256 MiB)
+
+
+def test_auto_follows_the_mesh_platform_for_ahead_of_time_compiles():
+    """A CPU host compiling for TPU devices (the planner) must get the TPU kernel."""
+    from jax._src.mesh import AbstractDevice
+
+    q = jnp.zeros((1, 4, 2048, 64))
+    k = jnp.zeros((1, 2, 2048, 64))
+    assert A.resolve_impl("auto", q, k, 0) == "blockwise"  # this CPU, no mesh
+    tpu = jax.sharding.AbstractMesh((1,), ("data",), abstract_device=AbstractDevice(
+        device_kind="TPU v5", num_cores=None, platform="tpu"))
+    with jax.sharding.use_abstract_mesh(tpu):
+        assert A.platform() == "tpu"
+        assert A.resolve_impl("auto", q, k, 0) == "splash"
+        assert A.resolve_impl("auto", q, k, 5) == "xla"  # decode steps
