@@ -59,8 +59,10 @@ from typing import Any
 
 # libtpu reads these when it loads: without them it probes the GCE metadata
 # server for the VM's accelerator type and worker hostnames and prints
-# warnings. The planner owns no TPU, so it names none.
-_LIBTPU_ENV = {"TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": "v5p-8", "TPU_WORKER_HOSTNAMES": "localhost"}
+# warnings, and a second process loading it (two plans at once) fails on its
+# lockfile. The planner owns no TPU, so it names none and locks none.
+_LIBTPU_ENV = {"TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": "v5p-8", "TPU_WORKER_HOSTNAMES": "localhost",
+               "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
 
 GiB = 1024**3
 USAGE_ERROR = 2
