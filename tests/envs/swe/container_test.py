@@ -16,6 +16,7 @@ import subprocess
 import sys
 import sysconfig
 import tarfile
+import time
 
 import pytest
 
@@ -142,18 +143,24 @@ def image(tmp_path_factory):
         tar.add(root, arcname=".")
     name = f"localhost/aem-swe-test:{os.getpid()}"
     subprocess.run(["podman", "import", tarball, name], check=True, capture_output=True)
-    options, reason = _podman_options(name)
-    if options is None:
-        subprocess.run(["podman", "rmi", "-f", name], capture_output=True)
-        pytest.skip(reason)
-    record = {k: v for k, v in local.to_record().items() if k != "repo_snapshot"}
-    task = tasks.from_record({**record, "image": name, "workdir": "/testbed", "grading": "pytest",
-                              "env": {"AEM_TASK_VAR": "from-task"},
-                              "shell_init": "export AEM_INIT=done; alias ll='ls -l'"})
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(container.CLI_OPTIONS_ENV, shlex.join(options))
-        yield task
-    subprocess.run(["podman", *options, "rmi", "-f", name], capture_output=True)
+    shutil.rmtree(root)  # ~100 MB each: the image holds them now
+    os.remove(tarball)
+    try:
+        options, reason = _podman_options(name)
+        if options is None:
+            pytest.skip(reason)
+        record = {k: v for k, v in local.to_record().items() if k != "repo_snapshot"}
+        task = tasks.from_record({**record, "image": name, "workdir": "/testbed", "grading": "pytest",
+                                  "env": {"AEM_TASK_VAR": "from-task"},
+                                  "shell_init": "export AEM_INIT=done; alias ll='ls -l'"})
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv(container.CLI_OPTIONS_ENV, shlex.join(options))
+            yield task
+    finally:
+        for _ in range(5):  # a container removed just before may still hold the image
+            if subprocess.run(["podman", "rmi", "-f", name], capture_output=True).returncode == 0:
+                break
+            time.sleep(1)
 
 
 def test_image_and_task_configuration(image):
