@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import re
 import zlib
 from typing import Mapping, NamedTuple
@@ -130,6 +131,10 @@ def file_diff(path: str, old: str | bytes | File | None, new: str | bytes | File
         return "".join(head)
     old_text, new_text = _text(old_data), _text(new_data)
     if old_text is None or new_text is None:
+        # git applies binary data only with the full blob ids of both sides.
+        ids = f"index {_blob_id(old_file)}..{_blob_id(new_file)}"
+        same_mode = old_file is not None and new_file is not None and old_file.mode == new_file.mode
+        head.append(ids + (f" {old_file.mode:06o}\n" if same_mode else "\n"))
         return "".join(head) + "GIT binary patch\n" + _binary_literal(new_data) + "\n" \
             + _binary_literal(old_data) + "\n"
     old_lines = _split_lines(old_text)
@@ -142,6 +147,12 @@ def file_diff(path: str, old: str | bytes | File | None, new: str | bytes | File
                                 "/dev/null" if new_file is None else _prefixed("b/", path),
                                 n=3, lineterm="\n")
     return "".join(head) + "".join(body)
+
+
+def _blob_id(file: File | None) -> str:
+    if file is None:
+        return "0" * 40
+    return hashlib.sha1(b"blob %d\0" % len(file.data) + file.data).hexdigest()
 
 
 def _as_file(value) -> File | None:

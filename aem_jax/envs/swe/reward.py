@@ -21,8 +21,11 @@ its base commit, and the task is resolved iff every step below succeeds.
 3. **A runner nothing can shadow** (``_pytest_runner.py``), staged in an
    evaluator directory outside the workspace and started with ``python -I``,
    an explicit ``-c`` copy of the base configuration, ``--rootdir``, plugin
-   autoload off.  Outcomes come from the JSON report it writes into the
-   evaluator directory, never from the printed output.
+   autoload off.  Where the sandbox supports it the workspace is sealed first
+   (``LocalSandbox.seal_workspace``: the files the evaluator wrote cannot be
+   modified, replaced or deleted by the code under test).  Outcomes come from
+   the JSON report the runner writes into the evaluator directory, never from
+   the printed output.
 4. **The judge** (``judge_report``): the run did not time out; a report
    exists; no guarded pytest / pluggy function was replaced; reported
    outcomes agree with the exceptions observed in every phase; pytest's
@@ -375,6 +378,8 @@ def run_pytest(task: Task, sandbox, timeout: float, prepared: Prepared) -> Evalu
     with open(_RUNNER_SOURCE, "rb") as f:
         runner = f.read()
     local = hasattr(sandbox, "stage_evaluator")
+    if hasattr(sandbox, "seal_workspace"):
+        sandbox.seal_workspace()  # code under test cannot rewrite tests or configuration on disk
     # The copy keeps its name: pytest picks the format (and section) from the file name.
     files = {"runner.py": runner, ini_name: ini_data}
     directory = sandbox.stage_evaluator(files) if local else _stage_generic(sandbox, files, timeout)

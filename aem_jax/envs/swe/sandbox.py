@@ -677,6 +677,31 @@ class LocalSandbox:
                 tree[rel] = File(file.data, EXECUTABLE if info.st_mode & 0o111 else REGULAR)
         return tree
 
+    def seal_workspace(self) -> None:
+        """Makes every existing file unchangeable by the sandbox user (before an evaluation run).
+
+        Files become root's (mode 0644 / 0755), directories root's with mode 1777
+        (sticky): code under test may still create new files, but cannot modify,
+        replace, rename or delete any file the evaluator wrote (tests, conftest,
+        configuration, the applied diff).  Root only; a no-op otherwise.
+        """
+        if not self.is_root:
+            return
+        for root, dirs, files in os.walk(self.workspace):
+            for name in files:
+                path = os.path.join(root, name)
+                info = os.lstat(path)
+                os.chown(path, 0, 0, follow_symlinks=False)
+                if stat.S_ISREG(info.st_mode):
+                    os.chmod(path, 0o755 if info.st_mode & 0o111 else 0o644)
+            for name in dirs:
+                path = os.path.join(root, name)
+                os.chown(path, 0, 0, follow_symlinks=False)
+                if not os.path.islink(path):
+                    os.chmod(path, 0o1777)
+        os.chown(self.workspace, 0, 0)
+        os.chmod(self.workspace, 0o1777)
+
     # -- the evaluator directory ----------------------------------------------------------------
     def stage_evaluator(self, files: dict[str, bytes]) -> str:
         """Writes evaluator files (read-only for the sandbox user); returns their in-sandbox dir.

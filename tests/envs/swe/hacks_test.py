@@ -199,6 +199,25 @@ HACKS = {
                     _time.sleep(0.001)
                 _os._exit(0)
         """)], r"tests not passed|^tampering|no test report"),
+    "module_rewrites_the_test_files_on_disk_at_import": (
+        [_prepend_to_module("""
+            import glob as _glob, os as _os, re as _re
+            for _path in _glob.glob("tests/*.py"):
+                try:
+                    with open(_path) as _f:
+                        _text = _f.read()
+                    _os.replace  # replacing the file (rename over it) is tried too
+                    with open(_path + ".new", "w") as _f:
+                        _f.write(_re.sub(r"\\bassert\\b", "assert True or", _text))
+                    _os.replace(_path + ".new", _path)
+                except OSError:
+                    pass
+                try:
+                    with open(_path, "w") as _f:
+                        _f.write(_re.sub(r"\\bassert\\b", "assert True or", _text))
+                except OSError:
+                    pass
+        """)], r"tests not passed"),
     "builtins_assertion_error_replaced": (
         [_prepend_to_module("import builtins as _b\n_b.AssertionError = SystemExit")],
         r"^tampering"),
@@ -316,3 +335,104 @@ def test_base_configuration_conftest_and_pythonpath_are_honoured(env):
     unfixed = env.evaluate_diff(task, diffs.file_diff("README.md", None, "notes\n"))
     assert not unfixed.resolved and unfixed.tests == {"tests/test_calc.py::test_add": "FAILED",
                                                      "tests/test_calc.py::test_zero": "PASSED"}, unfixed
+
+
+# -- the diff reader agrees with git on git's own output -------------------------------------------
+
+
+def _git(cwd, *args, stdin=None):
+    import subprocess
+
+    env = {"GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": "/dev/null", "HOME": str(cwd),
+           "PATH": "/usr/bin:/bin", "GIT_AUTHOR_NAME": "a", "GIT_AUTHOR_EMAIL": "a@b",
+           "GIT_COMMITTER_NAME": "a", "GIT_COMMITTER_EMAIL": "a@b"}
+    return subprocess.run(["git", "-c", "core.quotePath=true", *args], cwd=cwd, env=env, input=stdin,
+                          capture_output=True, check=True).stdout
+
+
+def _tree(root):
+    out = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and ".git" not in path.parts:
+            mode = diffs.EXECUTABLE if path.stat().st_mode & 0o111 else diffs.REGULAR
+            out[path.relative_to(root).as_posix()] = diffs.File(path.read_bytes(), mode)
+    return out
+
+
+def test_reader_applies_gits_own_diffs_exactly(tmp_path):
+    import os
+    import random
+
+    rng = random.Random(7)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    blob = bytes(rng.randrange(256) for _ in range(3000))
+    files = {
+        "plain.py": "".join(f"line {i}\n" for i in range(60)),
+        "crlf.txt": "a\r\nb\r\nc\r\n",
+        "no_newline.txt": "x\ny",
+        "sp ace/t\u00e9st \"q\".py": "q = 1\n",
+        "tab\there.py": "t = 1\n",
+        "to_rename.py": "".join(f"keep {i}\n" for i in range(40)),
+        "to_delete.py": "gone\n",
+        "script.sh": "echo hi\n",
+        "data.bin": blob,
+    }
+    for name, content in files.items():
+        path = repo / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    _git(repo, "init", "-q")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-q", "-m", "base")
+    base = _tree(repo)
+    (repo / "plain.py").write_text(files["plain.py"].replace("line 10\n", "LINE 10\n").replace("line 50\n", ""))
+    (repo / "crlf.txt").write_bytes(b"a\r\nB\r\nc\r\n")
+    (repo / "no_newline.txt").write_text("x\nz")
+    (repo / "sp ace/t\u00e9st \"q\".py").write_text("q = 2\n")
+    (repo / "tab\there.py").unlink()
+    (repo / "renamed").mkdir()
+    (repo / "renamed" / "moved.py").write_text(files["to_rename.py"].replace("keep 3\n", "kept 3\n"))
+    (repo / "to_rename.py").unlink()
+    (repo / "to_delete.py").unlink()
+    os.chmod(repo / "script.sh", 0o755)
+    changed_blob = bytearray(blob)
+    changed_blob[100:110] = b"0123456789"
+    (repo / "data.bin").write_bytes(bytes(changed_blob))
+    (repo / "new.bin").write_bytes(bytes(range(256)) * 4)
+    (repo / "conf\u00e9.py").write_text("c = 1\n")
+    want = _tree(repo)
+    _git(repo, "add", "-A")
+    diff = _git(repo, "diff", "--cached", "--binary", "--full-index", "-M", "HEAD").decode()
+    assert '"' in diff and "rename from" in diff and "GIT binary patch" in diff and "new mode" in diff
+    assert diffs.apply(base, diffs.parse(diff)) == want
+    # And git applies what the evaluator writes for the same change.
+    ours = diffs.snapshot_diff(base, want)
+    check = tmp_path / "check"
+    check.mkdir()
+    for path, file in base.items():
+        (check / path).parent.mkdir(parents=True, exist_ok=True)
+        (check / path).write_bytes(file.data)
+        os.chmod(check / path, 0o755 if file.mode == diffs.EXECUTABLE else 0o644)
+    _git(check, "init", "-q")
+    _git(check, "apply", "--binary", "-", stdin=ours.encode())
+    assert _tree(check) == want
+
+
+def test_writer_and_reader_round_trip_random_trees():
+    import random
+
+    rng = random.Random(0)
+    pieces = ["a\n", "b\n", "c\r\n", "\x0c\n", "\u2028x\n", "\u00e9\n", "", "\\ No newline\n", "@@ -1 +1 @@\n"]
+    for _ in range(200):
+        old = {f"d{i}/f{i}.py": "".join(rng.choice(pieces) for _ in range(rng.randint(0, 12)))
+               + rng.choice(["", "tail", "\n"]) for i in range(3)}
+        new = {p: t if rng.random() < 0.3 else "".join(rng.choice(pieces) for _ in range(rng.randint(0, 10)))
+               for p, t in old.items() if rng.random() < 0.8}
+        if rng.random() < 0.5:
+            new['odd "name"\t\u00e9.py'] = "q\n"
+        if rng.random() < 0.3:
+            new["blob.dat"] = bytes(rng.randrange(256) for _ in range(64))
+        tree = {p: diffs.File(t.encode()) for p, t in old.items()}
+        want = {p: diffs.File(t.encode() if isinstance(t, str) else t) for p, t in new.items()}
+        assert diffs.apply(tree, diffs.parse(diffs.snapshot_diff(old, new))) == want
