@@ -308,8 +308,15 @@ def _cgroup_parents() -> tuple[str | None, list[str]]:
         return mode, dirs
 
 
-def _find_cgroup_parents() -> tuple[str | None, list[str]]:
-    mounts = _mounts()
+def _find_cgroup_parents(mounts: list[tuple[str, str, str]] | None = None, own=None
+                         ) -> tuple[str | None, list[str]]:
+    """("v2", [parent]) or ("v1", [memory parent, pids parent]) or (None, []).
+
+    ``mounts`` (mount point, fs type, super options) and ``own(controller)`` (this
+    process's cgroup path) default to this process's; tests pass fake ones.
+    """
+    mounts = _mounts() if mounts is None else mounts
+    own = own or _own_cgroup
     for point, fstype, _ in mounts:
         if fstype != "cgroup2":
             continue
@@ -336,7 +343,7 @@ def _find_cgroup_parents() -> tuple[str | None, list[str]]:
                       if fstype == "cgroup" and controller in opts.split(",")), None)
         if point is None:
             return None, []
-        for base in (os.path.join(point, _own_cgroup(controller).lstrip("/")), point):
+        for base in (os.path.join(point, own(controller).lstrip("/")), point):
             parent = os.path.join(base, "aem_jax_sandboxes")
             try:
                 os.makedirs(parent, exist_ok=True)
@@ -355,13 +362,13 @@ def _find_cgroup_parents() -> tuple[str | None, list[str]]:
 class _Cgroup:
     """One sandbox's cgroup(s): memory (no swap) and process-count limits."""
 
-    def __init__(self, name: str, limits: Limits):
-        self.mode, parents = _cgroup_parents()
+    def __init__(self, name: str, limits: Limits, found: tuple[str | None, list[str]] | None = None):
+        self.mode, parents = found or _cgroup_parents()
         self.dirs: list[str] = []
         if self.mode is None:
             return
         try:
-            for parent in parents:
+            for index, parent in enumerate(parents):
                 path = os.path.join(parent, name)
                 if os.path.isdir(path):
                     _remove_cgroup(path)
@@ -372,7 +379,7 @@ class _Cgroup:
                     if os.path.exists(os.path.join(path, "memory.swap.max")):
                         _write(os.path.join(path, "memory.swap.max"), "0")
                     _write(os.path.join(path, "pids.max"), str(limits.max_processes))
-                elif os.path.exists(os.path.join(path, "memory.limit_in_bytes")):
+                elif index == 0:  # v1: the memory hierarchy, then the pids one
                     _write(os.path.join(path, "memory.limit_in_bytes"), str(limits.memory_bytes))
                     memsw = os.path.join(path, "memory.memsw.limit_in_bytes")
                     if os.path.exists(memsw):

@@ -200,3 +200,30 @@ def test_unprivileged_python_sees_only_system_site_packages(make_box):
     box = make_box()
     result = box.execute("python -c 'import sys; print(sys.prefix)'", timeout=20)
     assert result.output.strip() == sys.prefix
+
+
+def test_cgroup_v2_and_v1_file_protocols(tmp_path):
+    """The cgroup set-up on fake hierarchies (this machine may have only one of v1 / v2)."""
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cgroup.controllers").write_text("cpu io memory pids\n")
+    mode, parents = sandbox_lib._find_cgroup_parents([(str(v2), "cgroup2", "rw")])
+    assert (mode, parents) == ("v2", [str(v2 / "aem_jax_sandboxes")])
+    assert (v2 / "cgroup.subtree_control").read_text() == "+memory +pids"
+    assert (v2 / "aem_jax_sandboxes" / "cgroup.subtree_control").read_text() == "+memory +pids"
+    limits = sandbox_lib.Limits(memory_bytes=512 << 20, max_processes=77)
+    group = sandbox_lib._Cgroup("sbx_1", limits, (mode, parents))
+    leaf = v2 / "aem_jax_sandboxes" / "sbx_1"
+    assert (leaf / "memory.max").read_text() == str(512 << 20) and (leaf / "pids.max").read_text() == "77"
+    assert group.procs_files == [str(leaf / "cgroup.procs")]
+    (v2 / "other").mkdir()
+    (v2 / "other" / "cgroup.controllers").write_text("cpu\n")  # no memory controller: not used
+    assert sandbox_lib._find_cgroup_parents([(str(v2 / "other"), "cgroup2", "rw")]) == (None, [])
+
+    memory, pids = tmp_path / "memory", tmp_path / "pids"
+    mounts = [(str(memory), "cgroup", "rw,memory"), (str(pids), "cgroup", "rw,pids")]
+    mode, parents = sandbox_lib._find_cgroup_parents(mounts, own=lambda controller: "/job/7")
+    assert (mode, parents) == ("v1", [str(memory / "job/7/aem_jax_sandboxes"), str(pids / "job/7/aem_jax_sandboxes")])
+    sandbox_lib._Cgroup("sbx_2", limits, (mode, parents))
+    assert (memory / "job/7/aem_jax_sandboxes/sbx_2/memory.limit_in_bytes").read_text() == str(512 << 20)
+    assert (pids / "job/7/aem_jax_sandboxes/sbx_2/pids.max").read_text() == "77"
