@@ -1,7 +1,8 @@
 """Generation and training throughput of aem_jax models against transformers.
 
-  python bench/generate.py            # the full benchmark (a few minutes on 2 CPU cores)
-  python bench/generate.py --no-torch # aem_jax only
+  python bench/generate.py               # the full benchmark (a few minutes on 2 CPU cores)
+  python bench/generate.py --no-torch    # aem_jax only
+  python bench/generate.py --only=train  # the training rows only (aem_jax and transformers)
 
 Setting: a Qwen2 config (vocab 32000, hidden 512, intermediate 1536, 8 layers,
 8 heads, 2 kv heads, tied embeddings) with random weights, float32. One
@@ -14,7 +15,11 @@ implementations, so both generate from the same weights.
   best of --runs timed calls); transformers: `generate(do_sample=True)`.
 * Training: one forward + backward of the mean token log-likelihood at B=8,
   T=1024 (hidden states, then the chunked log-probs of
-  `aem_jax.objectives.logprobs_and_entropy_from_hidden`), jit-compiled.
+  `aem_jax.objectives.logprobs_and_entropy_from_hidden`), jit-compiled,
+  with the config's remat policy (default "none"). transformers: the same
+  loss on the same weights (the model's hidden states, logits, log-softmax,
+  `backward()`), best of --runs, in the same run, so the ratio of the two
+  shares the machine's load at that moment.
 
 Model FLOPs (MFU = achieved model FLOP/s over the matmul peak measured in
 this run with a 2048^3 float32 matmul):
@@ -43,6 +48,7 @@ from flax import nnx
 
 import aem_jax.models as M
 from aem_jax.models import sampler
+from aem_jax.models.config import REMATS
 
 VOCAB, HIDDEN, INTER, LAYERS, HEADS, KV_HEADS = 32000, 512, 1536, 8, 8, 2
 HEAD_DIM = HIDDEN // HEADS
@@ -164,21 +170,59 @@ def bench_train(model, runs: int) -> dict:
     return {"seconds": seconds, "cpu_s": cpu, "compile_and_first_s": first}
 
 
+def bench_torch_train(path: str, runs: int) -> dict:
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).train()
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, VOCAB, (TRAIN_B, TRAIN_T + 1), generator=gen)
+    mask = torch.ones_like(tokens)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        hidden = model.model(input_ids=tokens[:, :-1], attention_mask=mask[:, :-1]).last_hidden_state
+        logp = torch.log_softmax(model.lm_head(hidden).float(), dim=-1)
+        loss = -logp.gather(-1, tokens[:, 1:, None]).mean()
+        loss.backward()
+        return float(loss)
+
+    start = time.perf_counter()
+    step()
+    first = time.perf_counter() - start
+    seconds, cpu = _best_with_cpu(step, runs)
+    return {"seconds": seconds, "cpu_s": cpu, "first_s": first, "threads": torch.get_num_threads(),
+            "attention": model.config._attn_implementation}
+
+
 def main() -> None:
+    global TRAIN_B, TRAIN_T  # --train-batch / --train-length override the defaults
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=2, help="timed aem_jax calls (best is kept)")
-    parser.add_argument("--no-torch", action="store_true", help="skip transformers generate")
+    parser.add_argument("--no-torch", action="store_true", help="skip transformers")
+    parser.add_argument("--only", choices=("all", "generate", "train"), default="all",
+                        help="which rows to run")
+    parser.add_argument("--remat", default="none", choices=REMATS,
+                        help="ModelConfig.remat of the training step")
+    parser.add_argument("--train-batch", type=int, default=TRAIN_B, help="training rows B")
+    parser.add_argument("--train-length", type=int, default=TRAIN_T, help="training tokens per row T")
     args = parser.parse_args()
+    TRAIN_B, TRAIN_T = args.train_batch, args.train_length
 
     matmul_peak()
+    ours = theirs = train = torch_train = None
     with tempfile.TemporaryDirectory() as path:
         n_params = write_checkpoint(path)
-        model, _ = M.from_pretrained(path)
+        model, _ = M.from_pretrained(path, remat=args.remat)
         prompts = np.random.default_rng(0).integers(3, VOCAB, (BATCH, PROMPT)).astype(np.int32)
-        ours, ours_peak = with_concurrent_peak(lambda: bench_aem_generate(model, prompts, args.runs))
-        theirs, theirs_peak = (None, None) if args.no_torch else with_concurrent_peak(
-            lambda: bench_torch_generate(path, prompts))
-        train, train_peak = with_concurrent_peak(lambda: bench_train(model, args.runs))
+        if args.only in ("all", "generate"):
+            ours, ours_peak = with_concurrent_peak(lambda: bench_aem_generate(model, prompts, args.runs))
+            if not args.no_torch:
+                theirs, theirs_peak = with_concurrent_peak(lambda: bench_torch_generate(path, prompts))
+        if args.only in ("all", "train"):
+            train, train_peak = with_concurrent_peak(lambda: bench_train(model, args.runs))
+            if not args.no_torch:
+                torch_train, torch_train_peak = with_concurrent_peak(lambda: bench_torch_train(path, args.runs))
     matmul_peak()
     peak = max(_PEAKS)  # the best of every measurement: contention only lowers it
 
@@ -188,25 +232,41 @@ def main() -> None:
     gen_work = (2.0 * (n_params - embed) * BATCH * (PROMPT + NEW) + 2.0 * embed * BATCH * NEW
                 + gen_attn)
     train_flops = 6.0 * n_params * TRAIN_B * TRAIN_T + 3 * attention_flops(TRAIN_B, [(0, TRAIN_T)])
-    tok_s = BATCH * NEW / ours["seconds"]
     result = {
         "device": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(), "params": n_params,
         "matmul_peak_gflops": peak / 1e9,
         "load_average_1min": os.getloadavg()[0],
-        "aem_generate_tokens_per_s": tok_s, "aem_generate_s": ours["seconds"],
-        "aem_generate_cpu_s": ours["cpu_s"],
-        "aem_generate_compile_and_first_s": ours["compile_and_first_s"],
-        "aem_generate_mfu": gen_flops / ours["seconds"] / peak,
-        "aem_generate_mfu_work": gen_work / ours["seconds"] / peak,
-        "aem_generate_concurrent_peak_gflops": ours_peak / 1e9,
-        "aem_generate_mfu_concurrent": gen_flops / ours["seconds"] / ours_peak,
-        "train_step_s": train["seconds"], "train_cpu_s": train["cpu_s"],
-        "train_compile_and_first_s": train["compile_and_first_s"],
-        "train_tokens_per_s": TRAIN_B * TRAIN_T / train["seconds"],
-        "train_mfu": train_flops / train["seconds"] / peak,
-        "train_concurrent_peak_gflops": train_peak / 1e9,
-        "train_mfu_concurrent": train_flops / train["seconds"] / train_peak,
     }
+    if ours is not None:
+        result.update({
+            "aem_generate_tokens_per_s": BATCH * NEW / ours["seconds"], "aem_generate_s": ours["seconds"],
+            "aem_generate_cpu_s": ours["cpu_s"],
+            "aem_generate_compile_and_first_s": ours["compile_and_first_s"],
+            "aem_generate_mfu": gen_flops / ours["seconds"] / peak,
+            "aem_generate_mfu_work": gen_work / ours["seconds"] / peak,
+            "aem_generate_concurrent_peak_gflops": ours_peak / 1e9,
+            "aem_generate_mfu_concurrent": gen_flops / ours["seconds"] / ours_peak,
+        })
+    if train is not None:
+        result.update({
+            "train_remat": args.remat,
+            "train_step_s": train["seconds"], "train_cpu_s": train["cpu_s"],
+            "train_compile_and_first_s": train["compile_and_first_s"],
+            "train_tokens_per_s": TRAIN_B * TRAIN_T / train["seconds"],
+            "train_mfu": train_flops / train["seconds"] / peak,
+            "train_concurrent_peak_gflops": train_peak / 1e9,
+            "train_mfu_concurrent": train_flops / train["seconds"] / train_peak,
+        })
+    if torch_train is not None:
+        result.update({
+            "torch_train_step_s": torch_train["seconds"], "torch_train_cpu_s": torch_train["cpu_s"],
+            "torch_train_tokens_per_s": TRAIN_B * TRAIN_T / torch_train["seconds"],
+            "torch_train_attention": torch_train["attention"],
+            "torch_train_mfu": train_flops / torch_train["seconds"] / peak,
+            "torch_train_concurrent_peak_gflops": torch_train_peak / 1e9,
+            "torch_train_mfu_concurrent": train_flops / torch_train["seconds"] / torch_train_peak,
+            "train_speedup_vs_torch": torch_train["seconds"] / train["seconds"],
+        })
     if theirs is not None:
         result.update({
             "torch_generate_tokens_per_s": BATCH * NEW / theirs["seconds"],
@@ -228,6 +288,13 @@ def print_table(r: dict) -> None:
     print("Seconds are wall time. 'MFU' divides by the best peak of the run; 'MFU (conc.)' by the\n"
           "peak measured just before and after that row (the CPU share it really had on a shared\n"
           "machine); 'MFU (work)' counts only FLOPs the generation needs (no prompt unembedding).")
+    if "aem_generate_s" in r:
+        print_generation(r)
+    if "train_step_s" in r:
+        print_training(r)
+
+
+def print_generation(r: dict) -> None:
     print(f"\ngeneration: B={BATCH}, prompt {PROMPT}, {NEW} new tokens, temperature 1")
     print("| implementation | tokens/s | seconds | MFU | MFU (conc.) | MFU (work) | peak (conc.) |")
     print("|---|---|---|---|---|---|---|")
@@ -243,12 +310,21 @@ def print_table(r: dict) -> None:
               f"{r['torch_generate_concurrent_peak_gflops']:.0f} |")
         print(f"| ratio aem_jax / transformers | {r['speedup_vs_torch']:.2f}x | | | | | |")
     print(f"(aem_jax compile + first call: {r['aem_generate_compile_and_first_s']:.1f} s)")
-    print(f"\ntraining forward+backward: B={TRAIN_B}, T={TRAIN_T}")
+
+
+def print_training(r: dict) -> None:
+    print(f"\ntraining forward+backward: B={TRAIN_B}, T={TRAIN_T}, aem_jax remat={r['train_remat']}")
     print("| implementation | tokens/s | seconds | MFU | MFU (conc.) | peak (conc.) |")
     print("|---|---|---|---|---|---|")
     print(f"| aem_jax | {r['train_tokens_per_s']:.0f} | {r['train_step_s']:.2f} | "
           f"{r['train_mfu']:.0%} | {r['train_mfu_concurrent']:.0%} | "
           f"{r['train_concurrent_peak_gflops']:.0f} |")
+    if "torch_train_step_s" in r:
+        print(f"| transformers (torch, {r['torch_train_attention']} attention) | "
+              f"{r['torch_train_tokens_per_s']:.0f} | {r['torch_train_step_s']:.2f} | "
+              f"{r['torch_train_mfu']:.0%} | {r['torch_train_mfu_concurrent']:.0%} | "
+              f"{r['torch_train_concurrent_peak_gflops']:.0f} |")
+        print(f"| ratio aem_jax / transformers | {r['train_speedup_vs_torch']:.2f}x | | | | |")
     print(f"(compile + first step: {r['train_compile_and_first_s']:.1f} s)\n")
 
 
