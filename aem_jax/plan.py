@@ -340,6 +340,7 @@ class StepReport:
     resident_bytes: int = 0                   # per chip, held outside this program (the sampler: optimiser state)
     compiled_flops: float = 0.0               # XLA's count, whole slice (loop bodies once)
     compiled_bytes: float = 0.0               # XLA's bytes accessed, whole slice
+    pallas_calls: int = 0                     # Mosaic (Pallas) kernels in the compiled program, e.g. splash
     error: str | None = None
     largest: list[Any] = dataclasses.field(default_factory=list)
 
@@ -433,6 +434,7 @@ def compile_step(name: str, jitted, args: Sequence[Any], mesh, chips: int, hbm: 
                         compiled_flops=float(cost.get("flops", 0.0)) * chips,
                         compiled_bytes=float(cost.get("bytes accessed", 0.0)) * chips,
                         largest=largest or [])
+    report.pallas_calls = compiled.as_text().count('custom_call_target="tpu_custom_call"')
     if not report.fits:
         report.error = (f"needs {fmt_bytes(total + resident)} per chip, the chip has {fmt_bytes(hbm)}")
         report.largest = (largest or [])[:3] + largest_hlo_values(compiled.as_text())
@@ -556,7 +558,7 @@ def plan(config, sl: Slice, *, out=sys.stdout) -> dict[str, Any]:
             say(f"  total {fmt_bytes(rep_.total_bytes)}{extra} of {fmt_bytes(chip.hbm_bytes)}: "
                 f"{'fits' if rep_.fits else 'DOES NOT FIT'}")
             say(f"  XLA cost analysis: {rep_.compiled_flops:.3e} FLOPs, {rep_.compiled_bytes:.3e} bytes "
-                "(whole slice; a loop body counted once)")
+                f"(whole slice; a loop body counted once); {rep_.pallas_calls} Pallas kernel calls")
         else:
             say(f"  DOES NOT FIT: {rep_.error}")
             if rep_.total_bytes:
@@ -589,6 +591,7 @@ def plan(config, sl: Slice, *, out=sys.stdout) -> dict[str, Any]:
         "train_memory": train.memory, "sampler_memory": samp.memory,
         "flops_per_step": train_flop_count, "model_flops_per_step": model_train,
         "compiled_flops_per_step": train.compiled_flops, "sampler_compiled_flops": samp.compiled_flops,
+        "train_pallas_calls": train.pallas_calls, "sampler_pallas_calls": samp.pallas_calls,
         "est_step_seconds": est_train, "est_sampler_seconds": est_sampler,
         "peak_flops_per_chip": peak, "hbm_bandwidth_per_chip": bw, "fits": fits,
     }
