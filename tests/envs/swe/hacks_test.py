@@ -436,3 +436,82 @@ def test_writer_and_reader_round_trip_random_trees():
         tree = {p: diffs.File(t.encode()) for p, t in old.items()}
         want = {p: diffs.File(t.encode() if isinstance(t, str) else t) for p, t in new.items()}
         assert diffs.apply(tree, diffs.parse(diffs.snapshot_diff(old, new))) == want
+
+
+# -- the judge's rules on crafted reports -------------------------------------------------------
+
+
+def _report(task, canaries):
+    ids = [*task.FAIL_TO_PASS, *task.PASS_TO_PASS, *canaries.passing]
+    phases, reports = [], []
+    for test in [*ids, *canaries.failing]:
+        failing = test in canaries.failing
+        for when in ("setup", "call", "teardown"):
+            raised = "builtins.AssertionError" if failing and when == "call" else None
+            phases.append([test, when, raised, False])
+            reports.append([test, when, "failed" if raised else "passed", False])
+    return {"version": 1, "exit_status": 1, "error": None, "phases": phases, "reports": reports,
+            "collected": ids, "collect_reports": [], "tampering": [],
+            "stats": {"passed": len(ids), "failed": len(canaries.failing)}}
+
+
+def test_judge_report_rules():
+    import copy
+    import json
+
+    from aem_jax.envs.swe.sandbox import ExecResult
+
+    canaries = reward.Canaries(("tests/test_case.py::test_x_ok2",), ("tests/test_case.py::test_y_edge3",))
+    good = _report(TASK, canaries)
+    ran = ExecResult("", 1, False)
+
+    def judge(report, result=ran):
+        return reward.judge_report(TASK, json.dumps(report).encode(), result, canaries)
+
+    assert judge(good).resolved
+    target = TASK.FAIL_TO_PASS[0]
+
+    def changed(edit):
+        report = copy.deepcopy(good)
+        edit(report)
+        return judge(report)
+
+    cases = {
+        "a later PASSED does not override an earlier FAILED": lambda r: (
+            r["phases"].append([target, "call", "builtins.AssertionError", False]),
+            r["reports"].append([target, "call", "failed", False]),
+            r["stats"].update(failed=2)),
+        "summary contradicts the per-test reports": lambda r: r["stats"].update(failed=0, passed=40),
+        "reported passed although the test raised": lambda r: r["phases"].__setitem__(
+            next(i for i, p in enumerate(r["phases"]) if p[0] == target and p[1] == "call"),
+            [target, "call", "builtins.ValueError", False]),
+        "a phase reported that never ran": lambda r: r["reports"].append([target, "call", "passed", False]),
+        "the failing canary passed": lambda r: r["phases"].__setitem__(
+            next(i for i, p in enumerate(r["phases"]) if p[0] == canaries.failing[0] and p[1] == "call"),
+            [canaries.failing[0], "call", None, False]),
+        "guarded functions replaced": lambda r: r["tampering"].append("_pytest.runner.call_and_report"),
+        "exit status 0 in the report": lambda r: r.update(exit_status=0),
+        "a required test missing": lambda r: (
+            r.update(phases=[p for p in r["phases"] if p[0] != target]),
+            r.update(reports=[p for p in r["reports"] if p[0] != target]),
+            r["stats"].update(passed=r["stats"]["passed"] - 1)),
+    }
+    for name, edit in cases.items():
+        assert not changed(edit).resolved, name
+    assert not judge(good, ExecResult("", 0, False)).resolved  # process status differs from the report's
+    assert not judge(good, ExecResult("", 1, True)).resolved  # timed out
+    assert not reward.judge_report(TASK, None, ran, canaries).resolved
+    assert not reward.judge_report(TASK, b"{not json", ran, canaries).resolved
+
+
+def test_log_judge_rules():
+    from aem_jax.envs.swe.sandbox import ExecResult
+
+    ids = [*TASK.FAIL_TO_PASS, *TASK.PASS_TO_PASS]
+    lines = "".join(f"PASSED {t}\n" for t in ids)
+    assert reward.judge(TASK, ExecResult(lines + f"{len(ids)} passed in 0.1s\n", 0, False)).resolved
+    later_pass = f"FAILED {ids[0]} - boom\n" + lines + f"{len(ids)} passed in 0.1s\n"
+    assert not reward.judge(TASK, ExecResult(later_pass, 0, False)).resolved
+    contradicting = lines + f"1 failed, {len(ids)} passed in 0.1s\n"
+    assert not reward.judge(TASK, ExecResult(contradicting, 0, False)).resolved
+    assert not reward.judge(TASK, ExecResult(lines, 0, False)).resolved  # no summary at all
