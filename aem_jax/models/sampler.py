@@ -108,7 +108,10 @@ def inverse_cdf_sample(logp_BV: jax.Array, key: jax.Array, block: int = 256) -> 
     p_BV = jnp.pad(jnp.exp(logp_BV), ((0, 0), (0, nb * block - v)))
     blocks_BNK = p_BV.reshape(b, nb, block)
     cum_BN = jnp.cumsum(blocks_BNK.sum(-1), axis=-1)
-    u_B1 = jax.random.uniform(key, (b, 1)) * cum_BN[:, -1:]
+    if key.ndim:  # one key per row: a row's draw does not depend on the rest of the batch
+        u_B1 = jax.vmap(lambda k: jax.random.uniform(k, (1,)))(key) * cum_BN[:, -1:]
+    else:
+        u_B1 = jax.random.uniform(key, (b, 1)) * cum_BN[:, -1:]
     j_B = jnp.minimum(jnp.sum(cum_BN <= u_B1, axis=-1), nb - 1)
     before_B1 = jnp.where(j_B[:, None] > 0, jnp.take_along_axis(cum_BN, jnp.maximum(j_B - 1, 0)[:, None], -1), 0.0)
     inner_BK = jnp.take_along_axis(blocks_BNK, j_B[:, None, None], axis=1)[:, 0]
@@ -193,7 +196,9 @@ def _generate(graphdef, state, prompts_BP, mask_BS, done_B, key, temperature, to
     stops = jnp.asarray(stop_ids, jnp.int32)
 
     def body(c: _Loop) -> _Loop:
-        tok, logp, ent = sample_token(c.logits_BV, jax.random.fold_in(key, c.step), temperature,
+        step_key = (jax.vmap(jax.random.fold_in, (0, None))(key, c.step) if key.ndim
+                    else jax.random.fold_in(key, c.step))
+        tok, logp, ent = sample_token(c.logits_BV, step_key, temperature,
                                       top_p, top_k=top_k, use_top_p=use_top_p)
         live = ~c.done_B
         tok = jnp.where(live, tok, pad_id)
@@ -256,6 +261,9 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, key: jax.Array
       model: the decoder.
       prompts: B prompts of any lengths >= 1.
       key: a `jax.random.key`; the result is a deterministic function of it.
+        Or one key per prompt ([B] keys): each row then samples from its own
+        stream, whatever else is in the batch (multi-host rollouts split a
+        step's episodes over processes and still draw what one process would).
       params: sampling parameters.
       pad_id: the id written after a row's stop token (and used for padding).
       max_cache_len: the KV-cache length S (default: bucketed longest prompt +
@@ -266,6 +274,11 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, key: jax.Array
       A `SampleOutput` with arrays of N = params.max_new_tokens columns.
     """
     tokens, mask, done = _layout(prompts, params, pad_id, model.config.vocab_size, max_cache_len)
+    if key.ndim:
+        if key.shape != (len(prompts),):
+            raise ValueError(f"key has shape {key.shape}; pass one key or one per prompt ({len(prompts)},)")
+        # bucket-padding rows (done from the start) reuse the first key
+        key = jnp.concatenate([key, jnp.broadcast_to(key[:1], (tokens.shape[0] - len(prompts),))])
     graphdef, state = nnx.split(model)
     out = _generate(
         graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(done), key,

@@ -19,6 +19,13 @@ When to initialise (``flag`` argument, e.g. from ``--distributed``):
 
 CPU processes exchange collectives through gloo, selected before the
 backend starts.
+
+Rollouts: each process plays its own share of a step's tasks
+(:func:`task_share`; a task's G rollouts stay together) with its own copy
+of the policy on its own devices (:func:`process_local`), so it runs only
+its own environments and sandboxes; the trainer then assembles the global
+batch from every process's rows. :func:`check_agreement` compares a few
+integers across processes each step (step, config, keys, parameters).
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 log = logging.getLogger(__name__)
 
@@ -146,3 +155,107 @@ def process_info() -> dict[str, Any]:
 def is_primary() -> bool:
     """Whether this process writes logs, metrics and plots (process 0)."""
     return jax.process_index() == 0
+
+
+# Process-local rollouts ------------------------------------------------------
+
+
+def task_share(num_tasks: int, process_index: int | None = None, process_count: int | None = None) -> range:
+    """The task indices of a step this process plays: a contiguous block of
+    ``num_tasks / process_count`` (all G rollouts of a task stay on one
+    process, so its group statistics need no communication)."""
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    if num_tasks % count:
+        raise ValueError(f"config.rollout.num_tasks={num_tasks} must be a multiple of the number of "
+                         f"processes ({count}): each process plays an equal share of the tasks")
+    per = num_tasks // count
+    return range(index * per, (index + 1) * per)
+
+
+def local_mesh(mesh: Mesh) -> Mesh:
+    """The block of ``mesh`` made of this process's devices, with the same axis names.
+
+    Raises ValueError when this process's devices are not a box of the mesh
+    (``sharding.make_mesh`` lays processes out in blocks).
+    """
+    me = jax.process_index()
+    mine = np.vectorize(lambda d: d.process_index == me)(mesh.devices)
+    where = np.argwhere(mine)
+    lo, hi = where.min(axis=0), where.max(axis=0) + 1
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    if not mine[box].all() or mine.sum() != mine[box].size:
+        raise ValueError(f"process {me}'s devices are not one block of the mesh {dict(mesh.shape)}")
+    return Mesh(mesh.devices[box], mesh.axis_names, axis_types=mesh.axis_types)
+
+
+def process_local(tree: Any, mesh: Mesh) -> tuple[Any, Mesh]:
+    """(a copy of ``tree`` on this process's devices only, the local mesh).
+
+    Each process samples its own episodes with its own copy of the policy,
+    so no sampling step is a collective (processes play different prompts
+    for different numbers of turns). A leaf split only over mesh axes that
+    lie inside one process is already whole on every process and is just
+    re-wrapped; a leaf split across processes is first regathered over
+    those axes (one collective, every process together). One process:
+    ``(tree, mesh)`` unchanged.
+    """
+    if jax.process_count() == 1:
+        return tree, mesh
+    local = local_mesh(mesh)
+    inside = {name for name in mesh.axis_names if local.shape[name] == mesh.shape[name]}
+
+    def axes_of(entry) -> tuple[str, ...]:
+        return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+    def local_spec(x) -> PartitionSpec:
+        spec = x.sharding.spec if isinstance(x.sharding, NamedSharding) else PartitionSpec()
+        kept = []
+        for entry in spec:
+            axes = tuple(a for a in axes_of(entry) if a in inside)
+            kept.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+        return PartitionSpec(*kept)
+
+    leaves, treedef = jax.tree.flatten(tree)
+    arrays = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array) and not x.is_fully_addressable]
+    specs = {i: local_spec(leaves[i]) for i in arrays}
+    regather = [i for i in arrays if specs[i] != leaves[i].sharding.spec]
+    if regather:
+        out = jax.jit(lambda xs: xs, out_shardings=[NamedSharding(mesh, specs[i]) for i in regather])(
+            [leaves[i] for i in regather])
+        for i, x in zip(regather, out):
+            leaves[i] = x
+    for i in arrays:
+        x = leaves[i]
+        leaves[i] = jax.make_array_from_single_device_arrays(
+            x.shape, NamedSharding(local, specs[i]), [s.data for s in x.addressable_shards])
+    return jax.tree.unflatten(treedef, leaves), local
+
+
+def gather_rows(x: np.ndarray) -> np.ndarray:
+    """[P, ...]: every process's ``x`` (same shape and dtype on each), on every process."""
+    if jax.process_count() == 1:
+        return np.asarray(x)[None]
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(np.asarray(x)))
+
+
+def check_agreement(values: Mapping[str, int]) -> None:
+    """Raises RuntimeError unless every process passed the same ``values``.
+
+    A cheap per-step check (one all-gather of a few integers) that the
+    processes run the same step of the same config with the same keys and
+    parameters: silently diverging hosts would train on inconsistent data.
+    All processes must call it together, with the same keys.
+    """
+    names = sorted(values)
+    # int32 (what an all-gather carries without jax_enable_x64): values mod the Mersenne prime 2^31 - 1
+    mine = np.array([int(values[n]) % (2**31 - 1) for n in names], np.int32)
+    table = gather_rows(mine)
+    for column, name in enumerate(names):
+        seen = table[:, column]
+        if (seen != seen[0]).any():
+            per = ", ".join(f"process {p}: {int(v)}" for p, v in enumerate(seen))
+            raise RuntimeError(f"processes disagree on {name} ({per}); every host must run the same "
+                               "code, config and checkpoint")
