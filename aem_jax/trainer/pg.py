@@ -7,7 +7,9 @@ unit and a few flags (``Variant``). One iteration (``update``):
 2. advantages per token (``advantages.compute_advantages``: the estimator,
    then AEM's alpha when ``aem.enabled``);
 3. ``learner.epochs`` shuffled passes of ``pg_update_step`` over minibatches
-   of ``learner.minibatch_size`` rows.
+   of ``learner.minibatch_size`` rows; with ``learner.microbatch_size`` each
+   minibatch's gradient is accumulated over micro-batches of that many rows
+   (one optimiser step, the same update, a micro-batch's activations).
 """
 from __future__ import annotations
 
