@@ -646,17 +646,19 @@ class LocalSandbox:
             raise ValueError(f"name must be a plain file name, got {name!r}")
         self.write_file(name, text.encode("utf-8"))
 
-    def read_tree(self, *, max_files: int = 50_000, skip_dirs=(".git", "__pycache__", ".pytest_cache"),
-                  skip_suffixes=(".pyc", ".pyo")):
+    def read_tree(self, *, max_files: int = 50_000, max_bytes: int = 256 << 20,
+                  skip_dirs=(".git", "__pycache__", ".pytest_cache"), skip_suffixes=(".pyc", ".pyo")):
         """{path: diffs.File} of the workspace's regular files (host side).
 
         Skips ``skip_dirs`` at any depth and ``skip_suffixes``; raises
         ``WorkspaceError`` for symbolic links, devices, sockets and fifos (the
-        evaluator takes regular files only) and past ``max_files``.
+        evaluator takes regular files only) and past ``max_files`` files or
+        ``max_bytes`` bytes in all (so a filled workspace cannot exhaust the
+        host's memory).
         """
         from aem_jax.envs.swe.diffs import EXECUTABLE, REGULAR, File
 
-        tree = {}
+        tree, total = {}, 0
         for root, dirs, files in os.walk(self.workspace, followlinks=False):
             rel_root = os.path.relpath(root, self.workspace)
             keep = []
@@ -676,8 +678,10 @@ class LocalSandbox:
                     kind = "symbolic link" if stat.S_ISLNK(info.st_mode) else "special file"
                     raise WorkspaceError(f"the workspace holds a {kind} {rel!r}; only regular "
                                          "files are taken")
-                if len(tree) >= max_files:
-                    raise WorkspaceError(f"the workspace holds more than {max_files} files")
+                total += info.st_size
+                if len(tree) >= max_files or total > max_bytes:
+                    raise WorkspaceError(f"the workspace holds more than {max_files} files or "
+                                         f"{max_bytes} bytes of files")
                 file = self.read_file(rel)
                 if file is None:
                     raise WorkspaceError(f"could not read {rel!r} from the workspace")
