@@ -413,8 +413,9 @@ def compile_step(name: str, jitted, args: Sequence[Any], mesh, chips: int, hbm: 
             compiled = jitted.lower(*args).compile()
     except Exception as e:  # XLA raises JaxRuntimeError / ValueError with its message
         text = str(e)
-        if not _OOM.search(text):
-            raise
+        if not _OOM.search(text):  # not a verdict on memory: say so, but still end with the record
+            return StepReport(name, False, resident_bytes=resident, largest=largest or [],
+                              error=f"compile failed ({type(e).__name__}): {_summarise_error(text, 600)}"), None
         required = _oom_required(text)  # temporaries; the arguments come on top
         needed = required + per_chip_bytes(args) if required else 0
         return StepReport(name, False, total_bytes=needed, resident_bytes=resident,
