@@ -141,3 +141,12 @@ def test_sharded_microbatches_equal_single_device():
     np.testing.assert_allclose(results[1][1], results[0][1], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(results[1][0]), jax.tree.leaves(results[0][0])):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_loss_settings_read_the_learner_block():
+    from aem_jax.trainer import defaults
+
+    config = defaults.base()
+    config.learner.microbatch_size = 32
+    assert LossSettings.from_config(config).microbatch_size == 32
+    assert LossSettings.from_config(config, microbatch_size=0).microbatch_size == 0
