@@ -198,9 +198,14 @@ def _write(sandbox, changes: Mapping[str, diffs.File | None], timeout: float) ->
         if file is None:
             commands.append(f"rm -f -- {quoted}")
             continue
-        commands.append(f"mkdir -p -- \"$(dirname -- {quoted})\" && rm -f -- {quoted} && "
-                        f"echo {base64.b64encode(file.data).decode()} | base64 -d > {quoted} && "
-                        f"chmod {'755' if file.mode == diffs.EXECUTABLE else '644'} -- {quoted}")
+        if len(file.data) > _CHUNK:
+            _put_bytes(sandbox, path, file.data, timeout)
+            data_command = "true"
+        else:
+            data_command = f"echo {base64.b64encode(file.data).decode()} | base64 -d > {quoted}"
+        commands.append(f"mkdir -p -- \"$(dirname -- {quoted})\" && "
+                        + ("" if data_command == "true" else f"rm -f -- {quoted} && ")
+                        + f"{data_command} && chmod {'755' if file.mode == diffs.EXECUTABLE else '644'} -- {quoted}")
     # Chunks keep each command far below the kernel's 128 KiB argument limit.
     chunk, size = [], 0
     for command in [*commands, None]:
@@ -213,6 +218,22 @@ def _write(sandbox, changes: Mapping[str, diffs.File | None], timeout: float) ->
         if command is not None:
             chunk.append(command)
             size += len(command)
+
+
+_CHUNK = 48_000  # bytes per shell command (the kernel caps one argument at 128 KiB)
+
+
+def _put_bytes(sandbox, path: str, data: bytes, timeout: float) -> None:
+    """Writes ``data`` to ``path`` in a generic sandbox, in base64 chunks small enough for one argument."""
+    quoted, encoded = shlex.quote(path), base64.b64encode(data).decode()
+    staging = shlex.quote(path + ".aem_b64")
+    steps = [f"mkdir -p -- \"$(dirname -- {quoted})\" && : > {staging}"]
+    steps += [f"printf %s {encoded[i:i + _CHUNK]} >> {staging}" for i in range(0, len(encoded), _CHUNK)]
+    steps.append(f"rm -f -- {quoted} && base64 -d < {staging} > {quoted} && rm -f -- {staging}")
+    for step in steps:
+        result = sandbox.execute(step, timeout=timeout)
+        if result.returncode != 0 or result.timed_out:
+            raise EvaluationError(f"writing {path} failed: {result.output.strip()[-300:]}")
 
 
 # -- canaries and the runner's staging --------------------------------------------------------
@@ -359,13 +380,11 @@ def evaluate(task: Task, diff: str, sandbox, *, timeout: float = 300.0) -> Evalu
 
 def _stage_generic(sandbox, files: Mapping[str, bytes], timeout: float) -> str:
     directory = f"/tmp/aem_eval_{secrets.token_hex(8)}"
-    parts = [f"mkdir -m 755 {directory} {directory}/out"]
-    for name, data in files.items():
-        parts.append(f"echo {base64.b64encode(data).decode()} | base64 -d > {directory}/{name}")
-    parts.append(f"chmod 444 {directory}/*.* 2>/dev/null; true")
-    result = sandbox.execute("set -e; " + "; ".join(parts), timeout=timeout)
+    result = sandbox.execute(f"mkdir -m 755 {directory} {directory}/out", timeout=timeout)
     if result.returncode != 0:
         raise EvaluationError(f"staging the runner failed: {result.output.strip()[-300:]}")
+    for name, data in files.items():
+        _write_generic_file(sandbox, f"{directory}/{name}", data, timeout)
     return directory
 
 
@@ -396,8 +415,8 @@ def run_pytest(task: Task, sandbox, timeout: float, prepared: Prepared) -> Evalu
     python = getattr(sandbox, "python", None) or str(task.extra.get("python") or "python")
     command = (f"cd {shlex.quote(sandbox.workdir)} && PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 "
                f"{shlex.quote(python)} -I {directory}/runner.py {config_arg}; status=$?; ")
-    if local:
-        # The local sandbox has its own PID namespace and uid: end every process the
+    if getattr(sandbox, "own_pid_namespace", False):
+        # Each command has its own PID namespace and uid: end every process the
         # code under test left behind before the report is read.
         command += "kill -KILL -1 2>/dev/null; "
     command += "exit $status"
@@ -407,8 +426,8 @@ def run_pytest(task: Task, sandbox, timeout: float, prepared: Prepared) -> Evalu
 
 
 def _write_generic_file(sandbox, path: str, data: bytes, timeout: float) -> None:
-    result = sandbox.execute(f"echo {base64.b64encode(data).decode()} | base64 -d > {path} && "
-                             f"chmod 444 {path}", timeout=timeout)
+    _put_bytes(sandbox, path, data, timeout)
+    result = sandbox.execute(f"chmod 444 {shlex.quote(path)}", timeout=timeout)
     if result.returncode != 0:
         raise EvaluationError(f"staging the runner failed: {result.output.strip()[-300:]}")
 

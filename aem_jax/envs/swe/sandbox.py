@@ -469,6 +469,8 @@ class LocalSandbox:
       **limits: fields of ``Limits`` (cpu_seconds, memory_bytes, disk_bytes ...).
     """
 
+    own_pid_namespace = True  # every command runs in a fresh PID namespace
+
     def __init__(self, workspace: str | os.PathLike, *, backend: str = "auto",
                  uid_range: tuple[int, int] = DEFAULT_UID_RANGE,
                  env: dict[str, str] | None = None, **limits: int):

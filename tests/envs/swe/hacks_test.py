@@ -522,3 +522,46 @@ def test_log_judge_rules():
     contradicting = lines + f"1 failed, {len(ids)} passed in 0.1s\n"
     assert not reward.judge(TASK, ExecResult(contradicting, 0, False)).resolved
     assert not reward.judge(TASK, ExecResult(lines, 0, False)).resolved  # no summary at all
+
+
+def test_generic_sandbox_path(tmp_path):
+    """Sandboxes with only ``execute`` (containers) get files, the runner and the report through commands.
+
+    A stand-in sandbox runs the commands on the host in a scratch directory (no
+    isolation is needed for the gold patch of a local task).
+    """
+    import glob
+    import shutil
+    import subprocess
+
+    from aem_jax.envs.swe import tasks
+    from aem_jax.envs.swe.sandbox import ExecResult
+
+    class HostShell:
+        def __init__(self, workdir):
+            self.workdir = str(workdir)
+            self.commands = []
+
+        def execute(self, command, timeout=60.0):
+            assert "kill -KILL -1" not in command  # never without a PID namespace of its own
+            self.commands.append(command)
+            done = subprocess.run(["sh", "-c", command], cwd=self.workdir, capture_output=True,
+                                  timeout=timeout, env={"PATH": os.environ["PATH"]})
+            return ExecResult((done.stdout + done.stderr).decode(), done.returncode, False)
+
+    import os
+
+    before = set(glob.glob("/tmp/aem_eval_*"))
+    try:
+        for diff, resolved in ((TASK.patch + diffs.file_diff("data/big.txt", None, "x" * 150_000 + "\n"), True),
+                               (diffs.file_diff("notes.txt", None, "nothing fixed\n"), False)):
+            workspace = tmp_path / f"ws{int(resolved)}"
+            tasks.materialize(TASK.repo_snapshot, workspace)
+            box = HostShell(workspace)
+            evaluation = reward.evaluate(TASK, diff, box, timeout=120)
+            assert evaluation.resolved == resolved, evaluation.reason
+            assert all(len(c) < 100_000 for c in box.commands)  # below the kernel's argument limit
+        assert (tmp_path / "ws1" / "data" / "big.txt").read_text() == "x" * 150_000 + "\n"
+    finally:
+        for directory in set(glob.glob("/tmp/aem_eval_*")) - before:
+            shutil.rmtree(directory, ignore_errors=True)
