@@ -48,6 +48,8 @@ def run_episodes(tasks, parallel: int) -> dict:
                 if step.done:
                     break
             results.append((bool(step.info["success"]), time.perf_counter() - start))
+            if not step.info["success"]:
+                print(f"not resolved: {env.task.instance_id}: {step.info.get('evaluation')}", file=sys.stderr)
         env.close()
         return results
 

@@ -724,7 +724,7 @@ class LocalSandbox:
         (``read_evaluator_report`` reads ``out/report.json`` from the host).
         """
         if self._evaluator_dir is None:
-            directory = tempfile.mkdtemp(prefix="aem_eval_")
+            directory = tempfile.mkdtemp(prefix="aem_sbx_eval_")
             self._state["dirs"].append(directory)
             if self.is_root:
                 _mount_tmpfs(directory, 16 << 20, 0, 0)

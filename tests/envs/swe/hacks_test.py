@@ -530,7 +530,6 @@ def test_generic_sandbox_path(tmp_path):
     A stand-in sandbox runs the commands on the host in a scratch directory (no
     isolation is needed for the gold patch of a local task).
     """
-    import glob
     import shutil
     import subprocess
 
@@ -551,17 +550,19 @@ def test_generic_sandbox_path(tmp_path):
 
     import os
 
-    before = set(glob.glob("/tmp/aem_eval_*"))
+    boxes = []
     try:
         for diff, resolved in ((TASK.patch + diffs.file_diff("data/big.txt", None, "x" * 150_000 + "\n"), True),
                                (diffs.file_diff("notes.txt", None, "nothing fixed\n"), False)):
             workspace = tmp_path / f"ws{int(resolved)}"
             tasks.materialize(TASK.repo_snapshot, workspace)
             box = HostShell(workspace)
+            boxes.append(box)
             evaluation = reward.evaluate(TASK, diff, box, timeout=120)
             assert evaluation.resolved == resolved, evaluation.reason
             assert all(len(c) < 100_000 for c in box.commands)  # below the kernel's argument limit
         assert (tmp_path / "ws1" / "data" / "big.txt").read_text() == "x" * 150_000 + "\n"
-    finally:
-        for directory in set(glob.glob("/tmp/aem_eval_*")) - before:
+    finally:  # only the staging directories these commands made
+        made = {m for box in boxes for c in box.commands for m in re.findall(r"/tmp/aem_eval_[0-9a-f]{16}", c)}
+        for directory in made:
             shutil.rmtree(directory, ignore_errors=True)
