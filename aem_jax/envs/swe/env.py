@@ -289,6 +289,7 @@ class SWEEnv:
         info = self._info(success=evaluation.resolved, invalid=invalid, truncated=truncated,
                           anchor=text)
         info["evaluation"] = evaluation.reason
+        info["tampered"] = evaluation.tampered  # a sign of reward tampering (monitor it in training)
         if truncated and self.overflow == "mask":
             info["exclude_from_loss"] = True  # compact filtering: the rollout masks it
         return Step(text, value, True, info)

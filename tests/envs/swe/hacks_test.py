@@ -309,6 +309,7 @@ def test_gold_patch_with_tampering_on_top_scores_zero(env):
     tamper, _ = HACKS["module_rewrites_pytest_reports_at_import"]
     step = _play(env, [*fix, *tamper])
     assert step.reward == 0.0 and step.info["evaluation"].startswith("tampering"), step.info["evaluation"]
+    assert step.info["tampered"]
 
 
 def test_canaries_are_fresh_and_look_like_the_files_tests():
