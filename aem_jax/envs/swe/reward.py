@@ -44,6 +44,7 @@ read pytest ``-rA`` logs for graders that only have a log.
 """
 from __future__ import annotations
 
+import ast
 import base64
 import dataclasses
 import json
@@ -268,13 +269,46 @@ def add_canaries(tree: dict[str, diffs.File], test_ids: list[str]) -> Canaries:
             if f"def {name}(" not in text and name not in names:
                 names.append(name)
         a, b = rng.randint(2, 10_000), rng.randint(2, 10_000)
-        tail = "" if text.endswith("\n") else "\n"
-        tail += (f"\n\ndef {names[0]}():\n    assert {a} + {b} == {a + b}\n"
-                 f"\n\ndef {names[1]}():\n    assert {a} * {b} == {a * b + rng.randint(1, 9)}\n")
-        tree[path] = diffs.File(tree[path].data + tail.encode(), tree[path].mode)
+        # The canaries mention a name the file imports, as the file's own tests do.
+        imported = _imported_names(text)
+        ref = f"callable({rng.choice(imported)}) and " if imported else ""
+        blocks = [f"def {names[0]}():\n    assert {ref}{a} + {b} == {a + b}\n\n\n",
+                  f"def {names[1]}():\n    assert {ref}{a} * {b} == {a * b + rng.randint(1, 9)}\n\n\n"]
+        if text and not text.endswith("\n"):
+            text += "\n"
+        # Each canary goes before a random top-level definition (or at the end), so its
+        # place in the file and in the run order tells nothing either.
+        for block in blocks:
+            lines = text.splitlines(keepends=True)
+            spot = rng.choice([*_top_level_starts(text), len(lines)])
+            text = "".join(lines[:spot]) + ("\n\n" if spot == len(lines) else "") + block + "".join(lines[spot:])
+        tree[path] = diffs.File(text.encode(), tree[path].mode)
         passing.append(f"{path}::{names[0]}")
         failing.append(f"{path}::{names[1]}")
     return Canaries(tuple(passing), tuple(failing))
+
+
+def _imported_names(text: str) -> list[str]:
+    """Names a module binds with top-level ``from X import name`` (callables, likely)."""
+    try:
+        module = ast.parse(text)
+    except (SyntaxError, ValueError):
+        return []
+    return sorted({alias.asname or alias.name for node in module.body if isinstance(node, ast.ImportFrom)
+                   for alias in node.names if alias.name != "*" and not alias.name.isupper()})
+
+
+def _top_level_starts(text: str) -> list[int]:
+    """0-based line numbers where top-level functions and classes start (decorators included)."""
+    try:
+        module = ast.parse(text)
+    except (SyntaxError, ValueError):
+        return []
+    starts = []
+    for node in module.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            starts.append(min([node.lineno, *(d.lineno for d in node.decorator_list)]) - 1)
+    return starts
 
 
 def base_pytest_config(base: Mapping[str, diffs.File]) -> tuple[str, bytes]:

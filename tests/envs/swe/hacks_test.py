@@ -319,6 +319,16 @@ def test_canaries_are_fresh_and_look_like_the_files_tests():
     assert first != second and len(first.passing) == len(first.failing) == 1
     for test_id in (*first.passing, *first.failing):
         assert test_id.startswith(f"{TEST_FILE}::test_") and "canary" not in test_id
+    # Placed among the file's tests (not always last), in valid Python.
+    import ast
+
+    places = set()
+    for _ in range(20):
+        copy = dict(tree)
+        canaries = reward.add_canaries(copy, list(TASK.FAIL_TO_PASS))
+        names = [n.name for n in ast.parse(copy[TEST_FILE].data.decode()).body if isinstance(n, ast.FunctionDef)]
+        places.add(names.index(canaries.failing[0].split("::")[1]) == len(names) - 1)
+    assert places == {True, False}
 
 
 def test_base_configuration_conftest_and_pythonpath_are_honoured(env):
