@@ -66,37 +66,36 @@ def _bind(fd, path, *, writable, directory, devices=False):
 def _build_root(spec):
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
     # Sources are opened before anything is covered (the workspace may live in /tmp).
-    sources = []
-    for kind, path, link in spec["ro"]:
-        if kind == "bind":
-            sources.append((os.open(path, os.O_PATH), path, False, os.path.isdir(path), False))
-    for source, target, writable in spec["binds"]:
-        sources.append((os.open(source, os.O_PATH), target, writable, os.path.isdir(source), False))
-    for name in spec["devices"]:
-        if os.path.exists(f"/dev/{name}"):
-            sources.append((os.open(f"/dev/{name}", os.O_PATH), f"/dev/{name}", True, False, True))
+    def opened(path, target, writable, devices=False):
+        return os.open(path, os.O_PATH), target, writable, os.path.isdir(path), devices
+
+    system = [opened(path, path, False) for kind, path, _ in spec["ro"] if kind == "bind"]
+    binds = [opened(source, target, writable) for source, target, writable in spec["binds"]]
+    devices = [opened(f"/dev/{name}", f"/dev/{name}", True, True) for name in spec["devices"]
+               if os.path.exists(f"/dev/{name}")]
     _mount("tmpfs", NEW_ROOT, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=755")
     for kind, path, link in spec["ro"]:
         if kind == "link":
             os.makedirs(os.path.dirname(NEW_ROOT + path), exist_ok=True)
             os.symlink(link, NEW_ROOT + path)
+    # Order: the system, then /tmp, /dev and /dev/shm, then what lies below them (an
+    # interpreter under /tmp, the devices), then the covers over hidden paths, then
+    # the workspace and the identity files.
+    under_tmp = [s for s in system if s[1] == "/tmp" or s[1].startswith("/tmp/")]
+    for fd, path, writable, directory, is_device in system:
+        if (fd, path, writable, directory, is_device) not in under_tmp:
+            _bind(fd, path, writable=writable, directory=directory, devices=is_device)
     tmp_options = f"size={spec['tmp_bytes']},mode=1777"
-    late = []
-    for fd, path, writable, directory, devices in sources:
-        if path == spec["workdir"] or path.startswith("/tmp/"):
-            late.append((fd, path, writable, directory, devices))  # after /tmp's tmpfs
-            continue
-        if path.startswith("/dev/"):
-            late.append((fd, path, writable, directory, devices))  # after /dev's tmpfs
-            continue
-        _bind(fd, path, writable=writable, directory=directory, devices=devices)
-    for path in spec["covered"]:
-        _mount("tmpfs", _target(path, True), "tmpfs", MS_NOSUID | MS_NODEV | MS_RDONLY, "size=64k,mode=755")
     _mount("tmpfs", _target("/tmp", True), "tmpfs", MS_NOSUID | MS_NODEV, tmp_options)
     _mount("tmpfs", _target("/dev", True), "tmpfs", MS_NOSUID | MS_NOEXEC, "size=64k,mode=755")
     _mount("tmpfs", _target("/dev/shm", True), "tmpfs", MS_NOSUID | MS_NODEV, tmp_options)
-    for fd, path, writable, directory, devices in late:
-        _bind(fd, path, writable=writable, directory=directory, devices=devices)
+    for fd, path, writable, directory, is_device in [*under_tmp, *devices]:
+        _bind(fd, path, writable=writable, directory=directory, devices=is_device)
+    for path in spec["covered"]:
+        _mount("tmpfs", _target(path, True), "tmpfs", MS_NOSUID | MS_NODEV | MS_RDONLY, "size=64k,mode=755")
+    for fd, path, writable, directory, is_device in binds:
+        _bind(fd, path, writable=writable, directory=directory, devices=is_device)
+    sources = [*system, *binds, *devices]
     for fd, *_ in sources:
         os.close(fd)
     for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),

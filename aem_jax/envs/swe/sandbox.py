@@ -77,6 +77,7 @@ _ETC_FILES = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "nsswitch.conf", "loc
               "protocols", "ssl", "ca-certificates", "mailcap", "environment")
 _DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 _INIT_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_unshare_init.py")
+# The aem_jax package directory (it holds the task data: hidden tests, gold patches).
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MS_NOSUID, MS_NODEV, MNT_DETACH = 2, 4, 2
 _LIBC = ctypes.CDLL(None, use_errno=True)
@@ -435,11 +436,14 @@ def _unmount(target: str) -> None:
 
 
 def _hidden_paths() -> list[str]:
-    """Host paths no sandbox may see: the package (its task data) and the dataset cache."""
-    paths = {_PACKAGE_DIR, os.path.join(_PACKAGE_DIR, "aem_jax")}
+    """Host paths no sandbox may see: the package (its task data) and the dataset cache.
+
+    None is mounted; these are covered by an empty tmpfs should one lie inside
+    a mounted directory (the package installed into the interpreter's
+    site-packages, a cache below the interpreter's prefix).
+    """
     root = os.environ.get("AEM_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "aem_jax")
-    paths.add(root)
-    return sorted(os.path.realpath(p) for p in paths)
+    return sorted({os.path.realpath(p) for p in (_PACKAGE_DIR, root)})
 
 
 def _cleanup(state: dict) -> None:
@@ -820,26 +824,37 @@ class LocalSandbox:
             argv, drop = ["bwrap", "--unshare-all"], []
         argv += ["--die-with-parent", "--new-session"]
         ro = self._ro_paths()
+        below_tmp = [(k, p) for k, p in ro if p == "/tmp" or p.startswith("/tmp/")]
         made = {"/"}
-        for kind, path in ro + [("bind", "/etc/passwd")]:
-            # Parents bwrap would otherwise create with its default (0700) permissions.
-            parents = []
-            parent = os.path.dirname(path)
-            while parent not in made:
-                parents.insert(0, parent)
-                made.add(parent)
-                parent = os.path.dirname(parent)
-            for directory in parents:
-                argv += ["--perms", "0755", "--dir", directory]
-            if kind == "link":
-                argv += ["--symlink", os.readlink(path), path]
-            elif path != "/etc/passwd":
-                argv += ["--ro-bind", path, path]
-        for path in self._covered(ro):
-            argv += ["--perms", "0755", "--size", str(1 << 16), "--tmpfs", path]
+
+        def mount_ro(entries):
+            out = []
+            for kind, path in entries:
+                # Parents bwrap would otherwise create with its default (0700) permissions.
+                parents = []
+                parent = os.path.dirname(path)
+                while parent not in made:
+                    parents.insert(0, parent)
+                    made.add(parent)
+                    parent = os.path.dirname(parent)
+                for directory in parents:
+                    out += ["--perms", "0755", "--dir", directory]
+                if kind == "link":
+                    out += ["--symlink", os.readlink(path), path]
+                elif kind == "bind":
+                    out += ["--ro-bind", path, path]
+            return out
+
+        # Order: the system, then /tmp, /proc, /dev, then what lies below /tmp (an
+        # interpreter), then the covers over hidden paths, then the binds.
+        argv += mount_ro([e for e in ro if e not in below_tmp] + [("dir", "/etc/passwd")])
         argv += ["--proc", "/proc", "--dev", "/dev",
                  "--perms", "1777", "--size", str(self.limits.tmp_bytes), "--tmpfs", "/tmp",
                  "--perms", "1777", "--size", str(self.limits.tmp_bytes), "--tmpfs", "/dev/shm"]
+        made.add("/tmp")
+        argv += mount_ro(below_tmp)
+        for path in self._covered(ro):
+            argv += ["--perms", "0755", "--size", str(1 << 16), "--tmpfs", path]
         for source, target, writable in self._binds():
             argv += ["--bind" if writable else "--ro-bind", source, target]
         argv += ["--remount-ro", "/", "--chdir", self.workdir, "--clearenv"]

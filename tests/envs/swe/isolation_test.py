@@ -227,3 +227,20 @@ def test_cgroup_v2_and_v1_file_protocols(tmp_path):
     sandbox_lib._Cgroup("sbx_2", limits, (mode, parents))
     assert (memory / "job/7/aem_jax_sandboxes/sbx_2/memory.limit_in_bytes").read_text() == str(512 << 20)
     assert (pids / "job/7/aem_jax_sandboxes/sbx_2/pids.max").read_text() == "77"
+
+
+def test_package_data_inside_a_mounted_directory_is_covered(make_box, tmp_path, monkeypatch):
+    """E.g. aem_jax installed into the interpreter's site-packages: its task file stays hidden."""
+    prefix = tmp_path / "prefix"
+    package = prefix / "lib" / "site-packages" / "aem_jax"
+    (package / "data").mkdir(parents=True)
+    (package / "data" / "local_tasks.jsonl").write_text('{"patch": "SECRET GOLD"}\n')
+    (prefix / "lib" / "site-packages" / "other.py").write_text("print('visible')\n")
+    os.chmod(tmp_path, 0o755)
+    box = make_box()
+    monkeypatch.setattr(sandbox_lib, "_hidden_paths", lambda: [str(package)])
+    monkeypatch.setattr(box, "_ro_paths", lambda: [*LocalSandbox._ro_paths(box), ("bind", str(prefix))])
+    result = box.execute(f"cat {package}/data/local_tasks.jsonl; ls -A {package}; "
+                         f"cat {prefix}/lib/site-packages/other.py", timeout=20)
+    assert "SECRET" not in result.output and "data" not in result.output.split("\n")[:2]
+    assert "print('visible')" in result.output
