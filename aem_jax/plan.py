@@ -16,15 +16,19 @@ the trainer gives them (``aem_jax.sharding``), built from the model's
            ``LossSettings.from_config``, donated state), on one minibatch of
            ``learner.minibatch_size`` rows of ``rollout.max_context_tokens``
            tokens: forward, backward, optimiser update;
-  sampler  ``aem_jax.models.sampler._generate`` (prefill + decode loop) for
-           the ``rollout.num_tasks * group_size`` rows of one rollout turn at
-           the longest prompt the context allows
-           (``max_context_tokens - max_action_tokens``), KV cache of
-           ``max_context_tokens`` slots,
+  sampler  ``aem_jax.models.sampler._generate`` (prefill + decode loop, one
+           key per row) for one rollout turn of the episodes one process
+           plays (``num_tasks / hosts * group_size`` rows) at the longest
+           prompt the context allows (``max_context_tokens -
+           max_action_tokens``), KV cache of ``max_context_tokens`` slots.
+           On a multi-host slice it runs as ``trainer.rollouts`` runs it:
+           on the host's own chips with the process-local copy of the
+           parameters (``trainer.distributed.process_local``),
 
 are lowered and compiled by XLA:TPU, and ``compiled.memory_analysis()`` gives
-the per-chip HBM of each. During rollouts the optimiser state stays resident
-next to the sampler, so it is added to the sampler's figure.
+the per-chip HBM of each. During rollouts the optimiser state (and the
+training shards of regathered parameters) stays resident next to the
+sampler, so it is added to the sampler's figure.
 
 Slice names (what ``gcloud`` calls the accelerator type): for ``v4`` and
 ``v5p`` the number counts TensorCores, two per chip (``v5p-64`` is 32 chips,
@@ -54,6 +58,7 @@ import math
 import os
 import re
 import sys
+import types
 from collections.abc import Sequence
 from typing import Any
 
@@ -61,6 +66,7 @@ from typing import Any
 # server for the VM's accelerator type and worker hostnames and prints
 # warnings, and a second process loading it (two plans at once) fails on its
 # lockfile. The planner owns no TPU, so it names none and locks none.
+STEPS = ("train", "sampler")
 _LIBTPU_ENV = {"TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": "v5p-8", "TPU_WORKER_HOSTNAMES": "localhost",
                "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
 
@@ -279,6 +285,44 @@ def abstract_train_state(config, mc, mesh, *, value_head: bool):
     return graphdef, optimizer, state
 
 
+def sampler_placement(params, mesh, hosts: int):
+    """(mesh, parameters, bytes per chip of training copies kept besides) of the rollout sampler.
+
+    One host: the training mesh and parameters themselves. Several:
+    ``trainer.distributed.process_local``'s layout, for process 0: the
+    block of the mesh on its own chips (``distributed.local_mesh``), each
+    parameter split only over the mesh axes that lie wholly inside it and
+    whole along the others. Parameters whose layout changes are regathered
+    into new buffers, so their training shards stay resident too.
+    """
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from aem_jax.trainer import distributed
+
+    if hosts == 1:
+        return mesh, params, 0
+    local = distributed.local_mesh(mesh)
+    inside = {name for name in mesh.axis_names if local.shape[name] == mesh.shape[name]}
+
+    def local_spec(spec) -> PartitionSpec:
+        kept = []
+        for entry in spec:
+            axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+            axes = tuple(a for a in axes if a in inside)
+            kept.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+        return PartitionSpec(*kept)
+
+    out, kept_bytes = [], 0
+    leaves, treedef = jax.tree.flatten(params)
+    for x in leaves:
+        spec = local_spec(x.sharding.spec)
+        if spec != x.sharding.spec:
+            kept_bytes += math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+        out.append(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(local, spec)))
+    return local, jax.tree.unflatten(treedef, out), kept_bytes
+
+
 def per_chip_bytes(tree) -> int:
     """Bytes one chip holds of a tree of sharded ShapeDtypeStructs (the most loaded chip)."""
     import jax
@@ -465,9 +509,10 @@ def _variant(config):
     return variant
 
 
-def plan(config, sl: Slice, *, out=sys.stdout) -> dict[str, Any]:
-    """Compiles the train step and the sampler of ``config`` for slice ``sl``; prints a
-    report to ``out`` and returns the JSON record (also its last line)."""
+def plan(config, sl: Slice, *, steps: Sequence[str] = STEPS, out=sys.stdout) -> dict[str, Any]:
+    """Compiles the train step and the sampler of ``config`` for slice ``sl`` (those of them
+    in ``steps``); prints a report to ``out`` and returns the JSON record (also its last line).
+    A step left out counts as fitting and has null figures."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec
@@ -509,39 +554,51 @@ def plan(config, sl: Slice, *, out=sys.stdout) -> dict[str, Any]:
     step = jax.jit(functools.partial(pg_update_step, graphdef=graphdef, optimizer=optimizer, settings=settings),
                    donate_argnums=(0,), out_shardings=(state_sh, None))
     batch = abstract_batch(config, mesh, mb)
-    say(f"compiling the train step: {mb} rows x {T} tokens ...")
-    train, _ = compile_step("train", step, (state, batch), mesh, sl.chips, chip.hbm_bytes,
-                            largest=largest_arguments(state))
+    if "train" in steps:
+        say(f"compiling the train step: {mb} rows x {T} tokens ...")
+        train, _ = compile_step("train", step, (state, batch), mesh, sl.chips, chip.hbm_bytes,
+                                largest=largest_arguments(state))
+    else:
+        train = StepReport("train", True, error="not compiled (--steps)")
 
-    # The sampler: one rollout turn of every episode at the longest prompt.
-    b = sampler.bucket(rows, minimum=1)
+    # The sampler: one rollout turn of this process's episodes at the longest prompt,
+    # as trainer.rollouts samples them (multi-host: each process with its own
+    # copy of the policy on its own chips, distributed.process_local).
+    smesh, sparams, resident_params = sampler_placement(state.params, mesh, sl.hosts)
+    if r.num_tasks % sl.hosts:
+        raise ValueError(f"config.rollout.num_tasks={r.num_tasks} must be a multiple of the {sl.hosts} hosts "
+                         f"of {sl.name} (each process plays an equal share of the tasks)")
+    local_rows = r.num_tasks // sl.hosts * r.group_size
+    b = sampler.bucket(local_rows, minimum=1)
     new = r.max_action_tokens
     p = T - new
-    rep = NamedSharding(mesh, PartitionSpec())
+    rep = NamedSharding(smesh, PartitionSpec())
 
     def rows_sds(shape, dtype):
-        spec = sharding.logical_to_spec(("batch",) + (None,) * (len(shape) - 1), shape=shape, mesh=mesh)
-        return jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=NamedSharding(mesh, spec))
+        spec = sharding.logical_to_spec(("batch",) + (None,) * (len(shape) - 1), shape=shape, mesh=smesh)
+        return jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=NamedSharding(smesh, spec))
 
-    key = jax.eval_shape(lambda: jax.random.key(0))
-    key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep)
+    keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), b))  # one key per episode row
+    keys = jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=rep)
     f32 = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
     eos = mc.eos_token_id if isinstance(mc.eos_token_id, tuple) else (mc.eos_token_id or 0,)
-    gen = functools.partial(
-        sampler._generate, graphdef, num_out=sampler.bucket(new), top_k=int(r.top_k),
+    lower = functools.partial(
+        sampler._generate.lower, graphdef, num_out=sampler.bucket(new), top_k=int(r.top_k),
         use_top_p=float(r.top_p) < 1.0, stop_ids=tuple(int(t) for t in eos), pad_id=0)
-    gen_args = (state.params, rows_sds((b, p), "int32"), rows_sds((b, T), "int32"), rows_sds((b,), "bool"),
-                key, f32, f32, jax.ShapeDtypeStruct((), jnp.int32, sharding=rep))
-
-    class _Jitted:  # _generate is already jitted with its static arguments
-        @staticmethod
-        def lower(*args):
-            return gen.func.lower(graphdef, *args, **gen.keywords)
-
-    say(f"compiling the sampler: {b} rows, prompt {p} + {new} new tokens, KV cache {T} slots ...")
-    resident = opt_chip + 2 * 4  # optimiser state and the two int32 counters stay on the chips
-    samp, _ = compile_step("sampler", _Jitted, gen_args, mesh, sl.chips, chip.hbm_bytes, resident=resident,
-                           largest=largest_arguments(state.params))
+    gen_args = (sparams, rows_sds((b, p), "int32"), rows_sds((b, T), "int32"), rows_sds((b,), "bool"),
+                keys, f32, f32, jax.ShapeDtypeStruct((), jnp.int32, sharding=rep))
+    where = (f"process-local mesh {dict(smesh.shape)} of one host" if sl.hosts > 1 else f"mesh {dict(smesh.shape)}")
+    if "sampler" in steps:
+        say(f"compiling the sampler: {b} rows, prompt {p} + {new} new tokens, KV cache {T} slots, on the {where} ...")
+    # Resident meanwhile: the optimiser state, the counters, and the training
+    # copy of every parameter the process-local copy had to regather.
+    resident = opt_chip + 2 * 4 + resident_params
+    if "sampler" in steps:
+        samp, _ = compile_step("sampler", types.SimpleNamespace(lower=lower), gen_args, smesh,
+                               smesh.devices.size, chip.hbm_bytes, resident=resident,
+                               largest=largest_arguments(sparams))
+    else:
+        samp = StepReport("sampler", True, error="not compiled (--steps)")
 
     # Roofline estimates.
     peak, bw, n = chip.peak_flops, chip.hbm_bandwidth, sl.chips
@@ -553,8 +610,9 @@ def plan(config, sl: Slice, *, out=sys.stdout) -> dict[str, Any]:
     cache_bytes = 2 * mc.num_layers * b * mc.num_kv_heads * T * mc.head_dim * jnp.dtype(mc.dtype).itemsize
     weight_bytes = n_params * jnp.dtype(mc.param_dtype).itemsize
     decode_flops = 2.0 * matmul_params(mc) * b + 4.0 * mc.num_layers * mc.num_heads * mc.head_dim * b * T
-    est_prefill = max(prefill / (n * peak), (weight_bytes + cache_bytes) / (n * bw))
-    est_decode = max(decode_flops / (n * peak), (weight_bytes + cache_bytes) / (n * bw))
+    ns = smesh.devices.size  # chips one sampler runs on (all processes sample at once)
+    est_prefill = max(prefill / (ns * peak), (weight_bytes + cache_bytes) / (ns * bw))
+    est_decode = max(decode_flops / (ns * peak), (weight_bytes + cache_bytes) / (ns * bw))
     est_sampler = est_prefill + new * est_decode
 
     for rep_ in (train, samp):
@@ -562,11 +620,13 @@ def plan(config, sl: Slice, *, out=sys.stdout) -> dict[str, Any]:
         if rep_.memory:
             mem = rep_.memory
             say("  per chip: " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in mem.items()))
-            extra = f" + resident optimiser state {fmt_bytes(rep_.resident_bytes)}" if rep_.resident_bytes else ""
+            extra = f" + resident training state {fmt_bytes(rep_.resident_bytes)}" if rep_.resident_bytes else ""
             say(f"  total {fmt_bytes(rep_.total_bytes)}{extra} of {fmt_bytes(chip.hbm_bytes)}: "
                 f"{'fits' if rep_.fits else 'DOES NOT FIT'}")
             say(f"  XLA cost analysis: {rep_.compiled_flops:.3e} FLOPs, {rep_.compiled_bytes:.3e} bytes "
                 f"(whole slice; a loop body counted once); {rep_.pallas_calls} Pallas kernel calls")
+        elif rep_.fits:
+            say(f"  {rep_.error}")
         else:
             say(f"  DOES NOT FIT: {rep_.error}")
             if rep_.total_bytes:
@@ -593,7 +653,7 @@ def plan(config, sl: Slice, *, out=sys.stdout) -> dict[str, Any]:
                                             "attention": getattr(mc, "attention", None)},
         "context_tokens": T, "minibatch_rows": mb,
         "microbatch_rows": config.learner.get("microbatch_size", None),
-        "sampler_rows": b, "hbm_bytes_per_chip": chip.hbm_bytes,
+        "sampler_rows": b, "sampler_mesh": dict(smesh.shape), "hbm_bytes_per_chip": chip.hbm_bytes,
         "params_bytes_per_chip": params_chip, "opt_state_bytes_per_chip": opt_chip,
         "train_step_bytes_per_chip": total(train), "sampler_bytes_per_chip": total(samp),
         "train_memory": train.memory, "sampler_memory": samp.memory,
@@ -650,6 +710,7 @@ def _parse(argv: Sequence[str]):
     parser = argparse.ArgumentParser(prog="python -m aem_jax.plan", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/swe.py", help="configs/X.py[:variant]")
     parser.add_argument("--topology", required=True, help="slice name, e.g. v5p-64, v6e-64, v5e-16, v4-32")
+    parser.add_argument("--steps", default=",".join(STEPS), help="comma-separated programs to compile: train,sampler")
     args, rest = parser.parse_known_args(argv)
     overrides = []
     for item in rest:
@@ -680,8 +741,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return USAGE_ERROR
+    steps = [x for x in args.steps.split(",") if x]
+    if not steps or set(steps) - set(STEPS):
+        print(f"error: --steps={args.steps!r}; allowed: a comma-separated subset of {','.join(STEPS)}", file=sys.stderr)
+        return USAGE_ERROR
     try:
-        plan(config, sl)
+        plan(config, sl, steps=steps)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return USAGE_ERROR
