@@ -139,3 +139,18 @@ def test_parameters_that_cannot_fit_report_fits_false_with_largest_buffers(tmp_p
         record["model"]["param_dtype"]] // 4
     assert record["train_step_bytes_per_chip"] > record["hbm_bytes_per_chip"]
     assert "DOES NOT FIT" in result.stdout
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_multi_host_sampler_runs_on_one_hosts_chips_with_its_share_of_the_tasks(tmp_path):
+    # v5p-16: 8 chips on 2 hosts of 4; 2 tasks x 8 rollouts -> one task (8 rows) per process.
+    record = _record(_run("--topology=v5p-16", "--steps=sampler", f"--config.model.source={_model_dir(tmp_path)}",
+                          "--config.mesh.fsdp=2", "--config.mesh.tensor=4", *SMALL))
+    assert (record["chips"], record["hosts"]) == (8, 2)
+    assert record["sampler_mesh"] == {"data": 1, "fsdp": 1, "tensor": 4}  # the fsdp axis spans the hosts
+    assert record["sampler_rows"] == 8
+    assert record["train_step_bytes_per_chip"] is None and record["train_memory"] is None  # not compiled
+    # The process-local copy is whole along fsdp, so it holds more per chip than the training shards.
+    assert record["sampler_memory"]["arguments"] > record["params_bytes_per_chip"]
+    assert record["sampler_bytes_per_chip"] > record["opt_state_bytes_per_chip"] and record["fits"] is True
