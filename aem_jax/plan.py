@@ -509,10 +509,14 @@ def _variant(config):
     return variant
 
 
-def plan(config, sl: Slice, *, steps: Sequence[str] = STEPS, out=sys.stdout) -> dict[str, Any]:
+def plan(config, sl: Slice, *, steps: Sequence[str] = STEPS, sampler_mode: str = "process-local",
+         out=sys.stdout) -> dict[str, Any]:
     """Compiles the train step and the sampler of ``config`` for slice ``sl`` (those of them
     in ``steps``); prints a report to ``out`` and returns the JSON record (also its last line).
-    A step left out counts as fitting and has null figures."""
+    A step left out counts as fitting and has null figures. ``sampler_mode``:
+    "process-local" (what the trainer runs: each host samples its share on
+    its own chips) or "global" (one sampler program over the whole slice
+    for all the step's episodes, for comparison)."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec
@@ -564,11 +568,17 @@ def plan(config, sl: Slice, *, steps: Sequence[str] = STEPS, out=sys.stdout) -> 
     # The sampler: one rollout turn of this process's episodes at the longest prompt,
     # as trainer.rollouts samples them (multi-host: each process with its own
     # copy of the policy on its own chips, distributed.process_local).
-    smesh, sparams, resident_params = sampler_placement(state.params, mesh, sl.hosts)
-    if r.num_tasks % sl.hosts:
-        raise ValueError(f"config.rollout.num_tasks={r.num_tasks} must be a multiple of the {sl.hosts} hosts "
+    processes = sl.hosts if sampler_mode == "process-local" else 1
+    placement_error = None
+    try:
+        smesh, sparams, resident_params = sampler_placement(state.params, mesh, processes)
+    except ValueError as e:  # the trainer would raise the same at its first rollout
+        placement_error = f"trainer.distributed.local_mesh: {e}"
+        smesh, sparams, resident_params = mesh, state.params, 0
+    if r.num_tasks % processes:
+        raise ValueError(f"config.rollout.num_tasks={r.num_tasks} must be a multiple of the {processes} hosts "
                          f"of {sl.name} (each process plays an equal share of the tasks)")
-    local_rows = r.num_tasks // sl.hosts * r.group_size
+    local_rows = r.num_tasks // processes * r.group_size
     b = sampler.bucket(local_rows, minimum=1)
     new = r.max_action_tokens
     p = T - new
@@ -588,12 +598,14 @@ def plan(config, sl: Slice, *, steps: Sequence[str] = STEPS, out=sys.stdout) -> 
     gen_args = (sparams, rows_sds((b, p), "int32"), rows_sds((b, T), "int32"), rows_sds((b,), "bool"),
                 keys, f32, f32, jax.ShapeDtypeStruct((), jnp.int32, sharding=rep))
     where = (f"process-local mesh {dict(smesh.shape)} of one host" if sl.hosts > 1 else f"mesh {dict(smesh.shape)}")
-    if "sampler" in steps:
+    if "sampler" in steps and not placement_error:
         say(f"compiling the sampler: {b} rows, prompt {p} + {new} new tokens, KV cache {T} slots, on the {where} ...")
     # Resident meanwhile: the optimiser state, the counters, and the training
     # copy of every parameter the process-local copy had to regather.
     resident = opt_chip + 2 * 4 + resident_params
-    if "sampler" in steps:
+    if placement_error:
+        samp = StepReport("sampler", False, error=placement_error)
+    elif "sampler" in steps:
         samp, _ = compile_step("sampler", types.SimpleNamespace(lower=lower), gen_args, smesh,
                                smesh.devices.size, chip.hbm_bytes, resident=resident,
                                largest=largest_arguments(sparams))
@@ -653,7 +665,7 @@ def plan(config, sl: Slice, *, steps: Sequence[str] = STEPS, out=sys.stdout) -> 
                                             "attention": getattr(mc, "attention", None)},
         "context_tokens": T, "minibatch_rows": mb,
         "microbatch_rows": config.learner.get("microbatch_size", None),
-        "sampler_rows": b, "sampler_mesh": dict(smesh.shape), "hbm_bytes_per_chip": chip.hbm_bytes,
+        "sampler_rows": b, "sampler_mesh": dict(smesh.shape), "sampler_mode": sampler_mode, "hbm_bytes_per_chip": chip.hbm_bytes,
         "params_bytes_per_chip": params_chip, "opt_state_bytes_per_chip": opt_chip,
         "train_step_bytes_per_chip": total(train), "sampler_bytes_per_chip": total(samp),
         "train_memory": train.memory, "sampler_memory": samp.memory,
@@ -711,6 +723,9 @@ def _parse(argv: Sequence[str]):
     parser.add_argument("--config", default="configs/swe.py", help="configs/X.py[:variant]")
     parser.add_argument("--topology", required=True, help="slice name, e.g. v5p-64, v6e-64, v5e-16, v4-32")
     parser.add_argument("--steps", default=",".join(STEPS), help="comma-separated programs to compile: train,sampler")
+    parser.add_argument("--sampler", default="process-local", choices=("process-local", "global"),
+                        help="process-local: each host samples its share on its own chips, as the trainer does; "
+                             "global: one sampler over the whole slice (for comparison)")
     args, rest = parser.parse_known_args(argv)
     overrides = []
     for item in rest:
@@ -746,7 +761,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: --steps={args.steps!r}; allowed: a comma-separated subset of {','.join(STEPS)}", file=sys.stderr)
         return USAGE_ERROR
     try:
-        plan(config, sl, steps=steps)
+        plan(config, sl, steps=steps, sampler_mode=args.sampler)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return USAGE_ERROR
