@@ -36,6 +36,18 @@ Identity and limits, per sandbox (when the host process is root):
 * no capabilities: an empty bounding set, no_new_privs (setuid binaries and
   file capabilities grant nothing), every mount nosuid.
 
+The agent's persistent shell (``shell(command, timeout)``): one bash started
+inside a sandbox like the one ``execute`` makes (same mounts, uid, cgroup and
+rlimits), kept for the episode and driven by ``shell.PersistentShell``, so
+``cd`` and exported variables carry over.  A command still running at its
+deadline is killed with that sandbox as a whole (its PID namespace ends with
+it: no process survives, background jobs included); the next command starts a
+new one in the saved working directory with the saved exports, which live in
+a small directory of this sandbox's own (``SHELL_STATE_MOUNT``, a 4 MiB tmpfs
+when root).  ``/tmp`` lasts as long as one shell.  ``execute`` stays a fresh
+sandbox per command: the environment's file tools, the diff and the
+evaluation never run in the agent's shell.
+
 Two isolation tools are supported: bubblewrap (Debian package
 ``bubblewrap``, preferred) and util-linux ``unshare`` (root only; the root
 file system is built by ``_unshare_init.py``).  ``backend="auto"`` takes the
@@ -66,6 +78,8 @@ from typing import NamedTuple
 
 SANDBOX_WORKDIR = "/tmp/workspace"
 EVALUATOR_MOUNT = "/aem_eval"
+SHELL_STATE_MOUNT = "/aem_shell"  # the persistent shell's saved directory and exports
+_SHELL_STATE_BYTES = 4 << 20
 BACKENDS = ("auto", "bwrap", "unshare")
 DEFAULT_UID_RANGE = (100000, 165535)
 # Read-only system directories (links such as /bin -> usr/bin are recreated as links).
@@ -493,6 +507,8 @@ class LocalSandbox:
         self._state: dict = {"mounts": [], "dirs": []}
         self._finalizer = weakref.finalize(self, _cleanup, self._state)
         self._evaluator_dir: str | None = None
+        self._shell = None  # shell.PersistentShell, started by the first shell() call
+        self._shell_dir: str | None = None
         try:
             if self.is_root:
                 self.uid, self._state["uid_fd"] = lease_uid(uid_range)
@@ -562,6 +578,7 @@ class LocalSandbox:
 
     def close(self) -> None:
         """Unmounts the workspace file system, removes the cgroup, releases the uid."""
+        self.close_shell()
         self._finalizer()
 
     # -- host-side file access (never follows links the sandbox made) ------------------------
@@ -809,6 +826,8 @@ class LocalSandbox:
                  (self.workspace, self.workdir, True)]
         if self._evaluator_dir is not None:
             binds.append((self._evaluator_dir, EVALUATOR_MOUNT, True))
+        if self._shell_dir is not None:
+            binds.append((os.path.join(self._shell_dir, "state"), SHELL_STATE_MOUNT, True))
         return binds
 
     def _bwrap_argv(self, command: str) -> list[str]:
@@ -919,6 +938,60 @@ class LocalSandbox:
             text += (f"\n[output exceeded {self.limits.max_output_bytes} bytes; "
                      "all its processes were killed]")
         return ExecResult(text, _normalise_returncode(returncode), timed_out)
+
+    # -- the agent's persistent shell ---------------------------------------------------------------
+    def shell(self, command: str, timeout: float = 60.0) -> ExecResult:
+        """Runs ``command`` in the episode's persistent bash (see module docstring).
+
+        ``cd``, exported variables, functions and aliases carry over between
+        calls; a command past ``timeout`` (or past ``max_output_bytes`` of
+        output) is killed with its sandbox and the session resumes, as of the
+        end of the last command that finished, in a new one.  Never raises for
+        anything the command does.
+        """
+        from aem_jax.envs.swe import shell as shell_lib  # shell.py imports this module
+
+        if not isinstance(command, str):
+            raise TypeError(f"command must be a str, got {type(command).__name__}")
+        if not timeout or timeout <= 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if not os.path.isdir(self.workspace) or not self._finalizer.alive:
+            return ExecResult(f"sandbox error: workspace {self.workspace} is closed or gone", 126, False)
+        if self._shell is None:
+            try:
+                self._make_shell_dir()
+            except OSError as err:
+                return ExecResult(f"sandbox error: could not set up the shell: {err}", 126, False)
+            # The launcher records its pid (= its process group) in a host-only file;
+            # killing that group ends the sandbox's PID namespace and all inside.
+            pid_file = os.path.join(self._shell_dir, "launcher.pid")
+            start = ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', pid_file,
+                     *self._launch_argv("exec bash --noprofile --norc")]
+            kill = ["/bin/sh", "-c", 'p=$(cat "$0" 2>/dev/null) && [ -n "$p" ] && '
+                    'kill -KILL -- "-$p" 2>/dev/null; exit 0', pid_file]
+            self._shell = shell_lib.PersistentShell(
+                start, kill_argv=lambda pid, keep_file: kill, state_dir=SHELL_STATE_MOUNT,
+                max_output_bytes=self.limits.max_output_bytes, start_timeout=60.0)
+        return self._shell.run(command, timeout)
+
+    def _make_shell_dir(self) -> None:
+        """A host directory for the shell: ``launcher.pid`` (host only) and ``state/`` (mounted)."""
+        if self._shell_dir is None:
+            directory = tempfile.mkdtemp(prefix="aem_sbx_shell_")
+            self._state["dirs"].append(directory)
+            state = os.path.join(directory, "state")
+            os.mkdir(state, 0o700)
+            if self.is_root:
+                _mount_tmpfs(state, _SHELL_STATE_BYTES, self.uid, self.gid)
+                self._state["mounts"].insert(0, state)
+                os.chmod(state, 0o700)
+            self._shell_dir = directory
+
+    def close_shell(self) -> None:
+        """Ends the persistent shell and every process it started (a later ``shell`` starts anew)."""
+        if self._shell is not None:
+            self._shell.close()
+            self._shell = None
 
     def __repr__(self) -> str:
         return (f"LocalSandbox({self.workspace!r}, backend={self.backend!r}, uid={self.uid}, "

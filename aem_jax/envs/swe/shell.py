@@ -94,15 +94,21 @@ class PersistentShell:
         listed in ``keep_file``: ``KILL_TREE`` is a bash script doing this.
       init: shell lines run once when the session starts (e.g. conda activation).
       max_output_bytes: more output than this kills the command.
+      state_dir: directory (in the sandbox) for the saved working directory and
+        exports, created if missing; default a fresh one under ``/tmp`` (set it
+        where a restarted shell finds it again, e.g. a sandbox whose ``/tmp``
+        does not outlive its shell).
     """
 
     def __init__(self, start_argv: Sequence[str], *, kill_argv: Callable[[int, bool], list[str]],
-                 init: str = "", max_output_bytes: int = 4 << 20, start_timeout: float = 120.0):
+                 init: str = "", max_output_bytes: int = 4 << 20, start_timeout: float = 120.0,
+                 state_dir: str | None = None):
         self.start_argv, self.kill_argv = list(start_argv), kill_argv
         self.init, self.max_output_bytes, self.start_timeout = init, max_output_bytes, start_timeout
         self._proc: subprocess.Popen | None = None
         self._pid: int | None = None
         self._state: str | None = None
+        self.state_dir = state_dir
         self._buffer = b""
 
     # -- process plumbing ----------------------------------------------------------
@@ -151,7 +157,9 @@ class PersistentShell:
         script = ["exec 2>&1", "shopt -s expand_aliases"]  # as in a terminal
         if self.init:
             script.append(f"{{ {self.init}\n}} </dev/null >/dev/null 2>&1")
-        if first:
+        if first and self.state_dir:
+            script.append(f"__aem_state={ansi_c_quote(self.state_dir)}; mkdir -p \"$__aem_state\"")
+        elif first:
             script.append('__aem_state=$(mktemp -d /tmp/.aem_shell.XXXXXX 2>/dev/null || '
                           '{ mkdir -p /tmp/.aem_shell_$$ && echo /tmp/.aem_shell_$$; })')
         else:  # a restart: back to the saved directory and exported variables

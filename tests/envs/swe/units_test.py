@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from aem_jax.envs.swe import diffs, mutations, reward, tools
+from aem_jax.envs.swe import container, diffs, mutations, reward, tools
 from aem_jax.envs.swe.container import ContainerSandbox
 from aem_jax.envs.swe.sandbox import ExecResult
 from aem_jax.envs.swe.tasks import from_record
@@ -146,7 +146,10 @@ def test_protected_diff_is_rejected_before_running():
 # -- container backend ------------------------------------------------------------
 
 
-def test_container_commands():
+def test_container_commands(monkeypatch):
+    # The CLI options default to $AEM_JAX_CONTAINER_CLI_OPTIONS (container_test's podman
+    # fixture sets it for the session): pinned here, then checked explicitly.
+    monkeypatch.delenv(container.CLI_OPTIONS_ENV, raising=False)
     box = ContainerSandbox("swebench/sweb.eval.x86_64.django:latest", cli="podman", cpu_seconds=30,
                            memory_bytes=1 << 30, max_processes=100, env={"A": "1"})
     run = box.run_argv()
@@ -158,6 +161,11 @@ def test_container_commands():
     assert exec_argv == ["podman", "exec", "-w", "/testbed", "-e", "A=1", box.name, "timeout", "-s",
                          "KILL", "10", "sh", "-c", "pytest -rA"]
     assert box.remove_argv() == ["podman", "rm", "-f", "-t", "0", box.name]  # no 10 s stop wait
+    monkeypatch.setenv(container.CLI_OPTIONS_ENV, "--runtime=runc --cgroup-manager=cgroupfs")
+    with_options = ContainerSandbox("img", cli="podman")
+    for argv in (with_options.run_argv(), with_options.exec_argv("true", 5), with_options.remove_argv()):
+        assert argv[:3] == ["podman", "--runtime=runc", "--cgroup-manager=cgroupfs"], argv
+    assert ContainerSandbox("img", cli="podman", cli_options=[]).run_argv()[:2] == ["podman", "run"]
     with pytest.raises(ValueError, match="cli"):
         ContainerSandbox("img", cli="lxc")
 
@@ -169,6 +177,7 @@ def test_container_execute_through_a_fake_cli(tmp_path, monkeypatch):
                     '  exec) while [ "$1" != timeout ]; do shift; done; exec "$@";;\nesac\n')
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.delenv(container.CLI_OPTIONS_ENV, raising=False)  # the fake reads the subcommand first
     box = ContainerSandbox("img", cli="docker")
     assert box.execute("echo hi; exit 4", timeout=5) == ExecResult("hi\n", 4, False)
     slow = box.execute("sleep 20", timeout=1)
