@@ -597,7 +597,7 @@ def plan(config, sl: Slice, *, steps: Sequence[str] = STEPS, sampler_mode: str =
         use_top_p=float(r.top_p) < 1.0, stop_ids=tuple(int(t) for t in eos), pad_id=0)
     gen_args = (sparams, rows_sds((b, p), "int32"), rows_sds((b, T), "int32"), rows_sds((b,), "bool"),
                 keys, f32, f32, jax.ShapeDtypeStruct((), jnp.int32, sharding=rep))
-    where = (f"process-local mesh {dict(smesh.shape)} of one host" if sl.hosts > 1 else f"mesh {dict(smesh.shape)}")
+    where = (f"process-local mesh {dict(smesh.shape)} of one host" if processes > 1 else f"mesh {dict(smesh.shape)}")
     if "sampler" in steps and not placement_error:
         say(f"compiling the sampler: {b} rows, prompt {p} + {new} new tokens, KV cache {T} slots, on the {where} ...")
     # Resident meanwhile: the optimiser state, the counters, and the training
