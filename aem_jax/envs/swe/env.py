@@ -7,12 +7,20 @@ An episode (DeepSWE-style, Luo et al. 2025; tasks as in SWE-bench):
    committed to git inside the sandbox; or a container from the task's image)
    and returns the problem statement; the tool documentation is the system
    prompt (``self.system_prompt``), which the rollout puts before it.
+   Containers are configured per task (``ContainerSandbox.for_task``: image,
+   workdir, user, env, ``shell_init``); every distinct image is checked when
+   the env is constructed, so a missing one fails before training starts.
 2. Each ``step(action)`` parses one tool call (XML or JSON, ``tools.py``) and
-   runs it in the sandbox; every observation is cut in the middle past
-   ``max_observation_chars``.  Reward is 0 on every step but the last.
+   runs it in the sandbox: ``bash`` in the episode's persistent shell
+   (``sandbox.shell``: ``cd`` and exported variables carry over, a command
+   past ``command_timeout_s`` is killed and the session goes on), the file
+   tools as fresh commands (``sandbox.execute``); every observation is cut in
+   the middle past ``max_observation_chars``.  Reward is 0 on every step but
+   the last.
 3. ``submit`` (or reaching ``max_turns`` / ``episode_time_s``, which marks the
    episode truncated) takes the workspace diff and evaluates it in a *fresh*
-   sandbox (``reward.evaluate``): reward 1.0 iff the task is resolved.  The
+   sandbox (``reward.evaluate``, graded as ``task.grading`` says): reward 1.0
+   iff the task is resolved; the agent's shell is ended first.  The
    diff is computed by the evaluator, never by the agent's tools or git
    configuration: for local sandboxes it compares the workspace's regular
    files (read from the host, links not followed) with the task's snapshot;
@@ -54,6 +62,9 @@ _CONTAINER_DIFF = (
 OVERFLOW_MODES = ("score", "mask")
 _STEP_MARGIN_S = 30.0  # bookkeeping around the timed commands of one step
 _SANDBOX_ENV = {"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1", "GIT_CONFIG_NOSYSTEM": "1"}
+# Tasks graded by their own harness ("swebench", "r2e") run their test command as
+# published: the agent sees the plugins the grading run loads.
+_HARNESS_ENV = {"GIT_CONFIG_NOSYSTEM": "1"}
 
 
 class SWEEnv:
@@ -89,7 +100,10 @@ class SWEEnv:
       step_timeout_s: the rollout's limit on one reset / step, if known: it must
         exceed ``step_time_bound_s`` (a ValueError names both). The rollout
         itself raises its limit to ``step_time_bound_s`` when it is lower.
-      **limits: ``sandbox.Limits`` fields for the local sandbox.
+      check_images: with the container sandbox, check at construction that every
+        distinct task image is available (``ContainerSandbox.check_image``: a
+        RuntimeError naming the first missing one); default True.
+      **limits: ``sandbox.Limits`` fields (both sandboxes).
     """
 
     def __init__(self, *, tasks: str | Sequence[Task] = "local", split: str = "train",
@@ -99,7 +113,7 @@ class SWEEnv:
                  workspace_root: str | None = None, data_dir: str | None = None,
                  uid_range: tuple[int, int] | None = None, overflow: str = "score",
                  system_prompt: str | None = None, sandbox_start_s: float | None = None,
-                 step_timeout_s: float | None = None, **limits: int):
+                 step_timeout_s: float | None = None, check_images: bool = True, **limits: int):
         if sandbox not in SANDBOXES:
             raise ValueError(f"sandbox must be one of {SANDBOXES}, got {sandbox!r}")
         for name, value in (("max_turns", max_turns), ("episode_time_s", episode_time_s),
@@ -141,6 +155,8 @@ class SWEEnv:
                 f"command_timeout_s={command_timeout_s:g} + taking the diff "
                 f"{command_timeout_s:g} + sandbox_start_s={self.sandbox_start_s:g} + "
                 f"eval_timeout_s={eval_timeout_s:g} + {_STEP_MARGIN_S:g} s; raise it or lower those")
+        if sandbox == "container" and check_images:
+            self.check_images()
         self.task: Task | None = None
         self._sandbox = None
         self._workspace: str | None = None
@@ -149,12 +165,30 @@ class SWEEnv:
         self.last_evaluation: reward.Evaluation | None = None
 
     # -- sandboxes ---------------------------------------------------------------
+    def _container(self, task: Task) -> ContainerSandbox:
+        env = _SANDBOX_ENV if task.grading == "pytest" else _HARNESS_ENV
+        return ContainerSandbox.for_task(task, cli=self.backend, env=env, **self.limits)
+
+    def check_images(self) -> list[str]:
+        """Checks that every distinct task image is available; returns them (sorted).
+
+        Raises ``ValueError`` naming a task without an image and
+        ``RuntimeError`` naming the first image the container CLI lacks (see
+        ``ContainerSandbox.check_image``) -- before any episode runs.
+        """
+        first: dict[str, Task] = {}
+        for task in self.tasks:
+            if not task.image:
+                raise ValueError(f"task {task.instance_id!r} has no 'image' for the container sandbox")
+            first.setdefault(task.image, task)
+        for image in sorted(first):
+            self._container(first[image]).check_image()
+        return sorted(first)
+
     def _new_sandbox(self, task: Task) -> tuple[Any, str | None]:
         """A sandbox holding the task's repository at its base state."""
         if self.sandbox_kind == "container":
-            if not task.image:
-                raise ValueError(f"task {task.instance_id!r} has no 'image' for the container sandbox")
-            return ContainerSandbox(task.image, cli=self.backend, env=_SANDBOX_ENV, **self.limits), None
+            return self._container(task), None
         if task.repo_snapshot is None:
             raise ValueError(f"task {task.instance_id!r} has no 'repo_snapshot' for the local sandbox")
         workspace = tempfile.mkdtemp(prefix="aem_swe_", dir=self.workspace_root)
@@ -253,14 +287,14 @@ class SWEEnv:
     def _run_tool(self, call: tools.ToolCall) -> str:
         timeout = max(1.0, min(self.command_timeout_s,
                                self.episode_time_s - (time.monotonic() - self._start)))
-        if call.name == "bash":
-            command = call.params["command"]
-        else:  # the editor and search run in the sandbox, from the repository root
-            try:
-                command = tools.file_tool_command(call.name, call.params,
-                                                  root=self._sandbox.workdir)
-            except tools.ToolInputError as err:
-                return f"error: {err}"
+        if call.name == "bash":  # the episode's persistent shell
+            result = self._sandbox.shell(call.params["command"], timeout=timeout)
+            return tools.format_result(result, self.max_observation_chars)
+        # The editor and search run as fresh commands, from the repository root.
+        try:
+            command = tools.file_tool_command(call.name, call.params, root=self._sandbox.workdir)
+        except tools.ToolInputError as err:
+            return f"error: {err}"
         result = self._sandbox.execute(command, timeout=timeout)
         return tools.format_result(result, self.max_observation_chars)
 
@@ -323,8 +357,14 @@ class SWEEnv:
         return result.output, ""
 
     def evaluate_workspace(self) -> reward.Evaluation:
-        """Scores the current workspace diff in a fresh sandbox (never raises)."""
+        """Scores the current workspace diff in a fresh sandbox (never raises).
+
+        The agent's shell is ended first (local sandboxes: with every process it
+        started), so nothing changes the workspace while its diff is taken.
+        """
         try:
+            if hasattr(self._sandbox, "close_shell"):
+                self._sandbox.close_shell()
             diff, problem = self.current_diff()
             if diff is None:
                 return reward.Evaluation(False, problem)

@@ -37,10 +37,19 @@ its base commit, and the task is resolved iff every step below succeeds.
    failed phase is a failure, whatever else was reported for the test).
    Any tampering sign scores 0.
 
+The grader is chosen by ``task.grading`` (``grader_name``): "pytest" (the
+runner and judge above, the default), "swebench" and "r2e" (``run_harness``:
+the task's own harness script, ``grading.run_tests``, judged from its log by
+the ``swebench`` parsers with ``grading.resolved``'s consistency checks).
+Step 1 holds for every grader: the agent's diff is read by the strict parser,
+rejected if it touches a protected path, and applied by the evaluator; the
+harness graders then reset the test files of the test patch to the base
+commit and apply the test patch themselves, as the SWE-bench harness does
+(they get no canaries: their verdict is only as strong as a log can be).
 Other test frameworks plug in through ``register_grader``: a grader is
-``fn(task, sandbox, timeout) -> Evaluation`` selected by the task's
-``extra["grader"]`` (default "pytest").  ``parse_pytest_outcomes`` / ``judge``
-read pytest ``-rA`` logs for graders that only have a log.
+``fn(task, sandbox, timeout, prepared) -> Evaluation``, selected by a task's
+``extra["grader"]`` when given.  ``parse_pytest_outcomes`` / ``judge`` read
+pytest ``-rA`` logs for graders that only have a log.
 """
 from __future__ import annotations
 
@@ -349,7 +358,8 @@ def register_grader(name: str, grader: Grader) -> None:
     """Registers ``grader(task, sandbox, timeout, prepared) -> Evaluation`` under ``name``.
 
     The sandbox then holds the applied diff and test patch (and canaries when
-    the grader asked for them with ``grader.wants_canaries = True``);
+    the grader asked for them with ``grader.wants_canaries = True``; the test
+    patch is left to graders with ``grader.applies_test_patch = True``);
     ``prepared`` is a ``Prepared``.
     """
     if not callable(grader):
@@ -358,8 +368,8 @@ def register_grader(name: str, grader: Grader) -> None:
 
 
 def grader_name(task: Task) -> str:
-    """The grader of a task: ``extra["grader"]`` or "pytest"."""
-    return str(task.extra.get("grader") or "pytest")
+    """The grader of a task: ``extra["grader"]`` (a registered custom grader), else ``task.grading``."""
+    return str(task.extra.get("grader") or task.grading or "pytest")
 
 
 def evaluate(task: Task, diff: str, sandbox, *, timeout: float = 300.0) -> Evaluation:
@@ -383,8 +393,9 @@ def evaluate(task: Task, diff: str, sandbox, *, timeout: float = 300.0) -> Evalu
     grader = _GRADERS.get(name)
     if grader is None:
         return Evaluation(False, f"evaluation failed: no grader {name!r} (registered: {sorted(_GRADERS)})")
+    harness = getattr(grader, "applies_test_patch", False)
     try:
-        test_patches = diffs.parse(task.test_patch) if task.test_patch.strip() else []
+        test_patches = diffs.parse(task.test_patch) if task.test_patch.strip() and not harness else []
     except diffs.DiffError as err:
         return Evaluation(False, f"evaluation failed: the task's test patch is invalid: {err}")
     required = [*task.FAIL_TO_PASS, *task.PASS_TO_PASS]
@@ -407,6 +418,32 @@ def evaluate(task: Task, diff: str, sandbox, *, timeout: float = 300.0) -> Evalu
         return grader(task, sandbox, timeout, Prepared(canaries, base_pytest_config(base), base))
     except EvaluationError as err:
         return Evaluation(False, f"evaluation failed: {err}")
+
+
+# -- the harness graders ("swebench", "r2e") -----------------------------------------------------
+
+
+def run_harness(task: Task, sandbox, timeout: float, prepared: Prepared) -> Evaluation:
+    """Grades with the task's own harness: ``grading.run_tests`` (eval script, then the log judge).
+
+    The sandbox holds the agent's diff (applied by ``evaluate``); the eval
+    script resets the test files of the test patch to ``base_commit``,
+    applies the test patch, runs the repository's test command and
+    ``grading.resolved`` judges the log (FAIL_TO_PASS / PASS_TO_PASS, or
+    R2E-Gym's expected status map; a self-contradicting log fails).
+    """
+    from aem_jax.envs.swe import grading  # needs the swebench package for "swebench"
+
+    try:
+        verdict, log = grading.run_tests(task, sandbox, timeout)
+    except (ImportError, ValueError) as err:  # no swebench / no specification for the record
+        return Evaluation(False, f"evaluation failed: {err}")
+    return Evaluation(verdict.resolved, verdict.reason, dict(verdict.tests), None, log[-20_000:])
+
+
+run_harness.applies_test_patch = True
+register_grader("swebench", run_harness)
+register_grader("r2e", run_harness)
 
 
 # -- the pytest grader ---------------------------------------------------------------------------

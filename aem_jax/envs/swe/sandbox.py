@@ -80,6 +80,16 @@ SANDBOX_WORKDIR = "/tmp/workspace"
 EVALUATOR_MOUNT = "/aem_eval"
 SHELL_STATE_MOUNT = "/aem_shell"  # the persistent shell's saved directory and exports
 _SHELL_STATE_BYTES = 4 << 20
+# Kills the process group whose id is in file argv[1] (the shell's launcher): the
+# sandbox's PID namespace ends with it.
+_KILL_GROUP = """
+import os, signal, sys
+try:
+    with open(sys.argv[1]) as f:
+        os.killpg(int(f.read().split()[0]), signal.SIGKILL)
+except (OSError, ValueError, IndexError):
+    pass
+"""
 BACKENDS = ("auto", "bwrap", "unshare")
 DEFAULT_UID_RANGE = (100000, 165535)
 # Read-only system directories (links such as /bin -> usr/bin are recreated as links).
@@ -967,8 +977,7 @@ class LocalSandbox:
             pid_file = os.path.join(self._shell_dir, "launcher.pid")
             start = ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', pid_file,
                      *self._launch_argv("exec bash --noprofile --norc")]
-            kill = ["/bin/sh", "-c", 'p=$(cat "$0" 2>/dev/null) && [ -n "$p" ] && '
-                    'kill -KILL -- "-$p" 2>/dev/null; exit 0', pid_file]
+            kill = [sys.executable, "-I", "-S", "-c", _KILL_GROUP, pid_file]
             self._shell = shell_lib.PersistentShell(
                 start, kill_argv=lambda pid, keep_file: kill, state_dir=SHELL_STATE_MOUNT,
                 max_output_bytes=self.limits.max_output_bytes, start_timeout=60.0)
