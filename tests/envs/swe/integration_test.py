@@ -4,6 +4,7 @@ through a podman container (the image of ``container_test``) and on a host stand
 """
 import json
 import os
+import re
 import subprocess
 import tempfile
 import time
@@ -170,6 +171,11 @@ def _repository(root):
     return subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
 
 
+# Where pytest shows the forged lines decides which check fails them: the log contradicting
+# itself, or the real FAILED line (a later PASSED never overrides it).
+FORGED = r"contradicts itself|\(FAILED\)|\(CONFLICT\)"
+
+
 def _forging(module_text):
     """The module under test printing PASSED lines for every required test at import."""
     ids = [*TASK.FAIL_TO_PASS, *TASK.PASS_TO_PASS]
@@ -185,17 +191,18 @@ def test_swebench_record_graded_by_its_harness_on_a_host_stand_in():
         module = TASK.repo_snapshot[MODULE]
         cases = [(TASK.patch, True, "resolved"), (diffs.snapshot_diff({}, {"NOTES.md": "nothing\n"}), False,
                                                   "do not pass"),
-                 (diffs.file_diff(MODULE, module, _forging(module)), False, "")]
+                 (diffs.file_diff(MODULE, module, _forging(module)), False, FORGED)]
         for diff, expect, why in cases:
             subprocess.run(["git", "-C", root, "checkout", "-q", "-f", head], check=True)
             subprocess.run(["git", "-C", root, "clean", "-q", "-fdx"], check=True)
             evaluation = reward.evaluate(task, diff, _HostStandIn(root))
             assert evaluation.resolved is expect, (evaluation.reason, evaluation.output[-3000:])
-            assert why in evaluation.reason
+            assert re.search(why, evaluation.reason), evaluation.reason
 
 
 # -- through a podman container ------------------------------------------------------------------
 
+@pytest.mark.slow  # about 40 s: three container starts and two harness runs
 def test_swebench_record_end_to_end_in_a_container(image):  # noqa: F811
     from aem_jax.envs.swe import container
 
@@ -212,18 +219,20 @@ def test_swebench_record_end_to_end_in_a_container(image):  # noqa: F811
     env = SWEEnv(tasks=[task], sandbox="container", backend="podman", command_timeout_s=20,
                  eval_timeout_s=180.0, max_turns=10)
     assert env.check_images() == [image.image]
-    apply = f"cd textkit && export BACK=$OLDPWD\ncd $BACK && git apply <<'AEM_EOF'\n{TASK.patch}AEM_EOF\n"
+    apply = f"cd $BACK && git apply <<'AEM_EOF'\n{TASK.patch}AEM_EOF\n"
     module = TASK.repo_snapshot[MODULE]
-    forge = scripted.call("create", path=MODULE + ".new", file_text=_forging(module))
-    episodes = [([scripted.call("bash", command=apply)], 1.0, "resolved"),
-                ([], 0.0, "do not pass"),
-                ([forge, scripted.call("bash", command=f"mv {MODULE}.new {MODULE}")], 0.0, "")]
     try:
-        for actions, value, why in episodes:
-            env.reset(seed=0)
-            for action in [*actions, scripted.call("submit")]:
-                step = env.step(action)
-            assert step.done and step.reward == value, (step.info["evaluation"], env.last_evaluation.output[-2000:])
-            assert why in step.info["evaluation"]
+        env.reset(seed=0)  # the gold fix through the agent's persistent shell (cd, export carry over)
+        for action in [scripted.call("bash", command="cd textkit && export BACK=$OLDPWD"),
+                       scripted.call("bash", command=apply), scripted.call("submit")]:
+            step = env.step(action)
+        assert step.done and step.reward == 1.0, (step.info["evaluation"], env.last_evaluation.output[-2000:])
+        assert "resolved" in step.info["evaluation"]
+        # Graded by the same harness without an episode: a change that fixes nothing, and
+        # the module printing PASSED lines for every required test.
+        for diff, why in ((diffs.snapshot_diff({}, {"NOTES.md": "nothing\n"}), "do not pass"),
+                          (diffs.file_diff(MODULE, module, _forging(module)), FORGED)):
+            evaluation = env.evaluate_diff(task, diff)
+            assert not evaluation.resolved and re.search(why, evaluation.reason), evaluation.reason
     finally:
         env.close()
