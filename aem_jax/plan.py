@@ -160,9 +160,8 @@ def topology_devices(sl: Slice) -> list:
     """The slice's TPU devices from libtpu's deviceless topology (no TPU needed)."""
     from jax.experimental import topologies
 
-    shape = sl.shape if sl.chip.torus_3d else sl.shape
     topo = topologies.get_topology_desc(
-        platform="tpu", topology_name=f"{sl.chip.generation}:{'x'.join(map(str, shape))}",
+        platform="tpu", topology_name=sl.topology_name,
         chip_config_name=sl.chip.chip_config, chips_per_host_bounds=sl.host_bounds, num_slices=1)
     devices = list(topo.devices)
     if len(devices) != sl.chips:
@@ -430,10 +429,10 @@ def traced_for_tpu():
     """Makes ``jax.default_backend()`` say "tpu" while a step is traced.
 
     The planner's own backend is the CPU (the TPU devices come from the
-    topology), but the models choose kernels by the backend they run on
-    (``ModelConfig.attention="auto"`` is Pallas splash attention on TPU,
-    ``remat="offload"`` needs a backend with host memory): the program
-    compiled here must be the one a TPU host would trace.
+    topology), but code may choose by the backend it runs on
+    (``remat="offload"`` needs a backend with host memory; attention's
+    "auto" follows the mesh's platform): the program compiled here must be
+    the one a TPU host would trace.
     """
     import jax
 
