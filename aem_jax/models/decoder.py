@@ -211,13 +211,15 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BTD, rope, segments, kv=None, index=None,
                  prefill=False):
-        """Returns the attention output [B,T,D] and the new keys/values [B,K,T,H].
+        """Returns the attention output [B,T,D] and the updated cache (or None).
 
         `segments` is (query segment ids [B,T], key segment ids [B,S]); see
-        `aem_jax.models.attention`. `kv` is this layer's cache (keys, values
-        [B,K,S,H]) or None; with it, the queries attend to the cache with the
-        new keys written at slots [index, index + T) (the caller stores the
-        returned new keys/values in the cache).
+        `aem_jax.models.attention`. `kv` is None or (keys [L,B,K,S,H], values
+        [L,B,K,S,H], l): the stacked cache of all layers and this layer's
+        index. The new keys/values are written into layer l at slots
+        [index, index + T) first, and layer l is read back after: written in
+        place and read once, where reading first would make XLA copy the
+        whole stack to keep the read apart from the write.
 
         Keys and values are kept head-major ([B,K,S,H]) so that a decode step
         reads the cache without a transpose.
@@ -229,18 +231,23 @@ class Attention(nnx.Module):
         q_BNTH = sharding.constrain(apply_rope(q_BNTH, rope), ("batch", "heads", "length", "head_dim"))
         k_BKTH = sharding.constrain(apply_rope(k_BKTH, rope), ("batch", "kv_heads", "length", "head_dim"))
         q_seg_BT, kv_seg_BS = segments
+        if kv is not None:  # write the new keys/values at slots [index, index + T) of layer l
+            keys, values, l = kv
+            start = (l, 0, 0, index, 0)
+            keys = jax.lax.dynamic_update_slice(keys, k_BKTH[None].astype(keys.dtype), start)
+            values = jax.lax.dynamic_update_slice(values, v_BKTH[None].astype(values.dtype), start)
+            kv = (keys, values)
         if kv is None or prefill:  # keys are the T new tokens at slots [0, T): causal blocks
             t = q_BNTH.shape[2]
             out_BNTH = attention.attend(q_BNTH, k_BKTH, v_BKTH, q_seg_BT, kv_seg_BS[:, :t],
                                         impl=c.attention)
-        else:  # the cache with the new keys/values at slots [index, index + T)
-            start = (0, 0, index, 0)
-            k_BKSH = jax.lax.dynamic_update_slice(kv[0], k_BKTH.astype(kv[0].dtype), start)
-            v_BKSH = jax.lax.dynamic_update_slice(kv[1], v_BKTH.astype(kv[1].dtype), start)
+        else:  # the whole cache of layer l, the new keys included
+            k_BKSH = jax.lax.dynamic_index_in_dim(keys, l, keepdims=False)
+            v_BKSH = jax.lax.dynamic_index_in_dim(values, l, keepdims=False)
             out_BNTH = attention.attend(q_BNTH, k_BKSH, v_BKSH, q_seg_BT, kv_seg_BS,
                                         q_offset=index, impl=c.attention)
         y = dense(out_BNTH.transpose(0, 2, 1, 3), self.o[...].astype(c.compute_dtype), in_dims=2)
-        return y, (k_BKTH, v_BKTH)
+        return y, kv
 
 
 class MLP(nnx.Module):
@@ -335,11 +342,7 @@ class Decoder(nnx.Module):
             # xs -> ys would copy all of it every call.
             x_BTD, keys, values = carry
             params, l = xs
-            kv = None if prefill else (keys[l], values[l])
-            x_BTD, (k_BKTH, v_BKTH) = layer(x_BTD, params, kv)
-            start = (l, 0, 0, index, 0)
-            keys = jax.lax.dynamic_update_slice(keys, k_BKTH[None].astype(keys.dtype), start)
-            values = jax.lax.dynamic_update_slice(values, v_BKTH[None].astype(values.dtype), start)
+            x_BTD, (keys, values) = layer(x_BTD, params, (keys, values, l))
             return (x_BTD, keys, values), None
 
         layer_ids = jnp.arange(c.num_layers, dtype=jnp.int32)
