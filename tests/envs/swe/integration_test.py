@@ -156,7 +156,8 @@ class _HostStandIn:
         try:
             done = subprocess.run(["bash", "-c", command], cwd=self.workdir, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True, timeout=timeout,
-                                  env={**os.environ, "HOME": self.workdir})
+                                  env={**os.environ, "HOME": self.workdir,
+                                       "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})
         except subprocess.TimeoutExpired as err:
             return ExecResult(str(err.stdout or ""), 137, True)
         return ExecResult(done.stdout, done.returncode, False)
