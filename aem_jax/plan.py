@@ -240,24 +240,16 @@ def abstract_batch(config, mesh, rows: int):
 
 
 def abstract_opt_state(optimizer, trainable, mesh):
-    """The optimiser state of ``trainable`` (ShapeDtypeStructs), each per-parameter
-    leaf (Adam's moments) sharded as its parameter, the rest (counts) replicated.
-
-    This is the placement the state needs; ``jax.jit(optimizer.init)`` alone
-    does not give it (its outputs depend on no input value, so nothing
-    propagates the parameters' shardings to them).
-    """
+    """The optimiser state of ``trainable`` (ShapeDtypeStructs) with the trainer's
+    placement (``update.opt_state_shardings``: Adam's moments sharded as their
+    parameters, step counts replicated)."""
     import jax
-    import optax
-    from jax.sharding import NamedSharding, PartitionSpec
 
-    replicated = NamedSharding(mesh, PartitionSpec())
+    from aem_jax.trainer import update
+
     abstract = jax.eval_shape(optimizer.init, trainable)
-    shardings = jax.tree.map(lambda x: x.sharding, trainable)
-    placed = optax.tree_map_params(
-        optimizer, lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s), abstract, shardings,
-        transform_non_params=lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=replicated))
-    return placed
+    shardings = update.opt_state_shardings(optimizer, trainable, mesh)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
 def abstract_train_state(config, mc, mesh, *, value_head: bool):

@@ -37,6 +37,9 @@ def base() -> ConfigDict:
     c.model.dtype = "float32"        # compute (activation and matmul) dtype: float32 | bfloat16
     c.model.param_dtype = "float32"  # storage dtype of parameters and optimiser state: float32 | bfloat16;
                                      # float32 master weights keep updates of lr ~1e-6 that bfloat16 rounds away
+    c.model.remat = "none"           # layer rematerialisation: none | dots (save matmul outputs) | full | offload (TPU/GPU)
+    c.model.attention = "auto"       # attention kernel: auto (splash on TPU, cudnn on GPU, blockwise for long
+                                     # rows on CPU) | xla | blockwise | splash | cudnn (aem_jax/models/attention.py)
     c.model.tokenizer = "auto"       # scratch tokenizer: auto (word-level if the env has a vocabulary, else bpe) | word | bpe
     c.model.bpe_vocab_size = 512     # vocabulary of a scratch byte-level BPE tokenizer
     c.model.tokenizer_corpus_tasks = 8  # first observations of this many tasks train the BPE tokenizer

@@ -111,10 +111,12 @@ def build_model(config, mesh, *, init_seed: int = 0):
             head_dim=m.head_dim, tie_embeddings=m.tie_embeddings, model_type=m.model_type,
             qkv_bias=m.model_type == "qwen2", qk_norm=m.model_type == "qwen3",
             dtype=m.dtype, param_dtype=m.param_dtype, rope_theta=10_000.0,
-            max_position_embeddings=config.rollout.max_context_tokens)
+            max_position_embeddings=config.rollout.max_context_tokens,
+            remat=m.remat, attention=m.attention)
         model = sharding.create_sharded(lambda: models.Decoder(mc, rngs=nnx.Rngs(init_seed)), mesh)
         return model, tokenizer
-    return models.from_pretrained(m.source, dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh)
+    return models.from_pretrained(m.source, dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh,
+                                  remat=m.remat, attention=m.attention)
 
 
 def updates_per_step(config) -> int:

@@ -28,7 +28,8 @@ from ml_collections import ConfigDict
 
 from aem_jax import envs
 from aem_jax.envs import base as env_registry
-from aem_jax.models.config import DTYPES, MODEL_TYPES
+from aem_jax.models.attention import IMPLS as ATTENTION_IMPLS
+from aem_jax.models.config import DTYPES, MODEL_TYPES, REMATS
 from aem_jax.models.tokenizer import SPECIAL_TOKENS
 from aem_jax.objectives import aem, policy
 from aem_jax.rollout.config import HISTORY_MODES, OVERLONG_ACTIONS
@@ -120,6 +121,8 @@ RULES: dict[str, Rule] = {
     "model.model_type": _one_of(sorted(MODEL_TYPES)),
     "model.dtype": _one_of(DTYPES),
     "model.param_dtype": _one_of(DTYPES),
+    "model.remat": _one_of(REMATS),
+    "model.attention": _one_of(ATTENTION_IMPLS),
     "model.tokenizer": _one_of(TOKENIZERS),
     **{f"model.{k}": _POSITIVE_INT for k in (
         "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")},
