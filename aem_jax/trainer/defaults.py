@@ -63,6 +63,9 @@ def base() -> ConfigDict:
     c.rollout.num_threads = 8        # threads stepping environments
     c.rollout.system_prompt = ""     # optional system message
     c.rollout.action_pattern = ""    # optional regex extracting the action from the reply
+    c.rollout.enable_thinking = "template"  # reasoning switch of templates that read it (Qwen3):
+                                     # template (its default) | on | off
+    c.rollout.observation_role = "user"  # role of observations in the chat: user | tool (tool results)
 
     c.advantage = ConfigDict()
     c.advantage.normalize_std = True   # GRPO divides by the group std (False: Dr.GRPO)

@@ -58,6 +58,10 @@ def load_config(spec: str, overrides: tuple[str, ...] | list[str] = ()):
     return config
 
 
+# rollout.enable_thinking -> the chat template's enable_thinking (None: leave the template's default)
+THINKING = {"template": None, "on": True, "off": False}
+
+
 def rollout_config(config, *, num_tasks: int | None = None, group_size: int | None = None) -> RolloutConfig:
     r = config.rollout
     return RolloutConfig(
@@ -68,6 +72,7 @@ def rollout_config(config, *, num_tasks: int | None = None, group_size: int | No
         num_threads=r.num_threads, seq_len=None if r.seq_bucket else r.max_context_tokens,
         seq_bucket=r.seq_bucket or 64, system_prompt=r.system_prompt or None,
         action_pattern=r.action_pattern or None, row_bucket=config.learner.minibatch_size,
+        enable_thinking=THINKING[r.enable_thinking], observation_role=r.observation_role,
     )
 
 

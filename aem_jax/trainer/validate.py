@@ -132,6 +132,8 @@ RULES: dict[str, Rule] = {
     **{f"rollout.{k}": _POSITIVE_INT for k in (
         "num_tasks", "group_size", "max_turns", "max_context_tokens", "max_action_tokens", "num_threads")},
     "rollout.history": _one_of(HISTORY_MODES),
+    "rollout.enable_thinking": _one_of(("template", "on", "off")),
+    "rollout.observation_role": _one_of(("user", "tool")),
     "rollout.overlong_actions": _one_of(OVERLONG_ACTIONS),
     "rollout.window": _COUNT,
     "rollout.seq_bucket": _int(0, text=">= 0 (0 = pad every batch to rollout.max_context_tokens)"),
