@@ -82,12 +82,17 @@ def _build_rootfs(root, task):
     interpreter = os.path.realpath(sys.executable)
     _copy(interpreter, root)
     stdlib, purelib = sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"]
+    # in a venv, pytest lives in the venv's site-packages, which the copied base
+    # interpreter does not read: put it in the base interpreter's own
+    base_purelib = sysconfig.get_paths(vars={"base": sys.base_prefix, "platbase": sys.base_prefix})["purelib"]
     shutil.copytree(stdlib, root + stdlib, ignore=STDLIB_SKIP, symlinks=True)
     for dist in _distributions("pytest"):  # pytest and what it requires, files as installed
         for file in dist.files or []:
             path = os.path.realpath(dist.locate_file(file))
             if path.startswith(purelib) and "__pycache__" not in path and os.path.isfile(path):
-                _copy(path, root)
+                dest = root + base_purelib + path[len(purelib):]
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                shutil.copy2(path, dest)
     dynload = [os.path.join(dp, f) for dp, _, fs in os.walk(root + stdlib) for f in fs if f.endswith(".so")]
     for lib in _libraries(binaries + [interpreter] + [p[len(root):] for p in dynload]):
         _copy(lib, root)
