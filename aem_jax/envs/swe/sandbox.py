@@ -915,18 +915,25 @@ class LocalSandbox:
                     *cgroup.procs_files, *argv]
         return argv
 
-    def execute(self, command: str, timeout: float = 60.0) -> ExecResult:
-        """Runs ``command`` with ``/bin/sh -c`` in a fresh sandbox.
-
-        Never raises for anything the command does; the tree is killed when
-        ``timeout`` seconds pass or the output exceeds ``max_output_bytes``.
-        """
+    def _check_call(self, command: str, timeout: float) -> ExecResult | None:
+        """Raises for a bad argument; the error result when the sandbox is closed, else None."""
         if not isinstance(command, str):
             raise TypeError(f"command must be a str, got {type(command).__name__}")
         if not timeout or timeout <= 0:
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
         if not os.path.isdir(self.workspace) or not self._finalizer.alive:
             return ExecResult(f"sandbox error: workspace {self.workspace} is closed or gone", 126, False)
+        return None
+
+    def execute(self, command: str, timeout: float = 60.0) -> ExecResult:
+        """Runs ``command`` with ``/bin/sh -c`` in a fresh sandbox.
+
+        Never raises for anything the command does; the tree is killed when
+        ``timeout`` seconds pass or the output exceeds ``max_output_bytes``.
+        """
+        closed = self._check_call(command, timeout)
+        if closed is not None:
+            return closed
         try:
             # Privileges are dropped inside the namespaces (setpriv for bwrap,
             # _unshare_init for unshare), after the mounts are in place.
@@ -961,12 +968,9 @@ class LocalSandbox:
         """
         from aem_jax.envs.swe import shell as shell_lib  # shell.py imports this module
 
-        if not isinstance(command, str):
-            raise TypeError(f"command must be a str, got {type(command).__name__}")
-        if not timeout or timeout <= 0:
-            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-        if not os.path.isdir(self.workspace) or not self._finalizer.alive:
-            return ExecResult(f"sandbox error: workspace {self.workspace} is closed or gone", 126, False)
+        closed = self._check_call(command, timeout)
+        if closed is not None:
+            return closed
         if self._shell is None:
             try:
                 self._make_shell_dir()

@@ -206,7 +206,7 @@ HACKS = {
                 try:
                     with open(_path) as _f:
                         _text = _f.read()
-                    _os.replace  # replacing the file (rename over it) is tried too
+                    # replacing the file (rename over it) is tried too
                     with open(_path + ".new", "w") as _f:
                         _f.write(_re.sub(r"\\bassert\\b", "assert True or", _text))
                     _os.replace(_path + ".new", _path)

@@ -34,7 +34,7 @@ def _sandbox_processes(uid):
             if os.stat(f"/proc/{pid}").st_uid == uid and state != "Z":
                 found.append(int(pid))
         except (FileNotFoundError, ProcessLookupError, IndexError):
-            pass
+            continue  # the process ended between listing /proc and reading it
     return found
 
 
