@@ -5,6 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+
+from tests import multiprocess
 from flax import nnx
 from jax.sharding import AxisType, PartitionSpec as P
 
@@ -279,7 +281,6 @@ def _free_port() -> int:
 
 def test_two_local_processes_share_a_mesh_and_a_checkpoint(tmp_path):
     """Two CPU processes (2 devices each, gloo) act as one 4-device machine."""
-    import json
     import os
     import subprocess
     import sys
@@ -304,19 +305,7 @@ def test_two_local_processes_share_a_mesh_and_a_checkpoint(tmp_path):
                 text=True,
             )
         )
-    outputs = []
-    try:
-        for proc in procs:
-            out, _ = proc.communicate(timeout=90)
-            outputs.append(out)
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    results = []
-    for proc, out in zip(procs, outputs):
-        assert proc.returncode == 0, out[-3000:]
-        results.append(json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:]))
+    results = multiprocess.results(procs, multiprocess.wait_all(procs, timeout=90))
 
     with nnx.use_eager_sharding(False):
         reference = nnx.Linear(4, 6, rngs=nnx.Rngs(0))

@@ -5,7 +5,6 @@ with the values of the checkpoint, and every read of the checkpoint must be
 one device's shard: on several processes, each reads only what its own
 devices hold.
 """
-import json
 import os
 import socket
 import subprocess
@@ -14,6 +13,8 @@ import sys
 import jax
 import numpy as np
 import pytest
+
+from tests import multiprocess
 from flax import nnx
 
 import aem_jax.models as M
@@ -140,18 +141,7 @@ def test_two_processes_each_read_only_their_own_shards(checkpoint):
     procs = [subprocess.Popen([sys.executable, "-c", _WORKER, address, str(i), str(path)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=120)[0])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    results = []
-    for proc, out in zip(procs, outputs):
-        assert proc.returncode == 0, out[-3000:]
-        results.append(json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:]))
+    results = multiprocess.results(procs, multiprocess.wait_all(procs, timeout=120))
     for pid, r in enumerate(results):
         assert r["process"] == pid and r["local_devices"] == 4 and r["devices"] == 8
         assert not r["fully_addressable"]

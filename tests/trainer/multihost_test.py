@@ -15,6 +15,7 @@ import pathlib
 import socket
 import subprocess
 
+from tests import multiprocess
 from tests.trainer.resume_test import (
     REPO, assert_same_metrics, assert_same_state, deterministic_metrics, load_state, shared_cache_dir, train_cmd,
     train_env,
@@ -49,14 +50,7 @@ def test_two_processes_train_like_one_process_with_the_same_devices(tmp_path, tm
         with open(log, "w") as out:
             procs.append(subprocess.Popen(train_cmd(multi, *OVERRIDES), env=env, cwd=REPO, stdout=out,
                                           stderr=subprocess.STDOUT))
-    try:
-        for proc in procs:
-            proc.wait(timeout=300)
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    multiprocess.wait_all(procs, timeout=300)
     outputs = [log.read_text() for log in logs]
     for pid, (proc, out) in enumerate(zip(procs, outputs)):
         assert proc.returncode == 0, f"process {pid}:\n{out[-4000:]}"

@@ -15,6 +15,8 @@ import sys
 import numpy as np
 import pytest
 
+from tests import multiprocess
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 FIELDS = ("tokens", "loss_mask", "turn_ids", "attention_mask", "turn_rewards", "turn_valid", "group_ids",
           "episode_ids", "old_logp", "old_entropy")
@@ -68,14 +70,7 @@ def _run(out: pathlib.Path, nproc: int) -> list[dict]:
         with open(log, "w") as f:  # files, not pipes: a full pipe would stall the other's collectives
             procs.append(subprocess.Popen([sys.executable, __file__, str(out), str(pid), str(nproc), str(port)],
                                           env=env, cwd=REPO, stdout=f, stderr=subprocess.STDOUT))
-    try:
-        for proc in procs:
-            proc.wait(timeout=240)
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    multiprocess.wait_all(procs, timeout=240)
     for proc, log in zip(procs, logs):
         assert proc.returncode == 0, log.read_text()[-4000:]
     return [dict(np.load(out / f"process_{pid}_of_{nproc}.npz")) for pid in range(nproc)]
