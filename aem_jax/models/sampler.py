@@ -311,3 +311,231 @@ def _to_host(x: jax.Array) -> np.ndarray:
 def compiled_cache_size() -> int:
     """How many shape/parameter buckets `generate` has compiled so far."""
     return _generate._cache_size()
+
+
+# ------------------------------------------------------------------------------------------------
+# Slot caches: one KV-cache row per live episode, kept across calls (the continuous rollout engine,
+# `aem_jax.rollout.engine`). Row b holds its sequence contiguously at columns [0, length_b): token
+# i sits at column i and has RoPE position i, so a row's cache is exactly what a forward pass over
+# its sequence alone would compute. New tokens are appended at column length_b (a prefill chunk or
+# one decode token); rows advance independently, which `_rows_forward` gets by running the decoder
+# on each row as a batch of one under `jax.vmap` (the per-row cache index becomes a scatter).
+
+
+class SlotState(NamedTuple):
+    """The caches of B slots; `keys`/`values` are a stacked `KVCache`'s [L,B,K,S,H] arrays."""
+
+    keys: jax.Array       # [L,B,K,S,H]
+    values: jax.Array     # [L,B,K,S,H]
+    mask_BS: jax.Array    # [B,S] int32, 1 on columns [0, length_b) (what the row's tokens attend to)
+    length_B: jax.Array   # [B] int32 tokens held = next write column = next RoPE position
+    logits_BV: jax.Array  # [B,V] float32 next-token logits after the row's last token
+
+
+def init_slots(config, num_slots: int, length: int) -> SlotState:
+    """Empty caches for `num_slots` rows of `length` columns (all rows hold 0 tokens)."""
+    if num_slots < 1 or length < 1:
+        raise ValueError(f"init_slots(num_slots={num_slots}, length={length}); both must be >= 1")
+    cache = KVCache.zeros(config, num_slots, length)
+    return SlotState(cache.keys, cache.values, jnp.zeros((num_slots, length), jnp.int32),
+                     jnp.zeros((num_slots,), jnp.int32),
+                     jnp.zeros((num_slots, config.vocab_size), jnp.float32))
+
+
+def _rows_forward(model: Decoder, tokens_BT, start_B, mask_BS, keys, values):
+    """The decoder on each row separately, writing its T tokens at columns [start_b, start_b + T).
+
+    Returns (hidden [B,T,D], keys, values). Columns past a row's real tokens
+    get keys too, but stay masked (mask 0) until a later call overwrites them.
+    """
+    graphdef, state = nnx.split(model)
+    t = tokens_BT.shape[1]
+
+    def row(tokens_T, start, mask_S, k_LKSH, v_LKSH):
+        m = nnx.merge(graphdef, state)
+        positions = (start + jnp.arange(t, dtype=jnp.int32))[None]
+        cache = KVCache(k_LKSH[:, None], v_LKSH[:, None], start)
+        hidden, cache = m.hidden(tokens_T[None], positions, mask_S[None], cache)
+        return hidden[0], cache.keys[:, 0], cache.values[:, 0]
+
+    return jax.vmap(row, in_axes=(0, 0, 0, 1, 1), out_axes=(0, 1, 1))(
+        tokens_BT, start_B, mask_BS, keys, values)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("slots",))
+def _slot_prefill(graphdef, state, slots: SlotState, slot_ids_P, tokens_PC, counts_P, reset_P):
+    """Appends counts_p tokens to slot slot_ids_p (after emptying it where reset_p).
+
+    Padding entries of `slot_ids_P` are out of range: their gathers clip and
+    their scatters are dropped. Rows with a count of 0 keep their logits.
+    """
+    model: Decoder = nnx.merge(graphdef, state)
+    s = slots.mask_BS.shape[1]
+
+    def take(x, axis):
+        return jnp.take(x, slot_ids_P, axis=axis, mode="clip")
+
+    def put(x, v, axis):
+        return x.at[(slice(None),) * axis + (slot_ids_P,)].set(v, mode="drop")
+
+    length_P = jnp.where(reset_P, 0, take(slots.length_B, 0))
+    mask_PS = jnp.where(reset_P[:, None], 0, take(slots.mask_BS, 0))
+    col_S = jnp.arange(s, dtype=jnp.int32)
+    new_PS = (col_S >= length_P[:, None]) & (col_S < (length_P + counts_P)[:, None])
+    mask_PS = mask_PS | new_PS.astype(mask_PS.dtype)
+    hidden_PCD, keys, values = _rows_forward(model, tokens_PC, length_P, mask_PS,
+                                             take(slots.keys, 1), take(slots.values, 1))
+    last_PD = jnp.take_along_axis(hidden_PCD, jnp.maximum(counts_P - 1, 0)[:, None, None], 1)[:, 0]
+    logits_PV = jnp.where((counts_P > 0)[:, None], _decode_unembedding(model)(last_PD),
+                          take(slots.logits_BV, 0))
+    return SlotState(put(slots.keys, keys, 1), put(slots.values, values, 1),
+                     put(slots.mask_BS, mask_PS, 0), put(slots.length_B, length_P + counts_P, 0),
+                     put(slots.logits_BV, logits_PV, 0))
+
+
+class _SlotLoop(NamedTuple):
+    step: jax.Array
+    slots: SlotState
+    active_B: jax.Array
+    count_B: jax.Array
+    finished: jax.Array
+    tokens_BN: jax.Array
+    logp_BN: jax.Array
+    ent_BN: jax.Array
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_steps", "top_k", "use_top_p",
+                                             "stop_ids", "pad_id"), donate_argnames=("slots",))
+def _slot_decode(graphdef, state, slots: SlotState, active_B, step_B, keys_B, max_new, exit_after,
+                 temperature, top_p, *, num_steps, top_k, use_top_p, stop_ids, pad_id):
+    """Up to `num_steps` decode steps of the active rows; see `slot_decode`."""
+    model: Decoder = nnx.merge(graphdef, state)
+    unembed = _decode_unembedding(model)
+    b = active_B.shape[0]
+    rows = jnp.arange(b)
+    stops = jnp.asarray(stop_ids, jnp.int32)
+
+    def body(c: _SlotLoop) -> _SlotLoop:
+        sl, live = c.slots, c.active_B
+        n_B = step_B + c.count_B  # tokens of the current action sampled so far
+        step_keys = jax.vmap(jax.random.fold_in)(keys_B, n_B)
+        tok, logp, ent = sample_token(sl.logits_BV, step_keys, temperature, top_p, top_k=top_k,
+                                      use_top_p=use_top_p)
+        tok = jnp.where(live, tok, pad_id)
+        tokens = c.tokens_BN.at[:, c.step].set(tok)
+        logp_BN = c.logp_BN.at[:, c.step].set(jnp.where(live, logp, 0.0))
+        ent_BN = c.ent_BN.at[:, c.step].set(jnp.where(live, ent, 0.0))
+        ended = live & ((jnp.isin(tok, stops) if stop_ids else False) | (n_B + 1 >= max_new))
+        # Every sampled token enters the cache (the next turn continues after it).
+        mask = sl.mask_BS.at[rows, sl.length_B].max(live.astype(sl.mask_BS.dtype))
+        h, keys, values = _rows_forward(model, tok[:, None], sl.length_B, mask, sl.keys, sl.values)
+        logits = jnp.where(live[:, None], unembed(h[:, 0]), sl.logits_BV)
+        slots = SlotState(keys, values, mask, sl.length_B + live.astype(jnp.int32), logits)
+        return _SlotLoop(c.step + 1, slots, live & ~ended, c.count_B + live.astype(jnp.int32),
+                         c.finished + jnp.sum(ended.astype(jnp.int32)), tokens, logp_BN, ent_BN)
+
+    def cond(c: _SlotLoop) -> jax.Array:
+        return (c.step < num_steps) & jnp.any(c.active_B) & (c.finished < exit_after)
+
+    init = _SlotLoop(jnp.zeros((), jnp.int32), slots, active_B, jnp.zeros((b,), jnp.int32),
+                     jnp.zeros((), jnp.int32), jnp.full((b, num_steps), pad_id, jnp.int32),
+                     jnp.zeros((b, num_steps), jnp.float32), jnp.zeros((b, num_steps), jnp.float32))
+    out = jax.lax.while_loop(cond, body, init)
+    return out.slots, out.active_B, out.count_B, out.tokens_BN, out.logp_BN, out.ent_BN
+
+
+class SlotDecode(NamedTuple):
+    """What one `slot_decode` call sampled: row b's new tokens are columns [0, count_b)."""
+
+    active: np.ndarray    # [B] bool, still generating (no stop token, under max_new)
+    count: np.ndarray     # [B] int32 tokens sampled by this call
+    tokens: np.ndarray    # [B,num_steps] int32
+    logprobs: np.ndarray  # [B,num_steps] float32
+    entropy: np.ndarray   # [B,num_steps] float32
+
+
+class SlotSampler:
+    """Prefill and decode calls on slot caches kept across calls, for one model.
+
+    Args:
+      model: the decoder.
+      params: sampling parameters (`max_new_tokens` is the action limit).
+      pad_id: id written where a row sampled nothing.
+      num_slots: B, the rows (live episodes) decoded together.
+      max_len: the longest sequence a slot holds.
+      chunk: longest prefill chunk; longer appends are split. Chunks are
+        bucketed to powers of two (>= 16) and the rows of one prefill to
+        powers of two, so a run compiles a few prefill shapes and one decode
+        shape (`decode_steps` steps over all B rows, inactive ones masked).
+
+    The cache has ``max_len + chunk`` columns: a chunk is written whole at a
+    row's end even where only part of it is real tokens.
+
+    Sampling matches `generate` with one key per row: the n-th token of a
+    row's current action is drawn with ``fold_in(row key, n)`` from the
+    row's own logits, so a row's draws do not depend on the other rows, on
+    when it joined the batch or on how its decoding was split into calls.
+    """
+
+    def __init__(self, model: Decoder, params: SamplingParams, pad_id: int, *, num_slots: int,
+                 max_len: int, chunk: int = 64, decode_steps: int = 8):
+        if chunk < 1 or decode_steps < 1:
+            raise ValueError(f"chunk={chunk}, decode_steps={decode_steps}; both must be >= 1")
+        self.graphdef, self.state = nnx.split(model)
+        self.config = model.config
+        self.params = params
+        self.pad_id = int(pad_id)
+        self.num_slots, self.max_len = int(num_slots), int(max_len)
+        self.chunk = bucket(chunk, minimum=16)
+        self.decode_steps = int(decode_steps)
+        self.slots = init_slots(model.config, self.num_slots, self.max_len + self.chunk)
+
+    def prefill(self, appends: dict[int, tuple[Sequence[int], bool]]) -> None:
+        """Appends tokens to slots: ``{slot: (token ids, reset first)}``.
+
+        A reset empties the slot first (a new episode, or a windowed prompt
+        that is not an extension of what the slot holds). Every slot named
+        must end up holding <= max_len tokens.
+        """
+        todo = {s: [list(ids), bool(reset)] for s, (ids, reset) in appends.items() if ids or reset}
+        for s in todo:
+            if not 0 <= s < self.num_slots:
+                raise ValueError(f"slot {s} out of range [0, {self.num_slots})")
+        while todo:
+            rows = sorted(todo)
+            longest = max(len(todo[s][0]) for s in rows)
+            c = min(self.chunk, bucket(longest, minimum=16))
+            p = bucket(len(rows), minimum=1)
+            ids = np.full((p,), self.num_slots, np.int32)  # padding rows: out of range
+            tokens = np.full((p, c), self.pad_id, np.int32)
+            counts = np.zeros((p,), np.int32)
+            reset = np.zeros((p,), bool)
+            for i, s in enumerate(rows):
+                part = todo[s][0][:c]
+                ids[i], counts[i], reset[i] = s, len(part), todo[s][1]
+                tokens[i, :len(part)] = part
+                todo[s] = [todo[s][0][c:], False]
+            self.slots = _slot_prefill(self.graphdef, self.state, self.slots, jnp.asarray(ids),
+                                       jnp.asarray(tokens), jnp.asarray(counts), jnp.asarray(reset))
+            todo = {s: v for s, v in todo.items() if v[0]}
+
+    def decode(self, active: np.ndarray, steps: np.ndarray, keys: jax.Array, *,
+               max_new: int | None = None, exit_after: int = 1) -> SlotDecode:
+        """Decodes the active rows until `exit_after` of them end or `decode_steps` steps pass.
+
+        Args:
+          active: [B] bool, rows generating an action.
+          steps: [B] int32, tokens of that action already sampled.
+          keys: [B] keys, each row's key for its current action.
+          max_new: action length limit (default ``params.max_new_tokens``).
+          exit_after: return once this many rows ended their action.
+        """
+        p = self.params
+        out = _slot_decode(
+            self.graphdef, self.state, self.slots, jnp.asarray(active, bool),
+            jnp.asarray(steps, jnp.int32), keys, jnp.int32(max_new or p.max_new_tokens),
+            jnp.int32(exit_after), jnp.float32(p.temperature), jnp.float32(p.top_p),
+            num_steps=self.decode_steps, top_k=p.top_k, use_top_p=p.top_p < 1.0,
+            stop_ids=tuple(int(t) for t in p.stop_token_ids), pad_id=self.pad_id)
+        self.slots = out[0]
+        return SlotDecode(*(_to_host(x) for x in out[1:]))

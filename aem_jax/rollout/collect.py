@@ -41,7 +41,7 @@ from aem_jax.batch import TurnBatch
 from aem_jax.rollout.batching import Turn, build_turn_batch, prompt_for_turn
 from aem_jax.rollout.chat import ChatFormat
 from aem_jax.rollout.config import REASONS, EpisodeRecord, RolloutConfig
-from aem_jax.rollout.policy import Generation, Policy, TurnContext
+from aem_jax.rollout.policy import Generation, Policy, TurnContext, slot_policy
 from aem_jax.rollout.pool import StepPool
 
 
@@ -204,22 +204,31 @@ def _finish_cut(eps, pool, config):
     The returned reward is added to the last turn's; an environment whose
     ``finish`` raises or hangs fails its episode like a failed step.
     """
-    cut = [ep for ep in eps if ep.cut is not None and ep.turns
-           and callable(getattr(ep.env, "finish", None))]
+    cut = [ep for ep in eps if _needs_finish(ep)]
     outcomes = pool.run([lambda e=ep: e.env.finish(e.cut) for ep in cut],
                         timeout_s=config.step_timeout_s)
     for ep, outcome in zip(cut, outcomes):
-        ep.cut = None
-        if outcome.error is not None:
-            _fail(ep, outcome.error)
-            continue
-        step, rec = outcome.value, ep.record
-        info = dict(step.info)
-        reward = float(step.reward)
-        ep.turns[-1].reward += reward
-        rec.turn_rewards[-1] += reward
-        rec.success = rec.success or bool(info.get("success", False))
-        ep.masked = ep.masked or bool(info.get("exclude_from_loss", False))
+        _apply_finish(ep, outcome)
+
+
+def _needs_finish(ep) -> bool:
+    """The rollout cut `ep` short and its environment can score it (``env.finish``)."""
+    return ep.cut is not None and bool(ep.turns) and callable(getattr(ep.env, "finish", None))
+
+
+def _apply_finish(ep, outcome) -> None:
+    """Records the outcome of ``ep.env.finish``: its reward goes to the last turn."""
+    ep.cut = None
+    if outcome.error is not None:
+        _fail(ep, outcome.error)
+        return
+    step, rec = outcome.value, ep.record
+    info = dict(step.info)
+    reward = float(step.reward)
+    ep.turns[-1].reward += reward
+    rec.turn_rewards[-1] += reward
+    rec.success = rec.success or bool(info.get("success", False))
+    ep.masked = ep.masked or bool(info.get("exclude_from_loss", False))
 
 
 def _play_turn(k, eps, policy, pool, chat, config, key, timings):
@@ -338,10 +347,16 @@ def _collect(group, policy, tokenizer, config, key, seeds, pool):
     t0 = time.perf_counter()
     _reset_all(eps, [ep.record.seed for ep in eps], pool, chat, config)
     timings["env"] += time.perf_counter() - t0
-    for k in range(config.max_turns):
-        if not any(ep.active for ep in eps):
-            break
-        _play_turn(k, eps, policy, pool, chat, config, key, timings)
+    slots = slot_policy(policy) if config.engine == "continuous" else None
+    if slots is not None:
+        from aem_jax.rollout import engine  # imported late: it builds on this module
+
+        engine.play(eps, *slots, pool, chat, config, key, timings)
+    else:
+        for k in range(config.max_turns):
+            if not any(ep.active for ep in eps):
+                break
+            _play_turn(k, eps, policy, pool, chat, config, key, timings)
     t0 = time.perf_counter()
     batch = build_turn_batch(
         eps, num_turns=config.max_turns, windowed=config.history == "windowed",

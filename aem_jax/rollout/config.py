@@ -6,6 +6,7 @@ import re
 from typing import Any
 
 HISTORY_MODES = ("concatenated", "windowed")
+ENGINES = ("continuous", "simple")
 OVERLONG_ACTIONS = ("invalid", "play")
 
 # Why the engine rejects an action (shown to the policy through
@@ -70,6 +71,14 @@ class RolloutConfig:
       seq_bucket: bucket size for T when `seq_len` is None.
       row_bucket: B is padded with empty rows to a multiple of this (windowed
         mode has a data-dependent number of rows).
+      engine: "continuous" (`aem_jax.rollout.engine`: each episode keeps its
+        KV cache across turns, episodes join and leave the decode batch
+        independently, environment steps run while others decode) or
+        "simple" (all episodes in lockstep, every prompt re-prefilled each
+        turn). Policies without a model (scripted, remote) are played by
+        "simple" either way.
+      num_slots: KV-cache slots of the continuous engine (episodes played at
+        once; the others wait for a slot); None: one per episode.
     """
 
     num_tasks: int = 8
@@ -91,6 +100,8 @@ class RolloutConfig:
     seq_len: int | None = None
     seq_bucket: int = 64
     row_bucket: int = 1
+    engine: str = "simple"
+    num_slots: int | None = None
 
     def __post_init__(self):
         positive = ("num_tasks", "group_size", "max_turns", "max_context_tokens",
@@ -102,6 +113,12 @@ class RolloutConfig:
         if self.overlong_actions not in OVERLONG_ACTIONS:
             raise ValueError(f"RolloutConfig.overlong_actions={self.overlong_actions!r}; "
                              f"allowed: {OVERLONG_ACTIONS}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"RolloutConfig.engine={self.engine!r}; allowed: {ENGINES}")
+        if self.num_slots is not None and (not isinstance(self.num_slots, int)
+                                           or self.num_slots < 1):
+            raise ValueError(f"RolloutConfig.num_slots={self.num_slots!r}; must be a positive "
+                             "int or None (one slot per episode)")
         if self.history not in HISTORY_MODES:
             raise ValueError(f"RolloutConfig.history={self.history!r}; allowed: {HISTORY_MODES}")
         if self.history == "windowed" and self.window < 0:

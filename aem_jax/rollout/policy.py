@@ -140,3 +140,23 @@ class SamplerPolicy:
         return [Generation(tokens[i, :n].tolist(), logprobs[i, :n].tolist(),
                            entropy[i, :n].tolist())
                 for i, n in enumerate(lengths.tolist())]
+
+
+def slot_policy(policy: Any) -> tuple[SamplerPolicy, int] | None:
+    """(sampler policy, episode offset) when `policy` can be played with kept KV caches.
+
+    The continuous engine samples episode e's turn k with
+    ``fold_in(fold_in(key, k), offset + e)``. A bare `SamplerPolicy` gets
+    offset 0 (the simple engine would draw its rows from one turn key
+    instead, so its episodes differ from the continuous engine's). A
+    wrapper with ``policy`` (a `SamplerPolicy`) and ``first_episode``
+    attributes (the trainer's ``EpisodeKeys``) samples episode e with
+    ``fold_in(turn key, first_episode + e)`` in either engine: offset
+    first_episode. Anything else (scripted, remote): None.
+    """
+    if isinstance(policy, SamplerPolicy):
+        return policy, 0
+    inner, first = getattr(policy, "policy", None), getattr(policy, "first_episode", None)
+    if isinstance(inner, SamplerPolicy) and isinstance(first, int):
+        return inner, first
+    return None

@@ -1,0 +1,227 @@
+"""The continuous rollout engine: KV caches kept across turns, episodes batched continuously.
+
+`collect(..., RolloutConfig(engine="continuous"))` plays a model-backed
+policy (`SamplerPolicy`, or a wrapper keying rows per episode, see
+`policy.slot_policy`) here. Each live episode owns one row ("slot") of a
+stacked KV cache (`models.sampler.SlotSampler`):
+
+* a new turn prefills only the tokens its prompt adds to what the slot
+  holds -- the observation and the template's glue (`ChatFormat.env_ids`)
+  -- at the slot's current position, then decodes. In windowed mode the
+  prompt of turn k > h no longer extends the previous one (the window
+  dropped a turn): the slot is emptied and the window prefilled afresh;
+* a slot is freed when its episode ends and taken by the next waiting one;
+* decoding runs over all slots in one shape with the rows that are not
+  generating masked, and returns to the host as soon as a row finished its
+  action (or every `DECODE_STEPS` steps). The finished action's environment
+  step is submitted to the step pool at once and runs while the other rows
+  decode; its episode rejoins the batch when the step is back. A slow
+  environment delays only its own episode; a hung one is cut by the pool's
+  per-step time limit (``step_timeout_s``) and fails only its episode.
+
+Sampling keys are per episode and per turn, as in the simple engine with the
+trainer's per-episode keys: episode e's turn k uses
+``fold_in(fold_in(key, k), offset + e)`` and its n-th token of that action
+``fold_in(that, n)``. A row's draws therefore depend only on its own key and
+its own logits, never on which other episodes share the batch, how many
+slots there are or in which order episodes were admitted; batching changes
+results by float rounding at most. The recorded log-probs and entropies are
+those of the distributions the tokens were drawn from, computed on the
+episode's own cache, so they equal a teacher-forced forward pass over the
+final row (float rounding aside).
+
+Everything the simple engine decides per turn (cutting at the action limit,
+parsing, invalid actions, failed environments, truncation, ``env.finish``)
+is the same code (`collect._apply`, `_apply_finish`), so both engines give
+the same `TurnBatch` and `EpisodeRecord` structure.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import queue
+import threading
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from aem_jax.models.sampler import SlotSampler
+from aem_jax.rollout.collect import _apply, _apply_finish, _cut, _needs_finish, _parse
+from aem_jax.rollout.batching import prompt_for_turn
+from aem_jax.rollout.policy import Generation, SamplerPolicy
+
+DECODE_STEPS = 8  # decode steps per device call at most: how often waiting episodes can join
+PREFILL_CHUNK = 64  # longest prefill chunk; longer appends run as several chunks
+
+
+@dataclasses.dataclass
+class _Slot:
+    """One live episode in its cache row."""
+
+    ep: Any  # collect._Episode
+    held: list[int] = dataclasses.field(default_factory=list)  # tokens the cache row holds
+    tokens: list[int] = dataclasses.field(default_factory=list)  # the current action so far
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    entropies: list[float] = dataclasses.field(default_factory=list)
+    generating: bool = False
+    pending: tuple = ()  # (generation, closed, action, reason) while its environment steps
+
+
+@jax.jit
+def _turn_key(key, turn, episode):
+    return jax.random.fold_in(jax.random.fold_in(key, turn), episode)
+
+
+class _Waiter:
+    """Runs environment calls in the step pool one by one, without blocking the engine.
+
+    Each call waits in its own thread (`StepPool.run` with one task and the
+    per-step time limit) and posts ``(tag, kind, outcome)`` on `results`
+    (tag: the slot of a step, the episode index of a finish),
+    so one slow or hung environment holds up only its own episode.
+    """
+
+    def __init__(self, pool, timeout_s: float):
+        self.pool, self.timeout_s = pool, timeout_s
+        self.results: queue.Queue = queue.Queue()
+        self.pending = 0
+
+    def submit(self, tag: int, kind: str, fn) -> None:
+        def wait():
+            self.results.put((tag, kind, self.pool.run([fn], timeout_s=self.timeout_s)[0]))
+
+        self.pending += 1
+        threading.Thread(target=wait, daemon=True, name="aem-env-wait").start()
+
+    def get(self, block: bool):
+        item = self.results.get(block=block)
+        self.pending -= 1
+        return item
+
+
+def play(eps, policy: SamplerPolicy, offset: int, pool, chat, config, key, timings) -> None:
+    """Plays every active episode of `eps` to its end (in place, as `collect._play_turn` does).
+
+    Args:
+      eps: `collect._Episode`s, reset already (inactive ones are skipped).
+      policy: the `SamplerPolicy` whose model and sampling parameters act.
+      offset: added to an episode's index in its sampling key.
+      pool: the `StepPool` environments step in.
+      chat: the `ChatFormat`.
+      config: the `RolloutConfig` (after `collect._adapt`).
+      key: the rollout key.
+      timings: seconds, accumulated into "generate" (device calls), "env"
+        (waiting for environments with nothing to decode) and "batch".
+    """
+    waiting = collections.deque(ep for ep in eps if ep.active)
+    if not waiting:
+        return
+    num_slots = min(config.num_slots or len(waiting), len(waiting))
+    max_new = min(policy.params.max_new_tokens, config.max_action_tokens)
+    sampler = SlotSampler(policy.model, policy.params, policy.pad_id, num_slots=num_slots,
+                          max_len=config.max_context_tokens, chunk=PREFILL_CHUNK,
+                          decode_steps=DECODE_STEPS)
+    window = config.window if config.history == "windowed" else None
+    stops = set(chat.stop_token_ids)
+    waiter = _Waiter(pool, config.step_timeout_s)
+    live: dict[int, _Slot] = {}
+    free = list(range(num_slots))
+    ready: set[int] = set()  # slots whose next turn's prompt is to be prefilled
+    keys = [key] * num_slots
+    stacked = None
+    finishing: dict[int, Any] = {}  # episode index -> episode, while its env.finish runs
+
+    def end_turn(s: int, outcome=None, gen=None, closed=True, action="", reason=None) -> None:
+        """Applies a turn's result; the episode goes on (prefill) or leaves its slot."""
+        slot = live[s]
+        ep = slot.ep
+        _apply(ep, gen, closed, action, reason, outcome, len(ep.turns), chat, config)
+        if ep.active:
+            ready.add(s)
+            return
+        del live[s]
+        free.append(s)
+        if _needs_finish(ep):
+            waiter.submit(ep.index, "finish", lambda e=ep: e.env.finish(e.cut))
+            finishing[ep.index] = ep
+
+    t_start = time.perf_counter()
+    gen_s = env_s = 0.0
+    while waiting or live or waiter.pending:
+        while waiting and free:
+            s = free.pop(0)
+            live[s] = _Slot(waiting.popleft())
+            ready.add(s)
+        # Environment results that are back (wait for one when nothing else can run).
+        block = not ready and not any(sl.generating for sl in live.values())
+        while waiter.pending:
+            t0 = time.perf_counter()
+            try:
+                s, kind, outcome = waiter.get(block)
+            except queue.Empty:
+                break
+            finally:
+                if block:
+                    env_s += time.perf_counter() - t0
+            block = False
+            if kind == "finish":
+                _apply_finish(finishing.pop(s), outcome)
+            else:
+                end_turn(s, outcome, *live[s].pending)
+        if ready:
+            appends = {}
+            for s in sorted(ready):
+                slot = live[s]
+                prompt = prompt_for_turn(slot.ep, len(slot.ep.turns), window)
+                n = len(slot.held)
+                extends = n <= len(prompt) and prompt[:n] == slot.held
+                appends[s] = (prompt[n:] if extends else prompt, not extends)
+                slot.held = prompt
+                slot.tokens, slot.logprobs, slot.entropies = [], [], []
+                slot.generating = True
+                keys[s] = _turn_key(key, len(slot.ep.turns), offset + slot.ep.index)
+            ready.clear()
+            stacked = None
+            t0 = time.perf_counter()
+            sampler.prefill(appends)
+            gen_s += time.perf_counter() - t0
+        active = np.array([s in live and live[s].generating for s in range(num_slots)])
+        if not active.any():
+            continue
+        steps = np.array([len(live[s].tokens) if active[s] else 0 for s in range(num_slots)],
+                         np.int32)
+        if stacked is None:
+            stacked = jnp.stack(keys)
+        t0 = time.perf_counter()
+        out = sampler.decode(active, steps, stacked, max_new=max_new, exit_after=1)
+        gen_s += time.perf_counter() - t0
+        for s in np.flatnonzero(active):
+            slot, n = live[s], int(out.count[s])
+            slot.tokens += out.tokens[s, :n].tolist()
+            slot.logprobs += out.logprobs[s, :n].tolist()
+            slot.entropies += out.entropy[s, :n].tolist()
+            if not out.active[s]:
+                _action_done(int(s), slot, stops, max_new, chat, config, waiter, end_turn)
+    total = time.perf_counter() - t_start
+    timings["generate"] += gen_s
+    timings["env"] += env_s
+    timings["batch"] += total - gen_s - env_s
+
+
+def _action_done(s, slot, stops, limit, chat, config, waiter, end_turn) -> None:
+    """A slot finished sampling its action: check it, then step its environment (or not)."""
+    slot.generating = False
+    gen, closed = _cut(Generation(slot.tokens, slot.logprobs, slot.entropies), stops,
+                                   limit)
+    if len(gen.token_ids) != len(slot.tokens):  # the sampler stops at the first stop token
+        raise RuntimeError(f"slot {s} sampled {len(slot.tokens)} tokens past its action's end")
+    slot.held = slot.held + list(gen.token_ids)  # every sampled token entered the cache
+    action, reason = _parse(chat.decode_action(gen.token_ids), closed, config)
+    if reason is not None:
+        end_turn(s, None, gen, closed, action, reason)
+        return
+    slot.pending = (gen, closed, action, reason)
+    waiter.submit(s, "step", lambda e=slot.ep, a=action: e.env.step(a))
