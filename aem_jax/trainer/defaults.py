@@ -11,7 +11,7 @@ def base() -> ConfigDict:
     """Every field of a training config, with its meaning."""
     c = ConfigDict()
     c.seed = 0                       # root of every random stream (rollouts, init, shuffles)
-    c.algorithm = "grpo"             # grpo | dr_grpo | dapo | gspo | rloo | gigpo | ppo | archer | etpo
+    c.algorithm = "grpo"             # grpo | dr_grpo | dapo | gspo | rloo | gigpo | ppo | archer | etpo | sft
     c.total_steps = 250              # training iterations (one rollout batch each)
     c.progress_bar = False           # force the progress bar on (it shows anyway on a terminal)
     c.max_nonfinite_in_a_row = 5     # stop after this many skipped (non-finite) updates in a row
@@ -66,6 +66,11 @@ def base() -> ConfigDict:
     c.rollout.enable_thinking = "template"  # reasoning switch of templates that read it (Qwen3):
                                      # template (its default) | on | off
     c.rollout.observation_role = "user"  # role of observations in the chat: user | tool (tool results)
+    c.rollout.endpoint = ""          # OpenAI-compatible server to sample from (python -m aem_jax.serve, vLLM,
+                                     # SGLang), e.g. http://127.0.0.1:8000; "" = the in-process sampler
+    c.rollout.reload_route = "/update_weights_from_disk"  # POST {"model_path": DIR} route that loads pushed weights
+    c.rollout.weights_dir = ""       # where weights are saved for the endpoint to load ("" = a temporary dir;
+                                     # the server must be able to read it: same machine or shared file system)
 
     c.advantage = ConfigDict()
     c.advantage.normalize_std = True   # GRPO divides by the group std (False: Dr.GRPO)
@@ -136,6 +141,10 @@ def base() -> ConfigDict:
     c.etpo.q.num_kv_heads = 2        # key/value heads of the Q network
     c.etpo.q.head_dim = 16           # per-head size of the Q network
 
+    c.sft = ConfigDict()             # algorithm=sft: behaviour cloning of the env's scripted expert
+    c.sft.noise = 0.0                # share of demonstration actions replaced by a uniformly random valid
+                                     # action (weaker, higher-entropy warm starts); total_steps is its length
+
     c.learner = ConfigDict()
     c.learner.epochs = 1              # passes over each rollout batch
     c.learner.minibatch_size = 128    # rows per optimiser step
@@ -165,7 +174,23 @@ def base() -> ConfigDict:
     c.checkpoint.keep = 3            # checkpoints kept
 
     c.eval = ConfigDict()
-    c.eval.num_tasks = 64            # held-out tasks for success before / after (0 = skip)
+    c.eval.num_tasks = 64            # held-out tasks per evaluation, before and after training (0 = no evaluation)
+    c.eval.every = 0                 # also evaluate every this many steps (0 = only before and after training)
+    c.eval.samples_per_task = 1      # n sampled episodes per held-out task (pass@k needs n >= k)
+    c.eval.pass_at = (1,)            # k of the unbiased pass@k estimates logged as eval/pass@k (Chen et al. 2021)
+    c.eval.split = ""                # envs with splits (swe): the held-out split ("" = "test"; never the training
+                                     # split); envs without: disjoint held-out task seeds, this must stay ""
+
+    c.records = ConfigDict()
+    c.records.transcripts_every = 0  # every this many steps write the step's episodes to
+                                     # workdir/transcripts/step_XXXXXX.jsonl (0 = off)
+    c.records.eval_transcripts = True  # write each evaluation's episodes to transcripts/eval_XXXXXX.jsonl
+
+    c.export = ConfigDict()
+    c.export.enabled = False         # export the policy as a Hugging Face directory (transformers, vLLM)
+    c.export.every = 0               # every this many steps to workdir/export/step_XXXXXX (0 = only at the end);
+                                     # the end of training always writes workdir/export/final
+    c.export.dtype = "float32"       # dtype of the exported weights: float32 | bfloat16
     return c
 
 

@@ -53,7 +53,9 @@ RESUMABLE_KEYS: tuple[str, ...] = (
     "progress_bar",
     "checkpoint.keep",
     "checkpoint.every",
-    "eval.num_tasks",
+    "eval",       # held-out evaluation: its own random stream, never the training tasks
+    "records",    # transcripts written
+    "export",     # Hugging Face exports written
     "rollout.num_threads",
     "distributed",
     "max_nonfinite_in_a_row",

@@ -3,24 +3,28 @@
 Phases, in a fixed order (as big_vision's main): validate the config (the
 generic checks, then the algorithm's), distributed init, workdir check and
 lock, random streams, mesh, model, the algorithm's state, restore (refusing a
-changed config), then per step: rollouts -> ``algorithm.update`` -> metrics
--> checkpoint; at the end, held-out evaluation and the plot. Every key comes
-from ``rng.Streams(seed)`` folded with the step and task seeds from (seed,
-step, task index), so a run killed at any point and resumed from its
-checkpoint continues exactly.
+changed config), held-out evaluation before training, then per step:
+rollouts -> ``algorithm.update`` -> transcripts, held-out evaluation and
+Hugging Face export where due (``records.Schedule``) -> checkpoint ->
+metrics; at the end the plot. Every key comes from ``rng.Streams(seed)``
+folded with the step (evaluation from its own "eval" stream) and task seeds
+from (seed, step, task index), so a run killed at any point and resumed from
+its checkpoint continues exactly, evaluations included.
 """
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
 import jax
+import numpy as np
 from flax import nnx
 
 from aem_jax import sharding
 from aem_jax.trainer import (
-    algorithms, checkpoint, distributed, integrity, metrics, paths, rng, rollouts, setup, validate,
+    algorithms, checkpoint, distributed, integrity, metrics, paths, records, rng, rollouts, setup, validate,
 )
 from aem_jax.trainer.context import Algorithm, RunContext
 
@@ -51,19 +55,21 @@ def restore(ctx: RunContext, algorithm: Algorithm, state, ckpt: checkpoint.Check
     restores, after checking it was written with this config."""
     device, _ = algorithm.checkpoint_tree(state)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), device)
-    restored = ckpt.restore(abstract)
+    # The config check runs on each step's metadata before its arrays are
+    # read, so a changed config is reported by key rather than by array.
+    restored = ckpt.restore(abstract, check_meta=lambda meta, step: integrity.check_resume(
+        meta.get("config"), ctx.config, restored_step=step, workdir=str(workdir)))
     if restored is None:
         return 0, {}, state
-    integrity.check_resume(restored.meta.get("config"), ctx.config, restored_step=restored.step,
-                           workdir=str(workdir))
     log.info("resumed from step %d", restored.step)
     return int(restored.step), dict(restored.meta), algorithm.restore(ctx, state, restored.state, restored.host)
 
 
 def train_step(ctx: RunContext, algorithm: Algorithm, state, step: int):
-    """One iteration: rollouts, then the algorithm's update; returns (state, metrics)."""
+    """One iteration: rollouts, then the algorithm's update; returns (state,
+    metrics, this process's episode records)."""
     t0 = time.perf_counter()
-    batch, records, roll = rollouts.collect_batch(ctx, algorithm, algorithm.policy_params(state), step)
+    batch, records, roll, local = rollouts.collect_step(ctx, algorithm, algorithm.policy_params(state), step)
     t_roll = time.perf_counter() - t0
     t1 = time.perf_counter()
     state, update_metrics = algorithm.update(ctx, state, batch, step)
@@ -72,15 +78,78 @@ def train_step(ctx: RunContext, algorithm: Algorithm, state, step: int):
     record = rollouts.episode_metrics(batch, records, roll, t_roll=t_roll, t_update=t_update,
                                       train_passes=update_metrics.pop("train_passes"))
     record.update(update_metrics)
-    return state, record
+    return state, record, local
 
 
-def _evaluate(ctx, algorithm, state, primary: bool, when: str) -> float:
-    n = ctx.config.eval.num_tasks
-    success = rollouts.evaluate(ctx, algorithm.policy_params(state), n)
-    if primary:
-        print(f"success {when} training: {success:.2f} ({n} held-out tasks)", flush=True)
-    return success
+class Outputs:
+    """What a run writes besides checkpoints and metrics lines: held-out
+    evaluations (``eval.json``), transcripts and exports, at the steps of
+    ``records.Schedule``. Each is made after its step's update and before its
+    checkpoint, so a run resumed from that checkpoint neither repeats nor
+    skips one."""
+
+    def __init__(self, ctx: RunContext, algorithm: Algorithm, workdir, start: int):
+        c = ctx.config
+        self.ctx, self.algorithm, self.workdir = ctx, algorithm, workdir
+        self.schedule = records.Schedule.of(c)
+        self.primary = distributed.is_primary()
+        self.settings = rollouts.eval_settings(c)
+        self.evals = records.EvalLog(workdir, resume_step=start, total_steps=c.total_steps, enabled=self.primary)
+
+    def evaluate(self, state, step: int) -> dict[str, float]:
+        """Held-out evaluation after ``step``: its metrics (also in eval.json)."""
+        c = self.ctx.config
+        t0 = time.perf_counter()
+        result = rollouts.evaluate(self.ctx, self.algorithm.policy_params(state), step)
+        if c.records.eval_transcripts:
+            records.write_transcripts(self.workdir, records.step_name("eval", step), result.records, step=step,
+                                      kind="eval")
+        self.evals.add(step, self.settings, result.metrics)
+        if self.primary and step in (0, c.total_steps):
+            when = "before" if step == 0 else "after"
+            print(f"success {when} training: {result.metrics['eval/pass@1']:.2f} ({c.eval.num_tasks} held-out "
+                  f"tasks x {c.eval.samples_per_task})", flush=True)
+        return dict(result.metrics, time_eval_s=time.perf_counter() - t0)
+
+    def export(self, state, name: str) -> float:
+        """Writes the policy to workdir/export/NAME; returns the seconds it took."""
+        c = self.ctx.config
+        t0 = time.perf_counter()
+        params = records.cast_params(self.algorithm.policy_params(state), c.export.dtype)
+        source = c.model.source if os.path.isdir(c.model.source) else None
+        records.export_policy(self.ctx.policy(params), self.ctx.tokenizer, self.workdir, name,
+                              dtype=c.export.dtype, source=source)
+        return time.perf_counter() - t0
+
+    def after_step(self, state, step: int, record: dict[str, Any], episodes) -> None:
+        """Transcripts, evaluation and export due after training step ``step`` (into ``record``)."""
+        s = self.schedule
+        if s.transcribes(step):
+            records.write_transcripts(self.workdir, records.step_name("step", step), episodes, step=step,
+                                      kind="train")
+        if s.evaluates(step):
+            record.update(self.evaluate(state, step))
+        name = s.exports(step)
+        if name is not None:
+            record["time_export_s"] = self.export(state, name)
+
+    def finish(self, state, start: int) -> None:
+        """A run resumed at its end (no step left to train) makes the final
+        evaluation and export it lacks: e.g. a finished run resumed with a
+        new ``eval.num_tasks`` only evaluates."""
+        c, s = self.ctx.config, self.schedule
+        if start < c.total_steps:
+            return
+        if s.evaluates(c.total_steps) and _on_primary(self.evals.find(c.total_steps, self.settings) is None):
+            self.evaluate(state, c.total_steps)
+        final = paths.workdir_path(self.workdir) / records.EXPORT_DIR / records.FINAL_EXPORT
+        if s.export_enabled and _on_primary(not (final / "config.json").exists()):
+            self.export(state, records.FINAL_EXPORT)
+
+
+def _on_primary(flag: bool) -> bool:
+    """Process 0's ``flag``, on every process (for decisions that read the workdir)."""
+    return bool(distributed.gather_rows(np.array([int(flag)], np.int32))[0, 0])
 
 
 def train(config, workdir: str) -> dict[str, Any]:
@@ -105,35 +174,34 @@ def _run(config, workdir, algorithm: Algorithm) -> dict[str, Any]:
                                        save_interval_steps=c.checkpoint.every)
         try:
             start, meta, state = restore(ctx, algorithm, state, ckpt, workdir)
+            outputs = Outputs(ctx, algorithm, workdir, start)
             summary: dict[str, Any] = {"start_step": start, "success_before": meta.get("success_before")}
-            if c.eval.num_tasks and start == 0:
-                summary["success_before"] = _evaluate(ctx, algorithm, state, primary, "before")
-            state = _loop(ctx, algorithm, state, ckpt, workdir, start, meta, summary, fingerprint)
+            if start == 0 and outputs.schedule.evaluates(0):
+                summary["success_before"] = outputs.evaluate(state, 0)["eval/pass@1"]
+            state = _loop(ctx, algorithm, state, ckpt, workdir, start, meta, summary, fingerprint, outputs)
+            outputs.finish(state, start)
         finally:
             ckpt.close()
         if c.eval.num_tasks:
-            summary["success_after"] = _evaluate(ctx, algorithm, state, primary, "after")
-            if primary:
-                metrics.write_json(workdir / "eval.json", {
-                    "step": c.total_steps, "num_tasks": c.eval.num_tasks,
-                    "success_before": summary["success_before"], "success_after": summary["success_after"]})
+            summary["success_after"] = outputs.evals.pass_at_1(c.total_steps)
         if primary:
             summary["plot"] = metrics.plot(workdir, workdir / "curves.png", keys=PLOT_KEYS)
     summary["final_step"] = c.total_steps
     return summary
 
 
-def _loop(ctx, algorithm, state, ckpt, workdir, start, meta, summary, fingerprint):
+def _loop(ctx, algorithm, state, ckpt, workdir, start, meta, summary, fingerprint, outputs: Outputs):
     c = ctx.config
     writer = metrics.MetricsWriter(workdir, resume_step=start if start else None)
     prev_entropy = meta.get("token_entropy")
     bar = metrics.progress_bar(c.total_steps, initial=start, enabled=c.progress_bar or None)
     t_start = time.perf_counter()
     for step in range(start, c.total_steps):
-        state, record = train_step(ctx, algorithm, state, step)
+        state, record, episodes = train_step(ctx, algorithm, state, step)
         if prev_entropy is not None:
             record["measured_entropy_change"] = record["token_entropy"] - prev_entropy
         prev_entropy = record["token_entropy"]
+        outputs.after_step(state, step + 1, record, episodes)
         t0 = time.perf_counter()
         device, host = algorithm.checkpoint_tree(state)
         ckpt.save(step + 1, device, host=host, force=step + 1 == c.total_steps,

@@ -26,16 +26,22 @@ from aem_jax import sharding
 from aem_jax.batch import TurnBatch
 from aem_jax.rollout import EpisodeRecord, SamplerPolicy, collect
 from aem_jax.rollout.collect import pad_id as batch_pad_id
-from aem_jax.trainer import checksums, distributed, integrity, rng, setup
+from aem_jax.trainer import checksums, distributed, integrity, records as records_lib, rng, setup, validate
 from aem_jax.trainer.context import Algorithm, RunContext
 from aem_jax.trainer.update import to_host
 
 
-def sampler(ctx: RunContext, params, *, temperature: float | None = None, model=None) -> SamplerPolicy:
-    """The policy with ``params`` (or ``model``) through the sampler, at the config's sampling settings."""
+def sampler(ctx: RunContext, params, *, temperature: float | None = None, model=None):
+    """The policy with ``params`` (or ``model``) through the sampler, at the config's sampling settings;
+    with ``rollout.endpoint`` set, those weights pushed to the endpoint and an `EndpointPolicy` playing it."""
     r = ctx.config.rollout
-    return SamplerPolicy.for_rollout(ctx.policy(params) if model is None else model, ctx.tokenizer, ctx.rollout,
-                                     temperature=r.temperature if temperature is None else temperature,
+    model = ctx.policy(params) if model is None else model
+    temperature = r.temperature if temperature is None else temperature
+    if r.endpoint:
+        from aem_jax.rollout import remote
+
+        return remote.for_run(ctx.config, ctx.rollout, model, ctx.tokenizer, temperature=temperature)
+    return SamplerPolicy.for_rollout(model, ctx.tokenizer, ctx.rollout, temperature=temperature,
                                      top_k=r.top_k, top_p=r.top_p)
 
 
@@ -80,10 +86,18 @@ def collect_batch(ctx: RunContext, algorithm: Algorithm, params, step: int):
     all of them on one process); with several processes every one then
     returns the same global batch and records (:func:`assemble`).
     """
+    return collect_step(ctx, algorithm, params, step)[:3]
+
+
+def collect_step(ctx: RunContext, algorithm: Algorithm, params, step: int):
+    """:func:`collect_batch`'s (batch, records, metrics), and this process's own
+    records with their chats (the global records of several processes carry
+    only numbers), for transcripts."""
     batch, records, roll = play_share(ctx, algorithm, params, step)
+    local = records
     if jax.process_count() > 1:
         batch, records, roll = assemble(ctx, batch, records, roll)
-    return batch, records, roll
+    return batch, records, roll, local
 
 
 def play_share(ctx: RunContext, algorithm: Algorithm, params, step: int):
@@ -98,7 +112,7 @@ def play_share(ctx: RunContext, algorithm: Algorithm, params, step: int):
     G = c.rollout.group_size
     share = distributed.task_share(c.rollout.num_tasks)
     multi = jax.process_count() > 1
-    (local_params, rest), mesh = distributed.process_local((params, ctx.rest), ctx.mesh)
+    (local_params, rest), mesh = distributed.process_local((params, ctx.rest), ctx.mesh, dtype=c.model.dtype)
     cfg = setup.rollout_config(c, num_tasks=len(share))
     if multi:  # rows are padded once, after assembly
         cfg = dataclasses.replace(cfg, row_bucket=1)
@@ -113,6 +127,7 @@ def play_share(ctx: RunContext, algorithm: Algorithm, params, step: int):
         roll = dict(roll, env_steps=sum(r.turns for r in records))
         if algorithm.dynamic_sampling:
             batch, records, roll = dynamic_sampling(ctx, policy, step, batch, records, roll, cfg=cfg, share=share)
+    roll["step_timeouts"] = sum(_timed_out(r) for r in records)
     return (*renumber(batch, records, first_task=share.start, group_size=G), roll)
 
 
@@ -241,21 +256,74 @@ def assemble(ctx: RunContext, batch: TurnBatch, records, roll):
                              turns=int(i[4]), invalid_actions=int(i[5]), truncated=bool(i[6]), failed=bool(i[7]),
                              turn_rewards=[float(ret)])
                for i, ret in zip(ints.reshape(-1, ints.shape[-1]), returns.reshape(-1))]
-    totals = distributed.gather_rows(np.array([roll["env_steps"], roll.get("dapo_informative_frac", 0.0)],
-                                              np.float32))
-    roll = dict(roll, env_steps=float(totals[:, 0].sum()))
+    totals = distributed.gather_rows(np.array([roll["env_steps"], roll.get("dapo_informative_frac", 0.0),
+                                               roll.get("masked", 0), roll.get("step_timeouts", 0)], np.float32))
+    roll = dict(roll, env_steps=float(totals[:, 0].sum()), masked=float(totals[:, 2].sum()),
+                step_timeouts=float(totals[:, 3].sum()))
     if "dapo_informative_frac" in roll:
         roll["dapo_informative_frac"] = float(totals[:, 1].mean())
     return batch, records, roll
 
 
-def evaluate(ctx: RunContext, params, num_tasks: int) -> float:
-    """Success rate of the policy (sampled) on held-out task seeds."""
-    cfg = setup.rollout_config(ctx.config, num_tasks=num_tasks, group_size=1)
-    _, records, _ = collect(ctx.config.env.name, sampler(ctx, params), ctx.tokenizer, cfg,
-                            key=ctx.keys.key("eval"), task_seeds=rng.eval_seeds(num_tasks),
-                            env_kwargs=dict(ctx.config.env.kwargs))
-    return float(np.mean([r.success for r in records]))
+def _timed_out(record) -> bool:
+    """The episode ended because an environment step ran past its time limit."""
+    return bool(record.failed) and (record.error or "").startswith("StepTimeout")
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """One held-out evaluation: ``metrics`` (``eval/pass@k``, ``eval/return``),
+    [tasks, n] ``successes``, and this process's records (with their chats)."""
+
+    metrics: dict[str, float]
+    successes: np.ndarray
+    records: list[EpisodeRecord]
+
+
+def eval_settings(config) -> dict[str, Any]:
+    """What identifies an evaluation besides its step (kept with it in eval.json)."""
+    e = config.eval
+    return {"num_tasks": e.num_tasks, "samples_per_task": e.samples_per_task, "split": validate.eval_split(config)}
+
+
+def evaluate(ctx: RunContext, params, step: int) -> Evaluation:
+    """Held-out evaluation of the policy ``params`` after training step ``step``.
+
+    ``eval.num_tasks`` tasks, ``eval.samples_per_task`` sampled episodes each
+    (at the rollout temperature), pass@k for each k of ``eval.pass_at``.
+    Tasks: an environment with splits plays its held-out split
+    (``validate.eval_split``: ``eval.split``, by default "test", never the
+    training split); others play ``rng.eval_seeds``, disjoint from every
+    training seed. Keys: the "eval" stream folded with ``step`` and each
+    episode's index, so no training key is drawn and a resumed run evaluates
+    exactly as an uninterrupted one. With several processes each plays its
+    share of the tasks with its own copy of the policy (as training does) and
+    the successes are gathered.
+    """
+    c = ctx.config
+    N, G = c.eval.num_tasks, c.eval.samples_per_task
+    P = jax.process_count()
+    if N % P:
+        raise ValueError(f"config.eval.num_tasks={N} must be a multiple of the number of processes ({P}): "
+                         "each process evaluates an equal share of the held-out tasks")
+    share = distributed.task_share(N)
+    (local_params, rest), mesh = distributed.process_local((params, ctx.rest), ctx.mesh)
+    cfg = dataclasses.replace(setup.rollout_config(c, num_tasks=len(share), group_size=G), row_bucket=1)
+    env_kwargs = dict(c.env.kwargs)
+    split = validate.eval_split(c)
+    if split is not None:
+        env_kwargs["split"] = split
+    with sharding.use_mesh(mesh):
+        model = nnx.merge(ctx.graphdef, local_params, rest)
+        policy = EpisodeKeys(sampler(ctx, None, model=model), first_episode=share.start * G)
+        _, records, _ = collect(c.env.name, policy, ctx.tokenizer, cfg, key=ctx.keys.at("eval", step),
+                                task_seeds=rng.eval_seeds(N)[share.start:share.stop], env_kwargs=env_kwargs)
+    records = [dataclasses.replace(r, episode=r.episode + share.start * G, group=r.group + share.start)
+               for r in records]
+    local = np.array([[r.success, r.episode_return] for r in records], np.float32)
+    table = distributed.gather_rows(local).reshape(N, G, 2)
+    successes = table[..., 0] > 0.5
+    return Evaluation(records_lib.eval_metrics(successes, table[..., 1], c.eval.pass_at), successes, records)
 
 
 def episode_metrics(batch, records, roll, *, t_roll: float, t_update: float, train_passes: float) -> dict[str, Any]:
@@ -278,6 +346,11 @@ def episode_metrics(batch, records, roll, *, t_roll: float, t_update: float, tra
     }
     out.update({f"rollout_{k}": float(v) for k, v in roll.items()
                 if k.startswith("time") or k == "dapo_informative_frac"})
+    # episodes the environment asked to leave out of the loss (exclude_from_loss,
+    # counted in the step's first rollout batch) and episodes a step timeout ended
+    out["masked_episodes_frac"] = float(roll.get("masked", 0)) / max(len(records), 1)
+    out["step_timeout_frac"] = float(roll.get("step_timeouts", sum(_timed_out(r) for r in records))) / max(
+        len(records), 1)
     # every environment step this training step took, DAPO's extra rollouts included
     out["env_steps"] = float(roll.get("env_steps", sum(r.turns for r in records)))
     return out

@@ -179,6 +179,11 @@ RULES: dict[str, Rule] = {
     "checkpoint.every": _POSITIVE_INT,
     "checkpoint.keep": _POSITIVE_INT,
     "eval.num_tasks": _COUNT,
+    "eval.every": _int(0, text=">= 0 (0 = only before and after training)"),
+    "eval.samples_per_task": _POSITIVE_INT,
+    "records.transcripts_every": _int(0, text=">= 0 (0 = no transcripts)"),
+    "export.every": _int(0, text=">= 0 (0 = only at the end)"),
+    "export.dtype": _one_of(DTYPES),
 }
 
 
@@ -332,6 +337,25 @@ def check_model_source(config) -> None:
              "elsewhere and point config.model.source at the local copy")
 
 
+def check_endpoint(config) -> None:
+    """``rollout.endpoint`` is "" or an http(s) URL of a server; ``rollout.reload_route`` a path."""
+    from urllib.parse import urlsplit
+
+    r = config.rollout
+    if r.endpoint:
+        url = urlsplit(r.endpoint)
+        if url.scheme not in ("http", "https") or not url.hostname or url.query or url.fragment:
+            fail("rollout.endpoint", r.endpoint, "must be '' (the in-process sampler) or an http(s) URL of an "
+                 "OpenAI-compatible server, e.g. 'http://127.0.0.1:8000'")
+        try:
+            url.port
+        except ValueError as e:
+            fail("rollout.endpoint", r.endpoint, f"must have a valid port ({e})")
+    if not r.reload_route.startswith("/") or any(c.isspace() for c in r.reload_route):
+        fail("rollout.reload_route", r.reload_route, "must be a path starting with '/', e.g. "
+             "'/update_weights_from_disk'")
+
+
 def check_env(config) -> None:
     """``env.name`` is registered and ``env.kwargs`` fit its constructor."""
     name = config.env.name
@@ -354,11 +378,55 @@ def check_env(config) -> None:
         raise ConfigError(f"config.env.kwargs.{missing[0]} is missing; environment {name!r} requires it")
 
 
+# The split an environment with a ``split`` keyword argument is evaluated on when
+# config.eval.split is "".
+HELD_OUT_SPLIT = "test"
+
+
+def _split_default(name: str) -> tuple[bool, Any]:
+    """(whether environment ``name`` takes a ``split`` keyword argument, its default)."""
+    try:
+        params = inspect.signature(env_registry.resolve(name)).parameters
+    except (TypeError, ValueError):
+        return False, None
+    split = params.get("split")
+    return split is not None, None if split is None or split.default is split.empty else split.default
+
+
+def eval_split(config) -> str | None:
+    """The split held-out evaluation plays: ``eval.split`` (or ``HELD_OUT_SPLIT``) for an
+    environment with a ``split`` keyword argument, None for one without (it is
+    evaluated on task seeds disjoint from training's, ``rng.eval_seeds``)."""
+    has_split, _ = _split_default(config.env.name)
+    return (config.eval.split or HELD_OUT_SPLIT) if has_split else None
+
+
+def check_eval(config) -> None:
+    """pass@k values, and a held-out split that exists and is not the training split."""
+    e = config.eval
+    n, ks = e.samples_per_task, e.pass_at
+    allowed = f"must be a non-empty tuple of distinct ints k in [1, eval.samples_per_task={n}], e.g. (1,)"
+    if (not isinstance(ks, (tuple, list)) or not ks or len(set(ks)) != len(ks)
+            or any(isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= n for k in ks)):
+        fail("eval.pass_at", ks, allowed)
+    has_split, default = _split_default(config.env.name)
+    if not has_split:
+        if e.split:
+            fail("eval.split", e.split, f"environment {config.env.name!r} has no splits (it takes no split "
+                 "keyword argument): leave it '' and held-out task seeds are used")
+        return
+    train_split = dict(config.env.kwargs).get("split", default)
+    held_out = e.split or HELD_OUT_SPLIT
+    if held_out == train_split:
+        fail("eval.split", e.split, f"evaluation plays {held_out!r}, the training split "
+             f"(env.kwargs.split={train_split!r}); name another split (\"\" = {HELD_OUT_SPLIT!r})")
+
+
 def check(config) -> None:
     """Raises ConfigError for the first key or value that is not allowed.
 
     Order: keys, then each value, then rules between values, the model source,
-    the environment, and last the algorithm: its name, then its record's own
+    the environment, the evaluation settings, and last the algorithm: its name, then its record's own
     ``validate`` (its config block, its history requirements).
     """
     check_keys(config)
@@ -366,6 +434,8 @@ def check(config) -> None:
     check_relations(config)
     check_model_source(config)
     check_env(config)
+    check_endpoint(config)
+    check_eval(config)
     # Imported here: the registry imports every algorithm module, and they (and
     # setup) import this module for ConfigError.
     from aem_jax.trainer import algorithms
