@@ -50,16 +50,19 @@ notes use digits ("room 1"), so the only digits in the history are those
 the notes revealed and the policy must copy the latest one (as in
 ``treasure`` with ``spell_count``).
 
-Floors and lengths (defaults: 6 rooms, 3 notes, 2 keys, 12 turns; measured
-with ``python experiments/random_player.py --env dungeon --episodes 1000``):
-the expert wins every seed in 9 turns; a uniformly random player over the 9
-valid actions wins 0 of 1000 seeds (0 of 100,000 with ``--episodes
-100000``): it must hit one sequence of 9 actions among 9**9 with 3 spare
-turns, and its most likely loss is a broken key or a jammed exit.
+Floors and lengths (``python experiments/random_player.py --env dungeon
+--episodes 1000``, sizes as arguments): with the defaults (6 rooms, 3 notes,
+2 keys, 12 turns) the expert wins every seed in 9 turns and a uniformly
+random player over the 9 valid actions wins 0 of 1000 seeds (0.04 % over
+100,000: it can stumble on both keys and the exit without reading a note).
+Of its losses 98 % run out of turns, 1.5 % jam the exit, and 11 % of its
+episodes break a key on a false door. With 4 rooms, 2 notes and 1 key the
+expert takes 6 turns and random play wins 1.4 %; with 9 rooms, 5 notes and
+3 keys, 14 turns and 0 %.
 
-Anchors (GiGPO): the agent-visible state -- room, keys held and broken,
-the rooms whose notes were read and the room the latest note named -- so rollouts of one task
-that reach the same knowledge share an anchor.
+Anchors (GiGPO): the agent-visible state -- room, keys held and broken, the
+rooms whose notes were read and the room the latest note named -- so
+rollouts of one task that reach the same knowledge share an anchor.
 """
 from __future__ import annotations
 
