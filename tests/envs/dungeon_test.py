@@ -181,7 +181,8 @@ def test_vocabulary_covers_every_text_and_stays_small():
     tok = build_tokenizer(vocabulary())
     rng = np.random.default_rng(1)
     texts = []
-    for sizes in (dict(), dict(num_rooms=9, num_notes=4, num_keys=3), dict(num_rooms=3, num_notes=2, num_keys=1)):
+    sizes_tried = (dict(), dict(num_rooms=9, num_notes=4, num_keys=3), dict(num_rooms=3, num_notes=2, num_keys=1))
+    for sizes in sizes_tried:
         env = Dungeon(**sizes)
         for s in range(40):
             texts += _play(env, s, lambda e: str(rng.choice(e.valid_actions() + ["xyzzy"])))[0]
