@@ -7,7 +7,7 @@ list. Plain imports: nothing here is looked up by string.
 """
 from __future__ import annotations
 
-from aem_jax.trainer import archer, etpo, pg
+from aem_jax.trainer import archer, etpo, pg, sft
 from aem_jax.trainer.context import Algorithm
 
 ALGORITHMS: dict[str, Algorithm] = {
@@ -21,6 +21,7 @@ ALGORITHMS: dict[str, Algorithm] = {
         pg.algorithm("ppo", paper="1707.06347", estimator="gae", value_head=True),
         archer.ALGORITHM,
         etpo.ALGORITHM,
+        sft.ALGORITHM,
     )
 }
 

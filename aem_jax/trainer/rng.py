@@ -28,6 +28,7 @@ STREAMS = (
     "critic_replay",   # ArCHer's replay and fresh-row sampling
     "actor_shuffle",   # ArCHer's actor minibatches
     "q_init",          # ETPO's Q network
+    "demonstration",   # SFT: the expert's noisy actions (and the key its collect call gets)
 )
 
 
