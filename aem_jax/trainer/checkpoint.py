@@ -59,6 +59,50 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be written, or no checkpoint could be restored."""
 
 
+class LayoutMismatchError(CheckpointError):
+    """A step's arrays are not the arrays this run holds (other names or shapes).
+
+    Not corruption: the step was written by another version of aem_jax or
+    for another model or algorithm, so it is reported at once and never
+    moved aside.
+    """
+
+
+def _show_paths(paths_: list[str], limit: int = 6) -> str:
+    shown = ", ".join(paths_[:limit])
+    return shown + (f" (and {len(paths_) - limit} more)" if len(paths_) > limit else "")
+
+
+def layout_difference(saved: Mapping[str, tuple], wanted: Mapping[str, tuple]) -> str | None:
+    """A short description of how two {array path: shape} layouts differ, or None."""
+    only_saved = sorted(set(saved) - set(wanted))
+    only_wanted = sorted(set(wanted) - set(saved))
+    reshaped = sorted(k for k in set(saved) & set(wanted) if tuple(saved[k]) != tuple(wanted[k]))
+    parts = []
+    if only_saved:
+        parts.append(f"{len(only_saved)} arrays only in the checkpoint: {_show_paths(only_saved)}")
+    if only_wanted:
+        parts.append(f"{len(only_wanted)} arrays only in this run: {_show_paths(only_wanted)}")
+    if reshaped:
+        parts.append(f"{len(reshaped)} arrays with another shape: " + _show_paths(
+            [f"{k} {tuple(saved[k])} on disk vs {tuple(wanted[k])}" for k in reshaped], 3))
+    return "; ".join(parts) or None
+
+
+def _key_name(entry: Any) -> str:
+    for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey / FlattenedIndexKey
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def _layout(tree: Any) -> dict[str, tuple]:
+    """{"a/b/0": shape}: paths spelled the same whether a level is a dict,
+    a list or a named tuple (orbax's metadata tree may use another kind)."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {"/".join(_key_name(e) for e in path): tuple(getattr(leaf, "shape", ())) for path, leaf in leaves}
+
+
 class Restored(NamedTuple):
     """What :meth:`Checkpointer.restore` returns."""
 
@@ -311,7 +355,8 @@ class Checkpointer:
         """The newest finished step, or None."""
         return self._manager.latest_step()
 
-    def restore(self, abstract_state: Any, *, step: int | None = None) -> Restored | None:
+    def restore(self, abstract_state: Any, *, step: int | None = None,
+                check_meta: Any = None) -> Restored | None:
         """Restores the newest step that reads back (or exactly ``step``).
 
         Args:
@@ -319,6 +364,14 @@ class Checkpointer:
             (``sharding.abstract_state``) or of arrays with the same structure
             as the saved state; arrays are restored into those shardings.
           step: a specific step; then a failure raises instead of falling back.
+          check_meta: optional ``fn(meta, step)`` called with a step's JSON
+            metadata before its arrays are read (e.g. the config fingerprint
+            check); what it raises propagates.
+
+        A step whose array names or shapes differ from ``abstract_state``
+        raises :class:`LayoutMismatchError` at once with a short list of the
+        differences: that is another version or configuration, not
+        corruption, so nothing is moved aside.
 
         Returns:
           ``Restored(step, state, meta, host)`` or None when there is no
@@ -330,6 +383,12 @@ class Checkpointer:
         failed: list[int] = []
         errors: list[str] = []
         for candidate in steps:
+            # Outside the try: a config or layout mismatch is not corruption.
+            if check_meta is not None:
+                meta = self._read_meta(candidate)
+                if meta is not None:
+                    check_meta(meta, candidate)
+            self._check_layout(candidate, abstract_state)
             try:
                 result = self._restore_step(candidate, abstract_state)
             except Exception as e:  # corrupted files surface as many error types
@@ -350,6 +409,32 @@ class Checkpointer:
         if errors:
             raise CheckpointError("no checkpoint could be restored (nothing was moved):\n" + "\n".join(errors))
         return None
+
+    def _read_meta(self, step: int) -> dict[str, Any] | None:
+        """The step's JSON metadata alone, or None when it does not read."""
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        except Exception:  # unreadable: the full restore reports it as corruption
+            return None
+        return dict(restored["meta"]) if restored["meta"] is not None else None
+
+    def _check_layout(self, step: int, abstract_state: Any) -> None:
+        """Raises LayoutMismatchError when the saved array names/shapes differ."""
+        try:
+            saved = self._manager.item_metadata(step)["state"]
+        except Exception:  # unreadable metadata: the full restore reports it as corruption
+            return
+        tree = getattr(saved, "tree", saved)
+        if tree is None:
+            return
+        wanted = _layout(trees.abstract_keys_to_data(abstract_state))
+        difference = layout_difference(_layout(tree), wanted)
+        if difference:
+            raise LayoutMismatchError(
+                f"checkpoint step {step} in {os.fspath(self.directory)!r} holds other arrays than this run "
+                f"({difference}). It was written by another version of aem_jax or for another model or "
+                "algorithm; nothing was moved. Resume with the code and config that wrote it, or start "
+                "from a new workdir (use model.source to start from exported weights).")
 
     def _restore_step(self, step: int, abstract_state: Any) -> Restored:
         target = trees.abstract_keys_to_data(abstract_state)

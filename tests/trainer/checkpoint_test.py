@@ -323,3 +323,52 @@ def test_nonfinite_state_is_never_saved(tmp_path, mesh):
     assert ckpt.save(2, _state(mesh, 2.0))
     ckpt.close()
     assert checkpoint.Checkpointer(tmp_path).restore(_abstract(_state(mesh))).step == 2
+
+
+def test_other_layout_is_a_short_error_not_corruption(tmp_path, mesh):
+    """A step written for other arrays (older code: per-layer params instead
+    of a stack) gets a short message naming the differing paths; nothing is
+    moved aside and older steps are not tried."""
+    old = {"params": {"layer_0": {"w": jnp.ones((2, 3))}, "layer_1": {"w": jnp.ones((2, 3))},
+                      "emb": jnp.zeros(4)}}
+    new = {"params": {"layers": {"w": jnp.ones((2, 2, 3))}, "emb": jnp.zeros(4)}}
+    with checkpoint.Checkpointer(tmp_path / "ckpt", max_to_keep=3) as ckpt:
+        ckpt.save(1, old, meta={})
+        ckpt.save(2, old, meta={})
+        ckpt.wait()
+        with pytest.raises(checkpoint.LayoutMismatchError) as err:
+            ckpt.restore(_abstract(new))
+    message = str(err.value)
+    assert "step 2" in message and len(message) < 800
+    assert "params/layer_0/w" in message and "params/layers/w" in message
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if not p.name.startswith(".")) == ["1", "2"]
+
+
+def test_layout_check_passes_optax_named_tuples_and_reports_shapes(tmp_path, mesh):
+    params = {"w": jnp.ones((4, 3)), "b": jnp.zeros(3)}
+    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(optax.cosine_decay_schedule(1e-3, 10)))
+    state = {"params": params, "opt": opt.init(params), "rng": jax.random.key(0)}
+    with checkpoint.Checkpointer(tmp_path / "ckpt", max_to_keep=2) as ckpt:
+        ckpt.save(1, state, meta={"k": 1})
+        ckpt.wait()
+        _assert_state_equal(ckpt.restore(_abstract(state)).state, state)
+        wider = dict(state, params={"w": jnp.ones((4, 5)), "b": jnp.zeros(3)})
+        with pytest.raises(checkpoint.LayoutMismatchError, match=r"params/w \(4, 3\) on disk vs \(4, 5\)"):
+            ckpt.restore(_abstract(wider))
+
+
+def test_check_meta_runs_before_arrays_and_its_error_propagates(tmp_path, mesh):
+    state = _state(mesh)
+    seen = []
+
+    def check(meta, step):
+        seen.append((step, meta["config"]))
+        raise ValueError("config changed: optim.learning_rate")
+
+    with checkpoint.Checkpointer(tmp_path / "ckpt", max_to_keep=2) as ckpt:
+        ckpt.save(3, state, meta={"config": {"seed": 1}})
+        ckpt.wait()
+        with pytest.raises(ValueError, match="learning_rate"):
+            ckpt.restore(_abstract(state), check_meta=check)
+        assert seen == [(3, {"seed": 1})]
+        assert ckpt.all_steps() == [3]  # not moved aside

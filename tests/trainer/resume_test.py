@@ -238,6 +238,22 @@ def run_patched(patch: str, workdir: pathlib.Path, *overrides: str, env: dict) -
     return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
 
 
+def test_resume_with_another_model_size_names_the_key_not_the_arrays(uninterrupted, tmp_path, cache_dir):
+    """The config check reads each step's metadata before its arrays, so a
+    changed model shape is reported as the changed key (one short line),
+    and nothing is moved aside."""
+    workdir = tmp_path / "resized"
+    shutil.copytree(uninterrupted, workdir)
+    before = finished_steps(workdir / "checkpoints")
+    proc = run_train(workdir, f"--config.total_steps={N + 1}", *COMMON, "--config.model.num_layers=3",
+                     env=train_env(cache_dir), check=False)
+    assert proc.returncode != 0
+    last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
+    assert "changed config" in last and "model.num_layers 1 -> 3" in last, last
+    assert len(last) < 2000 and "Source: MISSING" not in proc.stderr
+    assert finished_steps(workdir / "checkpoints") == before
+
+
 def test_full_disk_at_save_is_reported_by_step_without_a_partial_checkpoint(tmp_path, cache_dir):
     """Issue 8: a checkpoint that does not fit stops the run naming the step;
     the step directory is never created, the previous one stays usable."""
