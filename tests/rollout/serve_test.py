@@ -6,7 +6,12 @@ prompts and seeds; a weight push must change what it samples; bad requests
 get a 4xx naming the field.
 """
 import json
+import os
+import pathlib
+import re
 import shutil
+import subprocess
+import sys
 import threading
 import types
 import urllib.request
@@ -23,6 +28,7 @@ from aem_jax.trainer import defaults, validate
 from aem_jax.trainer.rollouts import EpisodeKeys
 from tests.rollout.helpers import treasure_tokenizer
 
+REPO = pathlib.Path(__file__).resolve().parents[2]
 TOK = treasure_tokenizer()
 CHAT = ChatFormat(TOK)
 CONFIG = RolloutConfig(num_tasks=2, group_size=2, max_turns=2, max_context_tokens=128,
@@ -225,3 +231,47 @@ def test_config_names_a_bad_endpoint(key, value, words):
         validate.check(c)
     c.rollout.endpoint, c.rollout.reload_route = "http://127.0.0.1:8000/v1", "/update_weights_from_disk"
     validate.check(c)
+
+
+@pytest.mark.slow  # a server process and the trainer's first compiles: ~35 s on 2 cores
+def test_the_trainer_plays_a_step_through_the_served_cli(tmp_path):
+    """``python -m aem_jax.serve`` in its own process; the smoke config's rollout
+    phase pushes its weights there and records the policy's own log-probs."""
+    from aem_jax import sharding
+    from aem_jax.trainer import algorithms, loop, rollouts, setup
+
+    config = setup.load_config(str(REPO / "configs/default.py") + ":smoke")
+    mesh = sharding.make_mesh(dict(config.mesh))
+    ctx = loop.build_context(config, mesh)
+    policy = ctx.policy(ctx.init_params)
+    models.save_pretrained(models.init_model(policy.config, seed=5), ctx.tokenizer, tmp_path / "other")
+    process = subprocess.Popen([sys.executable, "-m", "aem_jax.serve", f"--model={tmp_path / 'other'}",
+                                "--port=0", "--served-model-name=policy"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = ""
+        while "serving" not in line:
+            line = process.stdout.readline()
+            assert line or process.poll() is None, "the server exited before serving"
+        url = re.search(r"on (http://\S+)", line).group(1)
+        assert url.startswith("http://127.0.0.1:")
+        config.rollout.endpoint, config.rollout.weights_dir = url, str(tmp_path / "pushed")
+        validate.check(config)
+        with sharding.use_mesh(mesh):
+            batch, records, _ = rollouts.collect_batch(ctx, algorithms.get(config.algorithm), ctx.init_params, 0)
+            rollouts.sampler(ctx, ctx.init_params)  # a second push replaces the first directory
+        listing = remote.request_json(url + "/v1/models")["data"][0]
+        assert listing["id"] == "policy" and listing["weights_version"] == 2
+        assert sorted(os.listdir(tmp_path / "pushed")) == ["push-1"]
+    finally:
+        process.terminate()
+        process.wait(30)
+        process.stdout.close()
+    assert batch.loss_mask.sum() > 0 and len(records) == config.rollout.num_tasks * config.rollout.group_size
+    logp_all = jax.nn.log_softmax(np.asarray(models.logits(policy, batch.tokens, batch.attention_mask),
+                                             np.float32), axis=-1)[:, :-1]
+    logp = np.take_along_axis(logp_all, np.asarray(batch.tokens)[:, 1:, None], -1)[..., 0]
+    ent = -np.sum(np.exp(logp_all) * logp_all, -1)
+    mask = np.asarray(batch.loss_mask)[:, 1:] == 1
+    np.testing.assert_allclose(np.asarray(batch.old_logp)[:, 1:][mask], logp[mask], atol=1e-4)
+    np.testing.assert_allclose(np.asarray(batch.old_entropy)[:, 1:][mask], ent[mask], atol=1e-4)
