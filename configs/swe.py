@@ -71,7 +71,14 @@ def get_config(arg: str | None = None):
     c.mesh.fsdp = 16
     c.mesh.tensor = 4
     c.checkpoint.every = 5
-    c.eval.num_tasks = 0
+    c.eval.num_tasks = 24                # the local set's held-out "test" split (eval.split "" = "test")
+    c.eval.every = 25                    # pass@k on the held-out split every 25 steps (and before / after)
+    c.eval.samples_per_task = 4          # 4 sampled episodes per held-out task: pass@1 and pass@4
+    c.eval.pass_at = (1, 4)
+    c.records.transcripts_every = 10     # every 10th step's episodes to workdir/transcripts/
+    c.export.enabled = True              # Hugging Face directory for transformers / vLLM
+    c.export.every = 100                 # workdir/export/step_000100, ...; workdir/export/final at the end
+    c.export.dtype = "bfloat16"          # as Qwen3's published weights
     if arg == "smoke":
         c.model.source = "scratch"
         c.model.dtype = "float32"
@@ -90,6 +97,10 @@ def get_config(arg: str | None = None):
         c.rollout.num_threads = 4
         c.loss.chunk_size = 512
         c.eval.num_tasks = 0
+        c.eval.samples_per_task = 1
+        c.eval.pass_at = (1,)
+        c.records.transcripts_every = 1
+        c.export.enabled = False
     elif arg:
         raise ValueError(f"unknown variant {arg!r} of configs/swe.py; known: smoke")
     return c

@@ -298,32 +298,33 @@ def evaluate(ctx: RunContext, params, step: int) -> Evaluation:
     episode's index, so no training key is drawn and a resumed run evaluates
     exactly as an uninterrupted one. With several processes each plays its
     share of the tasks with its own copy of the policy (as training does) and
-    the successes are gathered.
+    the successes are gathered (shares differ by at most one task).
     """
     c = ctx.config
     N, G = c.eval.num_tasks, c.eval.samples_per_task
-    P = jax.process_count()
-    if N % P:
-        raise ValueError(f"config.eval.num_tasks={N} must be a multiple of the number of processes ({P}): "
-                         "each process evaluates an equal share of the held-out tasks")
-    share = distributed.task_share(N)
+    P, p = jax.process_count(), jax.process_index()
+    lo, hi = p * N // P, (p + 1) * N // P  # this process's tasks (shares differ by at most one)
     (local_params, rest), mesh = distributed.process_local((params, ctx.rest), ctx.mesh)
-    cfg = dataclasses.replace(setup.rollout_config(c, num_tasks=len(share), group_size=G), row_bucket=1)
     env_kwargs = dict(c.env.kwargs)
     split = validate.eval_split(c)
     if split is not None:
         env_kwargs["split"] = split
-    with sharding.use_mesh(mesh):
-        model = nnx.merge(ctx.graphdef, local_params, rest)
-        policy = EpisodeKeys(sampler(ctx, None, model=model), first_episode=share.start * G)
-        _, records, _ = collect(c.env.name, policy, ctx.tokenizer, cfg, key=ctx.keys.at("eval", step),
-                                task_seeds=rng.eval_seeds(N)[share.start:share.stop], env_kwargs=env_kwargs)
-    records = [dataclasses.replace(r, episode=r.episode + share.start * G, group=r.group + share.start)
-               for r in records]
-    local = np.array([[r.success, r.episode_return] for r in records], np.float32)
-    table = distributed.gather_rows(local).reshape(N, G, 2)
-    successes = table[..., 0] > 0.5
-    return Evaluation(records_lib.eval_metrics(successes, table[..., 1], c.eval.pass_at), successes, records)
+    records: list[EpisodeRecord] = []
+    if hi > lo:
+        cfg = dataclasses.replace(setup.rollout_config(c, num_tasks=hi - lo, group_size=G), row_bucket=1)
+        with sharding.use_mesh(mesh):
+            model = nnx.merge(ctx.graphdef, local_params, rest)
+            policy = EpisodeKeys(sampler(ctx, None, model=model), first_episode=lo * G)
+            _, records, _ = collect(c.env.name, policy, ctx.tokenizer, cfg, key=ctx.keys.at("eval", step),
+                                    task_seeds=rng.eval_seeds(N)[lo:hi], env_kwargs=env_kwargs)
+        records = [dataclasses.replace(r, episode=r.episode + lo * G, group=r.group + lo) for r in records]
+    # [P, rows of the largest share, (valid, success, return)]: each process's episodes, in task order
+    rows = np.zeros(((N + P - 1) // P * G, 3), np.float32)
+    rows[:len(records)] = [[1.0, r.success, r.episode_return] for r in records]
+    table = distributed.gather_rows(rows).reshape(-1, 3)
+    table = table[table[:, 0] > 0.5].reshape(N, G, 3)
+    successes = table[..., 1] > 0.5
+    return Evaluation(records_lib.eval_metrics(successes, table[..., 2], c.eval.pass_at), successes, records)
 
 
 def episode_metrics(batch, records, roll, *, t_roll: float, t_update: float, train_passes: float) -> dict[str, Any]:

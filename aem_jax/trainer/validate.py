@@ -417,9 +417,22 @@ def check_eval(config) -> None:
         return
     train_split = dict(config.env.kwargs).get("split", default)
     held_out = e.split or HELD_OUT_SPLIT
-    if held_out == train_split:
-        fail("eval.split", e.split, f"evaluation plays {held_out!r}, the training split "
-             f"(env.kwargs.split={train_split!r}); name another split (\"\" = {HELD_OUT_SPLIT!r})")
+    if _splits_overlap(held_out, train_split):
+        fail("eval.split", e.split, f"evaluation plays {held_out!r}, which overlaps the training split "
+             f"(env.kwargs.split={train_split!r}); name another split (\"\" = {HELD_OUT_SPLIT!r}), or "
+             "disjoint slices of one split (train 'test[:450]', eval 'test[450:]')")
+
+
+def _splits_overlap(a: Any, b: Any) -> bool:
+    """Whether split expressions ``a`` and ``b`` ("train", "train+test", "test[:50]",
+    "all") surely share tasks: equal, "all", or one names a whole split the other
+    uses. Two slices of one split are taken as disjoint (the user's ranges)."""
+    if not isinstance(a, str) or not isinstance(b, str):
+        return a == b
+    if a == b or "all" in (a, b):
+        return True
+    parts = lambda text: [(p.split("[")[0].strip(), "[" in p) for p in text.split("+")]  # noqa: E731
+    return any(x == y and not (sliced_x and sliced_y) for x, sliced_x in parts(a) for y, sliced_y in parts(b))
 
 
 def check(config) -> None:

@@ -233,17 +233,26 @@ def test_swe_evaluates_its_held_out_split_never_the_training_split():
     assert validate.eval_split(c) == "test"
     c.eval.split = "train"
     with pytest.raises(ConfigError, match=re.escape("config.eval.split='train' is not allowed; evaluation plays "
-                                                    "'train', the training split (env.kwargs.split='train')")):
+                                                    "'train', which overlaps the training split "
+                                                    "(env.kwargs.split='train')")):
         validate.check(c)
-    c.eval.split, c.env.kwargs["split"] = "", "test"
-    with pytest.raises(ConfigError, match="the training split"):
-        validate.check(c)
+    for train, held_out in (("test", ""), ("test[:100]", ""), ("train+test", "test[:5]"), ("train", "all")):
+        c.env.kwargs["split"], c.eval.split = train, held_out
+        with pytest.raises(ConfigError, match="overlaps the training split"):
+            validate.check(c)
+    c.env.kwargs["split"], c.eval.split = "test[:100]", "test[100:]"  # disjoint slices of an unsplit file
+    validate.check(c)
     assert validate.eval_split(defaults.base()) is None  # seed-generated tasks: held-out seeds
 
 
-def test_evaluate_plays_the_held_out_split_with_its_own_key_stream(monkeypatch):
+@pytest.fixture(scope="module")
+def smoke_ctx():
     config = setup.load_config("configs/default.py:smoke")
-    ctx = loop.build_context(config, sharding.make_mesh(dict(config.mesh)))
+    return loop.build_context(config, sharding.make_mesh(dict(config.mesh)))
+
+
+def test_evaluate_plays_the_held_out_split_with_its_own_key_stream(monkeypatch, smoke_ctx):
+    ctx, config = smoke_ctx, smoke_ctx.config
     swe = config.copy_and_resolve_references()
     swe.env.name, swe.env.kwargs = "swe", {"tasks": "local", "split": "train"}
     swe.eval.num_tasks, swe.eval.samples_per_task, swe.eval.pass_at = 3, 4, (1, 4)
@@ -270,6 +279,49 @@ def test_evaluate_plays_the_held_out_split_with_its_own_key_stream(monkeypatch):
     assert result.metrics["eval/pass@1"] == pytest.approx(wins.mean())
     assert result.metrics["eval/pass@4"] == pytest.approx(2 / 3)
     assert result.metrics["eval/return"] == pytest.approx(wins.mean())
+
+
+class _Gathered(Exception):
+    pass
+
+
+def test_evaluate_shares_uneven_task_counts_among_processes(monkeypatch, smoke_ctx):
+    """4 tasks x 2 samples on 3 processes: shares of 1, 1 and 2 tasks, each with
+    the episode keys one process would use; the gathered successes come back
+    in task order."""
+    config = smoke_ctx.config.copy_and_resolve_references()
+    config.eval.num_tasks, config.eval.samples_per_task = 4, 2
+    ctx = dataclasses.replace(smoke_ctx, config=config)
+    wins = np.array([[1, 0], [0, 0], [1, 1], [0, 1]], bool)
+    played = {}
+
+    def fake_collect(env, policy, tokenizer, cfg, *, key, task_seeds, env_kwargs):
+        tasks = [s - rng.eval_seeds(1)[0] for s in task_seeds]
+        played[jax.process_index()] = (tasks, policy.first_episode)
+        recs = [EpisodeRecord(episode=i, group=i // 2, seed=task_seeds[i // 2],
+                              success=bool(wins[tasks[i // 2], i % 2]), turn_rewards=[0.5]) for i in range(2 * len(tasks))]
+        return None, recs, {}
+
+    sent = {}
+
+    def capture(rows):
+        sent[jax.process_index()] = rows.copy()
+        raise _Gathered
+
+    monkeypatch.setattr(rollouts, "collect", fake_collect)
+    monkeypatch.setattr(rollouts.distributed, "process_local", lambda tree, mesh: (tree, mesh))
+    monkeypatch.setattr(jax, "process_count", lambda: 3)
+    for p in range(3):
+        monkeypatch.setattr(jax, "process_index", lambda p=p: p)
+        monkeypatch.setattr(rollouts.distributed, "gather_rows", capture)
+        with pytest.raises(_Gathered):
+            rollouts.evaluate(ctx, ctx.init_params, 5)
+    assert played == {0: ([0], 0), 1: ([1], 2), 2: ([2, 3], 4)}
+    monkeypatch.setattr(rollouts.distributed, "gather_rows", lambda rows: np.stack([sent[p] for p in range(3)]))
+    result = rollouts.evaluate(ctx, ctx.init_params, 5)  # as process 2
+    np.testing.assert_array_equal(result.successes, wins)
+    assert [r.group for r in result.records] == [2, 2, 3, 3] and [r.episode for r in result.records] == [4, 5, 6, 7]
+    assert result.metrics["eval/return"] == pytest.approx(0.5)
 
 
 # --- the loop: every output, and a resume that neither repeats nor skips one ----------------
