@@ -71,7 +71,7 @@ def get_config(arg: str | None = None):
     c.mesh.fsdp = 16
     c.mesh.tensor = 4
     c.checkpoint.every = 5
-    c.eval.num_tasks = 24                # the local set's held-out "test" split (eval.split "" = "test")
+    c.eval.num_tasks = 21                # the local set's held-out "test" split (21 tasks; eval.split "" = test)
     c.eval.every = 25                    # pass@k on the held-out split every 25 steps (and before / after)
     c.eval.samples_per_task = 4          # 4 sampled episodes per held-out task: pass@1 and pass@4
     c.eval.pass_at = (1, 4)
