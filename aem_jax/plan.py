@@ -22,13 +22,16 @@ the trainer gives them (``aem_jax.sharding``), built from the model's
            prompt the context allows (``max_context_tokens -
            max_action_tokens``), KV cache of ``max_context_tokens`` slots.
            On a multi-host slice it runs as ``trainer.rollouts`` runs it:
-           on the host's own chips with the process-local copy of the
-           parameters (``trainer.distributed.process_local``),
+           on the host's own chips (its block of the host-blocked mesh
+           ``sharding.make_mesh`` builds) with the process-local copy of
+           the parameters (``trainer.distributed.process_local``: in the
+           compute dtype, split over all the host's chips),
 
 are lowered and compiled by XLA:TPU, and ``compiled.memory_analysis()`` gives
-the per-chip HBM of each. During rollouts the optimiser state (and the
-training shards of regathered parameters) stays resident next to the
-sampler, so it is added to the sampler's figure.
+the per-chip HBM of each. During rollouts the optimiser state (and, on a
+multi-host slice, the float32 training shards of the parameters the host
+copy was cast or regathered from) stays resident next to the sampler, so it
+is added to the sampler's figure.
 
 Slice names (what ``gcloud`` calls the accelerator type): for ``v4`` and
 ``v5p`` the number counts TensorCores, two per chip (``v5p-64`` is 32 chips,
@@ -276,41 +279,35 @@ def abstract_train_state(config, mc, mesh, *, value_head: bool):
     return graphdef, optimizer, state
 
 
-def sampler_placement(params, mesh, hosts: int):
+def sampler_placement(params, mesh, hosts: int, dtype=None):
     """(mesh, parameters, bytes per chip of training copies kept besides) of the rollout sampler.
 
     One host: the training mesh and parameters themselves. Several:
     ``trainer.distributed.process_local``'s layout, for process 0: the
-    block of the mesh on its own chips (``distributed.local_mesh``), each
-    parameter split only over the mesh axes that lie wholly inside it and
-    whole along the others. Parameters whose layout changes are regathered
-    into new buffers, so their training shards stay resident too.
+    block of the (host-blocked) mesh on its own chips
+    (``distributed.host_layout``), each parameter in ``dtype`` (the compute
+    dtype) and split over all of that host's chips
+    (``distributed.host_copy_spec``). A parameter whose dtype or layout
+    changes is a new buffer, so its training shard stays resident too.
     """
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
 
     from aem_jax.trainer import distributed
 
     if hosts == 1:
         return mesh, params, 0
-    local = distributed.local_mesh(mesh)
-    inside = {name for name in mesh.axis_names if local.shape[name] == mesh.shape[name]}
-
-    def local_spec(spec) -> PartitionSpec:
-        kept = []
-        for entry in spec:
-            axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-            axes = tuple(a for a in axes if a in inside)
-            kept.append(None if not axes else axes[0] if len(axes) == 1 else axes)
-        return PartitionSpec(*kept)
-
+    layout = distributed.host_layout(mesh)
+    local, view = layout.local_mesh(0), layout.view()
     out, kept_bytes = [], 0
     leaves, treedef = jax.tree.flatten(params)
     for x in leaves:
-        spec = local_spec(x.sharding.spec)
-        if spec != x.sharding.spec:
+        spec = distributed.host_copy_spec(x.sharding.spec, x.shape, local)
+        dt = jnp.dtype(dtype) if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
+        if dt != x.dtype or not distributed.same_shards(x.sharding.spec, spec, view):
             kept_bytes += math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
-        out.append(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(local, spec)))
+        out.append(jax.ShapeDtypeStruct(x.shape, dt, sharding=NamedSharding(local, spec)))
     return local, jax.tree.unflatten(treedef, out), kept_bytes
 
 
@@ -562,7 +559,7 @@ def plan(config, sl: Slice, *, steps: Sequence[str] = STEPS, sampler_mode: str =
     processes = sl.hosts if sampler_mode == "process-local" else 1
     placement_error = None
     try:
-        smesh, sparams, resident_params = sampler_placement(state.params, mesh, processes)
+        smesh, sparams, resident_params = sampler_placement(state.params, mesh, processes, dtype=mc.dtype)
     except ValueError as e:  # the trainer would raise the same at its first rollout
         placement_error = f"trainer.distributed.local_mesh: {e}"
         smesh, sparams, resident_params = mesh, state.params, 0
@@ -588,6 +585,9 @@ def plan(config, sl: Slice, *, steps: Sequence[str] = STEPS, sampler_mode: str =
         use_top_p=float(r.top_p) < 1.0, stop_ids=tuple(int(t) for t in eos), pad_id=0)
     gen_args = (sparams, rows_sds((b, p), "int32"), rows_sds((b, T), "int32"), rows_sds((b,), "bool"),
                 keys, f32, f32, jax.ShapeDtypeStruct((), jnp.int32, sharding=rep))
+    sampler_dtype = sorted({str(x.dtype) for x in jax.tree.leaves(sparams)})
+    say(f"sampler parameters ({'process-local copy, ' if processes > 1 else ''}{', '.join(sampler_dtype)}): "
+        f"{fmt_bytes(per_chip_bytes(sparams))} per chip; training copies kept besides {fmt_bytes(resident_params)}")
     where = (f"process-local mesh {dict(smesh.shape)} of one host" if processes > 1 else f"mesh {dict(smesh.shape)}")
     if "sampler" in steps and not placement_error:
         say(f"compiling the sampler: {b} rows, prompt {p} + {new} new tokens, KV cache {T} slots, on the {where} ...")
@@ -611,7 +611,7 @@ def plan(config, sl: Slice, *, steps: Sequence[str] = STEPS, sampler_mode: str =
     est_train = max(train_flop_count / (n * peak), train_bytes / (n * bw))
     prefill = forward_flops(mc, b, p)
     cache_bytes = 2 * mc.num_layers * b * mc.num_kv_heads * T * mc.head_dim * jnp.dtype(mc.dtype).itemsize
-    weight_bytes = n_params * jnp.dtype(mc.param_dtype).itemsize
+    weight_bytes = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(sparams))
     decode_flops = 2.0 * matmul_params(mc) * b + 4.0 * mc.num_layers * mc.num_heads * mc.head_dim * b * T
     ns = smesh.devices.size  # chips one sampler runs on (all processes sample at once)
     est_prefill = max(prefill / (ns * peak), (weight_bytes + cache_bytes) / (ns * bw))
@@ -658,6 +658,7 @@ def plan(config, sl: Slice, *, steps: Sequence[str] = STEPS, sampler_mode: str =
         "microbatch_rows": config.learner.get("microbatch_size", None),
         "sampler_rows": b, "sampler_mesh": dict(smesh.shape), "sampler_mode": sampler_mode, "hbm_bytes_per_chip": chip.hbm_bytes,
         "params_bytes_per_chip": params_chip, "opt_state_bytes_per_chip": opt_chip,
+        "sampler_params_bytes_per_chip": per_chip_bytes(sparams), "sampler_params_dtype": sampler_dtype,
         "train_step_bytes_per_chip": total(train), "sampler_bytes_per_chip": total(samp),
         "train_memory": train.memory, "sampler_memory": samp.memory,
         "flops_per_step": train_flop_count, "model_flops_per_step": model_train,

@@ -115,13 +115,95 @@ def make_mesh(
       devices: devices to use (default: ``jax.devices()``, all processes).
       axis_type: "auto" (XLA propagates shardings) or "explicit"
         (sharding in types); set on every axis.
+
+    Devices of one process are laid out by ``jax.make_mesh`` (physical torus
+    order). Devices of several processes are laid out host-blocked
+    (:func:`host_blocked_devices`): each process's devices form one block,
+    filled from ``tensor`` outwards, so each host can sample on its own chips.
     """
     if axis_type not in _AXIS_TYPES:
         raise ValueError(f"axis_type={axis_type!r} is not one of {sorted(_AXIS_TYPES)}")
     devices = list(devices) if devices is not None else jax.devices()
     sizes = mesh_shape(shape, len(devices))
     types = (_AXIS_TYPES[axis_type],) * len(MESH_AXES)
+    if len({d.process_index for d in devices}) > 1:
+        return Mesh(host_blocked_devices(sizes, devices), MESH_AXES, axis_types=types)
     return jax.make_mesh(sizes, MESH_AXES, axis_types=types, devices=devices)
+
+
+def host_block_shape(sizes: Sequence[int], per_host: int) -> tuple[int, ...]:
+    """The shape of one process's block of a mesh of axis ``sizes``, ``per_host`` devices each.
+
+    Filled from the innermost axis out: ``l_a = gcd(n_a, r)`` with ``r`` the
+    devices still to place (``per_host`` at ``tensor``, then what is left for
+    ``fsdp``, then ``data``), so ``tensor`` stays inside a host when it fits
+    and the hosts line up along the outer axes. Taking the gcd prime factor by
+    prime factor, this succeeds whenever ``per_host`` divides the device count;
+    otherwise ValueError.
+    """
+    left, block = per_host, []
+    for n in reversed(tuple(sizes)):
+        block.append(math.gcd(n, left))
+        left //= block[-1]
+    if left != 1 or per_host < 1:
+        raise ValueError(f"a mesh of axis sizes {dict(zip(MESH_AXES, sizes))} cannot be split into blocks of "
+                         f"{per_host} devices per process: {per_host} must divide the device count "
+                         f"{math.prod(sizes)}")
+    return tuple(reversed(block))
+
+
+def host_blocked_devices(
+    sizes: Sequence[int],
+    devices: Sequence[Any],
+    process_of: Callable[[Any], int] = lambda d: d.process_index,
+) -> np.ndarray:
+    """``devices`` as an array of shape ``sizes`` in which each process's devices
+    are one block (a box of :func:`host_block_shape`), the blocks laid out in
+    process order.
+
+    That is what lets every process play its rollouts on its own devices
+    (``trainer.distributed.process_local``): the mesh is then a grid of
+    host blocks, ``n_a = h_a * l_a`` on every axis, and the devices of host
+    ``(i, j, k)`` are ``[i*l_d:(i+1)*l_d, j*l_f:(j+1)*l_f, k*l_t:(k+1)*l_t]``.
+    ``jax.make_mesh`` orders devices by the physical torus instead and can
+    scatter a host's chips over the mesh. Inside a block the devices are
+    ordered by ``mesh_utils.create_device_mesh`` (physical neighbours along
+    the inner axes on TPU). ``process_of`` says which process holds a device
+    (tests simulate hosts with it). ValueError, naming the mesh and the
+    per-process device counts, when the processes hold different numbers of
+    devices.
+    """
+    from jax.experimental import mesh_utils
+
+    sizes = tuple(int(s) for s in sizes)
+    by_process: dict[int, list[Any]] = {}
+    for d in devices:
+        by_process.setdefault(int(process_of(d)), []).append(d)
+    counts = {p: len(ds) for p, ds in sorted(by_process.items())}
+    if len(set(counts.values())) != 1:
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: the processes hold different numbers of its devices "
+                         f"({counts}); a host-blocked mesh needs the same number on every process")
+    per_host = next(iter(counts.values()))
+    local = host_block_shape(sizes, per_host)
+    hosts = tuple(n // l for n, l in zip(sizes, local))
+    blocks = []
+    for p in sorted(by_process):
+        mine = by_process[p]
+        block = None
+        for split in (False, True):
+            try:
+                block = mesh_utils.create_device_mesh(local, mine, allow_split_physical_axes=split)
+                break
+            except (ValueError, NotImplementedError, AssertionError):
+                continue
+        if block is None:  # no layout along physical axes: any order is correct
+            block = np.asarray(sorted(mine, key=lambda d: d.id), dtype=object).reshape(local)
+        blocks.append(np.asarray(block, dtype=object))
+    # [h_d, h_f, h_t, l_d, l_f, l_t] -> [h_d, l_d, h_f, l_f, h_t, l_t] -> sizes
+    stacked = np.stack(blocks).reshape(hosts + local)
+    n = len(sizes)
+    order = [i for pair in zip(range(n), range(n, 2 * n)) for i in pair]
+    return stacked.transpose(order).reshape(sizes)
 
 
 def _as_tuple(axes: str | Sequence[str] | None) -> tuple[str, ...]:

@@ -22,20 +22,25 @@ backend starts.
 
 Rollouts: each process plays its own share of a step's tasks
 (:func:`task_share`; a task's G rollouts stay together) with its own copy
-of the policy on its own devices (:func:`process_local`), so it runs only
-its own environments and sandboxes; the trainer then assembles the global
+of the policy on its own devices (:func:`process_local`: in the compute
+dtype, split over all the host's chips; ``sharding.make_mesh`` lays each
+host's chips out as one block of the mesh), so it runs only its own
+environments and sandboxes; the trainer then assembles the global
 batch from every process's rows. :func:`check_agreement` compares a few
 integers across processes each step (step, config, keys, parameters).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -173,63 +178,187 @@ def task_share(num_tasks: int, process_index: int | None = None, process_count: 
     return range(index * per, (index + 1) * per)
 
 
+@dataclasses.dataclass(frozen=True)
+class HostLayout:
+    """A mesh seen as a grid of host blocks: ``n_a = hosts[a] * local[a]`` on every axis.
+
+    Host ``(i, j, k)`` of the grid holds the devices
+    ``[i*l_0:(i+1)*l_0, j*l_1:(j+1)*l_1, k*l_2:(k+1)*l_2]``
+    (``sharding.make_mesh`` builds meshes like this for several processes).
+    """
+
+    mesh: Mesh
+    local: tuple[int, ...]          # one host's block, per mesh axis
+    hosts: tuple[int, ...]          # blocks per mesh axis
+    owners: np.ndarray              # [*hosts]: the process of each block
+
+    def view(self) -> Mesh:
+        """The mesh's devices, in the same order, with each axis ``a`` split into
+        ``host_a`` (which block) and ``a`` (where inside the block): a sharding
+        over the inner axes alone puts a whole copy on every host's devices."""
+        names = [n for a in self.mesh.axis_names for n in (f"host_{a}", a)]
+        shape = [n for pair in zip(self.hosts, self.local) for n in pair]
+        types = [t for t in self.mesh.axis_types for _ in range(2)]
+        return Mesh(self.mesh.devices.reshape(shape), tuple(names), axis_types=tuple(types))
+
+    def block(self, process: int) -> tuple[slice, ...]:
+        where = np.argwhere(self.owners == process)
+        if len(where) != 1:
+            raise ValueError(f"process {process} holds no block of the mesh {dict(self.mesh.shape)}")
+        return tuple(slice(i * l, (i + 1) * l) for i, l in zip(where[0], self.local))
+
+    def local_mesh(self, process: int) -> Mesh:
+        """Process ``process``'s block, with the mesh's axis names and types."""
+        return Mesh(self.mesh.devices[self.block(process)], self.mesh.axis_names, axis_types=self.mesh.axis_types)
+
+
+def host_layout(mesh: Mesh, process_of: Callable[[Any], int] | None = None) -> HostLayout:
+    """``mesh`` as a grid of host blocks; ValueError, naming the mesh and the
+    per-process device count, when a process's devices are not one block of a
+    grid (e.g. a multi-host mesh from ``jax.make_mesh`` rather than
+    ``sharding.make_mesh``). ``process_of`` says which process holds a device
+    (default ``Device.process_index``; tests simulate hosts with it)."""
+    process_of = process_of or (lambda d: d.process_index)
+    owner = np.vectorize(lambda d: int(process_of(d)), otypes=[np.int64])(mesh.devices)
+    processes, counts = np.unique(owner, return_counts=True)
+    shape = dict(mesh.shape)
+    if len(set(counts.tolist())) != 1:
+        raise ValueError(f"the mesh {shape} cannot be split by host: its processes hold different numbers of its "
+                         f"devices ({dict(zip(processes.tolist(), counts.tolist()))})")
+    per_host = int(counts[0])
+    first = np.argwhere(owner == owner.flat[0])
+    local = tuple(int(n) for n in first.max(axis=0) + 1)
+    hosts = tuple(n // l for n, l in zip(owner.shape, local))
+    blocked = math.prod(local) == per_host and all(n % l == 0 for n, l in zip(owner.shape, local))
+    if blocked:
+        grid = owner.reshape([n for pair in zip(hosts, local) for n in pair])
+        grid = grid.transpose([2 * i for i in range(owner.ndim)] + [2 * i + 1 for i in range(owner.ndim)])
+        grid = grid.reshape(hosts + (per_host,))
+        blocked = bool((grid == grid[..., :1]).all())
+    if not blocked:
+        raise ValueError(f"the mesh {shape} is not laid out by host: each of its {len(processes)} processes' "
+                         f"{per_host} devices must form one block of it (build the mesh with "
+                         "aem_jax.sharding.make_mesh, which lays hosts out in blocks)")
+    return HostLayout(mesh, local, hosts, grid[..., 0])
+
+
 def local_mesh(mesh: Mesh) -> Mesh:
     """The block of ``mesh`` made of this process's devices, with the same axis names.
 
-    Raises ValueError when this process's devices are not a box of the mesh
-    (``sharding.make_mesh`` lays processes out in blocks).
+    Raises ValueError when this process's devices are not a block of the mesh
+    (:func:`host_layout`; ``sharding.make_mesh`` lays processes out in blocks).
     """
-    me = jax.process_index()
-    mine = np.vectorize(lambda d: d.process_index == me)(mesh.devices)
-    where = np.argwhere(mine)
-    lo, hi = where.min(axis=0), where.max(axis=0) + 1
-    box = tuple(slice(a, b) for a, b in zip(lo, hi))
-    if not mine[box].all() or mine.sum() != mine[box].size:
-        raise ValueError(f"process {me}'s devices are not one block of the mesh {dict(mesh.shape)}")
-    return Mesh(mesh.devices[box], mesh.axis_names, axis_types=mesh.axis_types)
+    return host_layout(mesh).local_mesh(jax.process_index())
 
 
-def process_local(tree: Any, mesh: Mesh) -> tuple[Any, Mesh]:
+def _axes_of(entry) -> tuple[str, ...]:
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def host_copy_spec(spec: PartitionSpec, shape: tuple[int, ...], local: Mesh) -> PartitionSpec:
+    """How a host's rollout copy of a parameter is split over that host's chips (``local``).
+
+    A parameter trained with ``spec`` keeps its dimensions' axes, restricted
+    to the host's block; a dimension split over ``fsdp`` is split over the
+    host's ``data`` devices too (parameters are never split over ``data`` in
+    training, where each data replica needs them whole), so the copy is
+    spread over every chip of the host rather than repeated on its data
+    replicas. Axes of size 1 are dropped, and a dimension keeps the longest
+    prefix of its axes whose size product divides it (the rule of
+    ``sharding.logical_to_spec``).
+    """
+    out = []
+    for dim, entry in enumerate(spec):
+        axes = [a for a in _axes_of(entry) if a != "data"]
+        if "fsdp" in axes and "data" in local.shape:
+            axes.insert(axes.index("fsdp") + 1, "data")
+        axes = [a for a in axes if local.shape.get(a, 1) > 1]
+        while axes and shape[dim] % math.prod(local.shape[a] for a in axes):
+            axes.pop()
+        out.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
+    while out and out[-1] is None:
+        out.pop()
+    return PartitionSpec(*out)
+
+
+def same_shards(train_spec: PartitionSpec, copy_spec: PartitionSpec, view: Mesh) -> bool:
+    """Whether a host's shards of a parameter trained with ``train_spec`` are
+    already those of its host copy split by ``copy_spec`` (then the copy
+    re-wraps them, in the same dtype, instead of copying).
+
+    Both are compared in the axes of the view mesh (:meth:`HostLayout.view`),
+    where a training axis ``a`` is ``(host_a, a)`` and a copy's axis is
+    the inner ``a``, with axes of size 1 and trailing whole dimensions dropped.
+    """
+    size = dict(view.shape)
+
+    def canonical(spec, training):
+        out = [tuple(n for a in _axes_of(e) for n in ((f"host_{a}", a) if training else (a,)) if size[n] > 1)
+               for e in spec]
+        while out and not out[-1]:
+            out.pop()
+        return tuple(out)
+
+    return canonical(train_spec, True) == canonical(copy_spec, False)
+
+
+def host_copy(tree: Any, layout: HostLayout, process: int, dtype: Any = None) -> tuple[Any, Mesh]:
+    """(process ``process``'s rollout copy of ``tree``, its local mesh).
+
+    Every array of ``tree`` on ``layout.mesh``'s devices is cast to ``dtype``
+    (floating leaves; None keeps them) and split over the process's own
+    devices by :func:`host_copy_spec`. One jitted copy, a collective every
+    process joins, writes the copies of all hosts at once: its output is
+    sharded over the inner axes of :meth:`HostLayout.view` (replicated over
+    the host axes), so each host's devices end up with a whole copy, and
+    this process's shards are re-wrapped as arrays on its local mesh. A
+    leaf already split that way and in ``dtype`` is re-wrapped without a
+    copy. Other leaves are returned as they are.
+    """
+    local = layout.local_mesh(process)
+    mine = set(local.devices.flat)
+    view = layout.view()
+    devices = set(layout.mesh.devices.flat)
+    leaves, treedef = jax.tree.flatten(tree)
+    targets = {}
+    for i, x in enumerate(leaves):
+        if not isinstance(x, jax.Array) or set(x.sharding.device_set) != devices:
+            continue
+        spec = x.sharding.spec if isinstance(x.sharding, NamedSharding) else PartitionSpec()
+        cast = dtype is not None and jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != jnp.dtype(dtype)
+        targets[i] = (host_copy_spec(spec, x.shape, local), jnp.dtype(dtype) if cast else x.dtype)
+    copy = [i for i, (spec, dt) in targets.items()
+            if dt != leaves[i].dtype or not isinstance(leaves[i].sharding, NamedSharding)
+            or not same_shards(leaves[i].sharding.spec, spec, view)]
+    if copy:
+        dts = [targets[i][1] for i in copy]
+        out = jax.jit(lambda xs: [x.astype(d) for x, d in zip(xs, dts)],
+                      out_shardings=[NamedSharding(view, targets[i][0]) for i in copy])([leaves[i] for i in copy])
+        for i, x in zip(copy, out):
+            leaves[i] = x
+    for i, (spec, _) in targets.items():
+        x = leaves[i]
+        shards = [s.data for s in x.addressable_shards if s.device in mine]
+        leaves[i] = jax.make_array_from_single_device_arrays(x.shape, NamedSharding(local, spec), shards)
+    return jax.tree.unflatten(treedef, leaves), local
+
+
+def process_local(tree: Any, mesh: Mesh, dtype: Any = None) -> tuple[Any, Mesh]:
     """(a copy of ``tree`` on this process's devices only, the local mesh).
 
     Each process samples its own episodes with its own copy of the policy,
     so no sampling step is a collective (processes play different prompts
-    for different numbers of turns). A leaf split only over mesh axes that
-    lie inside one process is already whole on every process and is just
-    re-wrapped; a leaf split across processes is first regathered over
-    those axes (one collective, every process together). One process:
-    ``(tree, mesh)`` unchanged.
+    for different numbers of turns). The copy (:func:`host_copy`) is in
+    ``dtype`` (the compute dtype: float32 master weights are cast to
+    bfloat16 once, which the model's matmuls would do anyway) and split over
+    all of this host's chips, ``fsdp``-style over its ``data`` and ``fsdp``
+    devices plus ``tensor``, rather than repeated on the host's data
+    replicas. All processes must call it together. One process:
+    ``(tree, mesh)`` unchanged (the sampler uses the training parameters).
     """
     if jax.process_count() == 1:
         return tree, mesh
-    local = local_mesh(mesh)
-    inside = {name for name in mesh.axis_names if local.shape[name] == mesh.shape[name]}
-
-    def axes_of(entry) -> tuple[str, ...]:
-        return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-
-    def local_spec(x) -> PartitionSpec:
-        spec = x.sharding.spec if isinstance(x.sharding, NamedSharding) else PartitionSpec()
-        kept = []
-        for entry in spec:
-            axes = tuple(a for a in axes_of(entry) if a in inside)
-            kept.append(None if not axes else axes[0] if len(axes) == 1 else axes)
-        return PartitionSpec(*kept)
-
-    leaves, treedef = jax.tree.flatten(tree)
-    arrays = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array) and not x.is_fully_addressable]
-    specs = {i: local_spec(leaves[i]) for i in arrays}
-    regather = [i for i in arrays if specs[i] != leaves[i].sharding.spec]
-    if regather:
-        out = jax.jit(lambda xs: xs, out_shardings=[NamedSharding(mesh, specs[i]) for i in regather])(
-            [leaves[i] for i in regather])
-        for i, x in zip(regather, out):
-            leaves[i] = x
-    for i in arrays:
-        x = leaves[i]
-        leaves[i] = jax.make_array_from_single_device_arrays(
-            x.shape, NamedSharding(local, specs[i]), [s.data for s in x.addressable_shards])
-    return jax.tree.unflatten(treedef, leaves), local
+    return host_copy(tree, host_layout(mesh), jax.process_index(), dtype)
 
 
 def gather_rows(x: np.ndarray) -> np.ndarray:
