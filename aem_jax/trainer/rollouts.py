@@ -304,7 +304,7 @@ def evaluate(ctx: RunContext, params, step: int) -> Evaluation:
     N, G = c.eval.num_tasks, c.eval.samples_per_task
     P, p = jax.process_count(), jax.process_index()
     lo, hi = p * N // P, (p + 1) * N // P  # this process's tasks (shares differ by at most one)
-    (local_params, rest), mesh = distributed.process_local((params, ctx.rest), ctx.mesh)
+    (local_params, rest), mesh = distributed.process_local((params, ctx.rest), ctx.mesh, dtype=c.model.dtype)
     env_kwargs = dict(c.env.kwargs)
     split = validate.eval_split(c)
     if split is not None:
