@@ -135,6 +135,11 @@ class Slice:
     def hosts(self) -> int:
         return max(1, self.chips // math.prod(self.host_bounds))
 
+    def one_host(self) -> Slice:
+        """A slice of one host's chips (same generation, same shape): what a host's own programs run on."""
+        bounds = self.host_bounds if self.chip.torus_3d else self.host_bounds[:2]
+        return Slice(f"{self.name}/host", self.chip, math.prod(bounds), bounds)
+
 
 def known_slices() -> list[str]:
     names = []
@@ -279,7 +284,7 @@ def abstract_train_state(config, mc, mesh, *, value_head: bool):
     return graphdef, optimizer, state
 
 
-def sampler_placement(params, mesh, hosts: int, dtype=None):
+def sampler_placement(params, mesh, hosts: int, dtype=None, host_devices=None):
     """(mesh, parameters, bytes per chip of training copies kept besides) of the rollout sampler.
 
     One host: the training mesh and parameters themselves. Several:
@@ -289,6 +294,8 @@ def sampler_placement(params, mesh, hosts: int, dtype=None):
     dtype) and split over all of that host's chips
     (``distributed.host_copy_spec``). A parameter whose dtype or layout
     changes is a new buffer, so its training shard stays resident too.
+    ``host_devices``: the chips of a one-host slice to lay the local mesh
+    over instead of host 0's chips of the slice (the same block shape).
     """
     import jax
     import jax.numpy as jnp
@@ -300,6 +307,13 @@ def sampler_placement(params, mesh, hosts: int, dtype=None):
         return mesh, params, 0
     layout = distributed.host_layout(mesh)
     local, view = layout.local_mesh(0), layout.view()
+    if host_devices is not None:
+        from jax.sharding import Mesh
+
+        from aem_jax import sharding
+
+        local = Mesh(sharding.host_blocked_devices(layout.local, host_devices), mesh.axis_names,
+                     axis_types=mesh.axis_types)
     out, kept_bytes = [], 0
     leaves, treedef = jax.tree.flatten(params)
     for x in leaves:
@@ -559,7 +573,12 @@ def plan(config, sl: Slice, *, steps: Sequence[str] = STEPS, sampler_mode: str =
     processes = sl.hosts if sampler_mode == "process-local" else 1
     placement_error = None
     try:
-        smesh, sparams, resident_params = sampler_placement(state.params, mesh, processes, dtype=mc.dtype)
+        # One host's program, compiled for a one-host slice of the same chips: libtpu's deviceless
+        # compiler rejects a program on a subset of a slice's chips whose device ids are not
+        # 0..n-1 (v6e hosts are 2x2 blocks of an 8x8 grid: ids 0, 1, 8, 9).
+        host_devices = topology_devices(sl.one_host()) if processes > 1 else None
+        smesh, sparams, resident_params = sampler_placement(state.params, mesh, processes, dtype=mc.dtype,
+                                                            host_devices=host_devices)
     except ValueError as e:  # the trainer would raise the same at its first rollout
         placement_error = f"trainer.distributed.local_mesh: {e}"
         smesh, sparams, resident_params = mesh, state.params, 0

@@ -167,3 +167,16 @@ def test_multi_host_sampler_runs_on_one_hosts_chips_with_its_share_of_the_tasks(
         - record["sampler_memory"]["aliased"]
     resident = record["opt_state_bytes_per_chip"] + 8 + record["params_bytes_per_chip"]
     assert record["sampler_bytes_per_chip"] == total + resident and record["fits"] is True
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_multi_host_sampler_on_v6e_whose_hosts_are_2x2_blocks_of_the_grid(tmp_path):
+    # v6e-16: a 4x4 grid, 4 hosts of 2x2 chips (host 0 holds device ids 0, 1, 4, 5); tensor=8 spans two
+    # hosts, so each host's copy is split 4 ways by tensor; 4 tasks x 8 rollouts -> 8 rows per host.
+    record = _record(_run("--topology=v6e-16", "--steps=sampler", f"--config.model.source={_model_dir(tmp_path)}",
+                          "--config.mesh.fsdp=2", "--config.mesh.tensor=8", *SMALL, "--config.rollout.num_tasks=4"))
+    assert (record["chips"], record["hosts"], record["sampler_rows"]) == (16, 4, 8)
+    assert record["mesh"] == {"data": 1, "fsdp": 2, "tensor": 8}
+    assert record["sampler_mesh"] == {"data": 1, "fsdp": 1, "tensor": 4}
+    assert record["sampler_memory"] is not None and record["fits"] is True, record.get("not_fitting")
