@@ -177,7 +177,8 @@ def play(eps, policy: SamplerPolicy, offset: int, pool, chat, config, key, timin
                 slot = live[s]
                 prompt = prompt_for_turn(slot.ep, len(slot.ep.turns), window)
                 n = len(slot.held)
-                extends = n <= len(prompt) and prompt[:n] == slot.held
+                # A new episode (nothing held yet) empties the row the previous one left.
+                extends = 0 < n <= len(prompt) and prompt[:n] == slot.held
                 appends[s] = (prompt[n:] if extends else prompt, not extends)
                 slot.held = prompt
                 slot.tokens, slot.logprobs, slot.entropies = [], [], []
