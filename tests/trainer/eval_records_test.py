@@ -299,7 +299,8 @@ def test_evaluate_shares_uneven_task_counts_among_processes(monkeypatch, smoke_c
         tasks = [s - rng.eval_seeds(1)[0] for s in task_seeds]
         played[jax.process_index()] = (tasks, policy.first_episode)
         recs = [EpisodeRecord(episode=i, group=i // 2, seed=task_seeds[i // 2],
-                              success=bool(wins[tasks[i // 2], i % 2]), turn_rewards=[0.5]) for i in range(2 * len(tasks))]
+                              success=bool(wins[tasks[i // 2], i % 2]), turn_rewards=[0.5])
+                for i in range(2 * len(tasks))]
         return None, recs, {}
 
     sent = {}
