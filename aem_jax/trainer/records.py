@@ -1,5 +1,6 @@
 """What a run leaves besides checkpoints and metrics: held-out evaluation
-results (pass@k, ``eval.json``), episode transcripts and Hugging Face exports.
+results (which tasks, pass@k, ``eval.json``), episode transcripts and
+Hugging Face exports.
 
 Layout of the workdir (local or an object store, through :mod:`paths`)::
 
@@ -20,6 +21,7 @@ With several processes, transcripts are per process (``.process_K`` before
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -34,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from aem_jax.envs import base as env_registry
 from aem_jax.trainer import paths
 
 EVAL_JSON = "eval.json"
@@ -79,6 +82,43 @@ def eval_metrics(successes: np.ndarray, returns: np.ndarray, ks: Sequence[int]) 
     out = {f"eval/pass@{k}": float(np.mean([pass_at_k(n, c, k) for c in counts])) for k in sorted({1, *ks})}
     out["eval/return"] = float(np.mean(returns))
     return out
+
+
+# --- held-out tasks ----------------------------------------------------------------
+
+# The split an environment with a ``split`` keyword argument is evaluated on when
+# config.eval.split is "".
+HELD_OUT_SPLIT = "test"
+
+
+def split_default(name: str) -> tuple[bool, Any]:
+    """(whether environment ``name`` takes a ``split`` keyword argument, its default)."""
+    try:
+        params = inspect.signature(env_registry.resolve(name)).parameters
+    except (TypeError, ValueError):
+        return False, None
+    split = params.get("split")
+    return split is not None, None if split is None or split.default is split.empty else split.default
+
+
+def eval_split(config) -> str | None:
+    """The split held-out evaluation plays: ``eval.split`` (or ``HELD_OUT_SPLIT``) for an
+    environment with a ``split`` keyword argument, None for one without (it is
+    evaluated on task seeds disjoint from training's, ``rng.eval_seeds``)."""
+    has_split, _ = split_default(config.env.name)
+    return (config.eval.split or HELD_OUT_SPLIT) if has_split else None
+
+
+def splits_overlap(a: Any, b: Any) -> bool:
+    """Whether split expressions ``a`` and ``b`` ("train", "train+test", "test[:50]",
+    "all") surely share tasks: equal, "all", or one names a whole split the other
+    uses. Two slices of one split are taken as disjoint (the user's ranges)."""
+    if not isinstance(a, str) or not isinstance(b, str):
+        return a == b
+    if a == b or "all" in (a, b):
+        return True
+    parts = lambda text: [(p.split("[")[0].strip(), "[" in p) for p in text.split("+")]  # noqa: E731
+    return any(x == y and not (sliced_x and sliced_y) for x, sliced_x in parts(a) for y, sliced_y in parts(b))
 
 
 # --- eval.json --------------------------------------------------------------------

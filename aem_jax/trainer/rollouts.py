@@ -26,7 +26,7 @@ from aem_jax import sharding
 from aem_jax.batch import TurnBatch
 from aem_jax.rollout import EpisodeRecord, SamplerPolicy, collect
 from aem_jax.rollout.collect import pad_id as batch_pad_id
-from aem_jax.trainer import checksums, distributed, integrity, records as records_lib, rng, setup, validate
+from aem_jax.trainer import checksums, distributed, integrity, records as records_lib, rng, setup
 from aem_jax.trainer.context import Algorithm, RunContext
 from aem_jax.trainer.update import to_host
 
@@ -283,7 +283,8 @@ class Evaluation:
 def eval_settings(config) -> dict[str, Any]:
     """What identifies an evaluation besides its step (kept with it in eval.json)."""
     e = config.eval
-    return {"num_tasks": e.num_tasks, "samples_per_task": e.samples_per_task, "split": validate.eval_split(config)}
+    return {"num_tasks": e.num_tasks, "samples_per_task": e.samples_per_task,
+            "split": records_lib.eval_split(config)}
 
 
 def evaluate(ctx: RunContext, params, step: int) -> Evaluation:
@@ -292,7 +293,7 @@ def evaluate(ctx: RunContext, params, step: int) -> Evaluation:
     ``eval.num_tasks`` tasks, ``eval.samples_per_task`` sampled episodes each
     (at the rollout temperature), pass@k for each k of ``eval.pass_at``.
     Tasks: an environment with splits plays its held-out split
-    (``validate.eval_split``: ``eval.split``, by default "test", never the
+    (``records_lib.eval_split``: ``eval.split``, by default "test", never the
     training split); others play ``rng.eval_seeds``, disjoint from every
     training seed. Keys: the "eval" stream folded with ``step`` and each
     episode's index, so no training key is drawn and a resumed run evaluates
@@ -306,7 +307,7 @@ def evaluate(ctx: RunContext, params, step: int) -> Evaluation:
     lo, hi = p * N // P, (p + 1) * N // P  # this process's tasks (shares differ by at most one)
     (local_params, rest), mesh = distributed.process_local((params, ctx.rest), ctx.mesh, dtype=c.model.dtype)
     env_kwargs = dict(c.env.kwargs)
-    split = validate.eval_split(c)
+    split = records_lib.eval_split(c)
     if split is not None:
         env_kwargs["split"] = split
     records: list[EpisodeRecord] = []

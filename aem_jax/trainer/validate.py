@@ -33,7 +33,7 @@ from aem_jax.models.config import DTYPES, MODEL_TYPES, REMATS
 from aem_jax.models.tokenizer import SPECIAL_TOKENS
 from aem_jax.objectives import aem, policy
 from aem_jax.rollout.config import HISTORY_MODES, OVERLONG_ACTIONS
-from aem_jax.trainer import defaults
+from aem_jax.trainer import defaults, records
 
 ENTROPY_MASKS = ("all", "nonzero_advantage")
 AGGREGATIONS = policy.AGGREGATIONS
@@ -378,29 +378,6 @@ def check_env(config) -> None:
         raise ConfigError(f"config.env.kwargs.{missing[0]} is missing; environment {name!r} requires it")
 
 
-# The split an environment with a ``split`` keyword argument is evaluated on when
-# config.eval.split is "".
-HELD_OUT_SPLIT = "test"
-
-
-def _split_default(name: str) -> tuple[bool, Any]:
-    """(whether environment ``name`` takes a ``split`` keyword argument, its default)."""
-    try:
-        params = inspect.signature(env_registry.resolve(name)).parameters
-    except (TypeError, ValueError):
-        return False, None
-    split = params.get("split")
-    return split is not None, None if split is None or split.default is split.empty else split.default
-
-
-def eval_split(config) -> str | None:
-    """The split held-out evaluation plays: ``eval.split`` (or ``HELD_OUT_SPLIT``) for an
-    environment with a ``split`` keyword argument, None for one without (it is
-    evaluated on task seeds disjoint from training's, ``rng.eval_seeds``)."""
-    has_split, _ = _split_default(config.env.name)
-    return (config.eval.split or HELD_OUT_SPLIT) if has_split else None
-
-
 def check_eval(config) -> None:
     """pass@k values, and a held-out split that exists and is not the training split."""
     e = config.eval
@@ -409,30 +386,18 @@ def check_eval(config) -> None:
     if (not isinstance(ks, (tuple, list)) or not ks or len(set(ks)) != len(ks)
             or any(isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= n for k in ks)):
         fail("eval.pass_at", ks, allowed)
-    has_split, default = _split_default(config.env.name)
+    has_split, default = records.split_default(config.env.name)
     if not has_split:
         if e.split:
             fail("eval.split", e.split, f"environment {config.env.name!r} has no splits (it takes no split "
                  "keyword argument): leave it '' and held-out task seeds are used")
         return
     train_split = dict(config.env.kwargs).get("split", default)
-    held_out = e.split or HELD_OUT_SPLIT
-    if _splits_overlap(held_out, train_split):
+    held_out = e.split or records.HELD_OUT_SPLIT
+    if records.splits_overlap(held_out, train_split):
         fail("eval.split", e.split, f"evaluation plays {held_out!r}, which overlaps the training split "
-             f"(env.kwargs.split={train_split!r}); name another split (\"\" = {HELD_OUT_SPLIT!r}), or "
-             "disjoint slices of one split (train 'test[:450]', eval 'test[450:]')")
-
-
-def _splits_overlap(a: Any, b: Any) -> bool:
-    """Whether split expressions ``a`` and ``b`` ("train", "train+test", "test[:50]",
-    "all") surely share tasks: equal, "all", or one names a whole split the other
-    uses. Two slices of one split are taken as disjoint (the user's ranges)."""
-    if not isinstance(a, str) or not isinstance(b, str):
-        return a == b
-    if a == b or "all" in (a, b):
-        return True
-    parts = lambda text: [(p.split("[")[0].strip(), "[" in p) for p in text.split("+")]  # noqa: E731
-    return any(x == y and not (sliced_x and sliced_y) for x, sliced_x in parts(a) for y, sliced_y in parts(b))
+             f"(env.kwargs.split={train_split!r}); name another split (\"\" = {records.HELD_OUT_SPLIT!r}), "
+             "or disjoint slices of one split (train 'test[:450]', eval 'test[450:]')")
 
 
 def check(config) -> None:

@@ -230,7 +230,7 @@ def test_bad_eval_records_and_export_settings_name_the_key(changes, message):
 def test_swe_evaluates_its_held_out_split_never_the_training_split():
     c = _swe_config()
     validate.check(c)
-    assert validate.eval_split(c) == "test"
+    assert records.eval_split(c) == "test"
     c.eval.split = "train"
     with pytest.raises(ConfigError, match=re.escape("config.eval.split='train' is not allowed; evaluation plays "
                                                     "'train', which overlaps the training split "
@@ -242,7 +242,7 @@ def test_swe_evaluates_its_held_out_split_never_the_training_split():
             validate.check(c)
     c.env.kwargs["split"], c.eval.split = "test[:100]", "test[100:]"  # disjoint slices of an unsplit file
     validate.check(c)
-    assert validate.eval_split(defaults.base()) is None  # seed-generated tasks: held-out seeds
+    assert records.eval_split(defaults.base()) is None  # seed-generated tasks: held-out seeds
 
 
 @pytest.fixture(scope="module")
@@ -310,7 +310,7 @@ def test_evaluate_shares_uneven_task_counts_among_processes(monkeypatch, smoke_c
         raise _Gathered
 
     monkeypatch.setattr(rollouts, "collect", fake_collect)
-    monkeypatch.setattr(rollouts.distributed, "process_local", lambda tree, mesh: (tree, mesh))
+    monkeypatch.setattr(rollouts.distributed, "process_local", lambda tree, mesh, dtype=None: (tree, mesh))
     monkeypatch.setattr(jax, "process_count", lambda: 3)
     for p in range(3):
         monkeypatch.setattr(jax, "process_index", lambda p=p: p)
