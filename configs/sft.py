@@ -7,6 +7,7 @@ Run:
   python -m aem_jax.train --config=configs/default.py --config.model.source=runs/sft/export/final \\
       --workdir=runs/grpo_warm                             # any RL config from the warm start
   python -m aem_jax.train --config=configs/sft.py:textworld --workdir=runs/sft_tw
+  python -m aem_jax.train --config=configs/sft.py:longhorizon --workdir=runs/sft_lh   # the dungeon
   python -m aem_jax.train --config=configs/sft.py:smoke --workdir=/tmp/sft_smoke
 
 Strength is ``total_steps`` (training steps, one optimiser step each: 64
@@ -15,17 +16,26 @@ of the expert's actions replaced by a random valid action): docs/results.md,
 "Supervised warm start", has held-out success and response entropy for a
 grid of both. The model, tokenizer and environment are ``base()``'s (those of
 configs/default.py) so the default job and every other config on the
-built-in game start from it; pass the same ``env.*`` and ``model.*``
-overrides as the RL config for another game (``--config.env.name=dungeon``).
+built-in game start from it. ``:longhorizon`` takes the environment and
+rollout settings of configs/longhorizon.py (the dungeon), ``:textworld``
+those of the TextWorld configs, so that their RL configs can load the result.
 The policy is exported at the end to WORKDIR/export/final (config.json,
 safetensors, tokenizer with its chat template). The last step logs
 ``heldout_success`` and ``heldout_response_entropy`` in metrics.jsonl.
 """
-from aem_jax.trainer.defaults import base, smoke, textworld, variants
+import pathlib
+
+from aem_jax.trainer.defaults import VARIANTS, base, smoke, textworld
+
+OWN_VARIANTS = ("longhorizon",)
 
 
 def get_config(arg: str | None = None):
-    names = variants(arg, "configs/sft.py")
+    names = {n for n in (arg or "").split(",") if n}
+    unknown = sorted(names - set(VARIANTS) - set(OWN_VARIANTS))
+    if unknown:
+        raise ValueError(f"unknown variant {unknown[0]!r} of configs/sft.py; known: "
+                         f"{', '.join(VARIANTS + OWN_VARIANTS)} (comma-separated, e.g. longhorizon,smoke)")
     c = base()
     c.algorithm = "sft"
     c.total_steps = 100              # training steps = optimiser steps (64 demonstrations, one minibatch)
@@ -39,6 +49,15 @@ def get_config(arg: str | None = None):
         c.env.kwargs["policy_commands"] = True  # the expert plays the game's walkthrough
         c.rollout.num_tasks = 32
         c.rollout.group_size = 1
+        c.learner.minibatch_size = 32
+    if "longhorizon" in names:
+        from aem_jax.trainer.setup import load_config  # the dungeon's settings live in one file
+
+        game = load_config(str(pathlib.Path(__file__).with_name("longhorizon.py")))
+        c.env = game.env
+        for key in ("max_turns", "max_context_tokens", "seq_bucket", "max_action_tokens"):
+            c.rollout[key] = game.rollout[key]
+        c.rollout.num_tasks = 32     # episodes are 9-12 turns: 32 demonstrations per step
         c.learner.minibatch_size = 32
     if "smoke" in names:
         smoke(c)
