@@ -193,6 +193,18 @@ def test_textworld_expert_plays_the_numbered_walkthrough():
         sft.expert_action(ctx)
 
 
+def test_the_longhorizon_variant_clones_the_dungeon_expert():
+    config = setup.load_config("configs/sft.py:longhorizon", ["rollout.num_tasks=4", "learner.minibatch_size=4"])
+    assert config.env.name == "dungeon" and config.rollout.max_turns == config.env.kwargs["max_turns"]
+    ctx = types.SimpleNamespace(config=config, keys=rng.Streams(0), tokenizer=setup.scratch_tokenizer(config))
+    batch, records, metrics = sft.demonstrations(ctx, step=0)
+    assert metrics["demo_success"] == 1.0 and metrics["demo_invalid_action_rate"] == 0.0
+    assert all(r.turns >= 8 for r in records)  # long-horizon: the expert needs 8 turns or more
+    for row, record in enumerate(records):
+        assert np.asarray(batch.tokens)[row][np.asarray(batch.loss_mask)[row] > 0].tolist() == \
+            _assistant_ids(ctx, record)
+
+
 @pytest.mark.slow
 def test_textworld_walkthrough_demonstrations_win():
     pytest.importorskip("textworld")
