@@ -25,7 +25,12 @@ and top-p: vLLM's ``--logprobs-mode processed_logprobs``); greedy requests
 (temperature 0) report the temperature-1 distribution's, as the sampler does.
 
 Randomness: choice i of a request with seed s samples with the key
-``choice_keys(s, count)[i]`` (``fold_in(key(s), i)``), whatever other requests
+``choice_keys(s, count)[i]`` (``fold_in(key(s), i)``). An extension: ``seed``
+may also be a list with one seed per prompt; choice j of prompt p then uses
+``choice_keys(seed[p], n)[j]``, so a request of P prompts with seeds s_p
+samples exactly what P one-prompt requests with seeds s_p would (what
+`aem_jax.rollout.remote.EndpointPolicy` sends this server: fewer, larger
+requests). Either way a choice's sample does not depend on the requests that
 share its batch: concurrent requests with the same sampling settings are run
 as one batch (rows of the sampler draw from their own keys), so a request's
 result does not depend on the traffic around it.
@@ -71,10 +76,20 @@ def choice_keys(seed: int, count: int) -> jax.Array:
     Seeds from 2^32 on fold their high word in as well (jax keys take 32-bit
     seeds unless x64 is on), so every seed in [0, 2^63) has its own stream.
     """
-    key = jax.random.key(seed & 0xFFFFFFFF)
-    if seed >> 32:
-        key = jax.random.fold_in(key, seed >> 32)
-    return jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(count, dtype=jnp.uint32))
+    return seeded_keys([seed], count)
+
+
+def seeded_keys(seeds, count: int) -> jax.Array:
+    """``choice_keys(s, count)`` for every seed s, concatenated: [len(seeds) * count] keys."""
+    seeds = np.asarray(seeds, np.uint64)
+    lo_P = jnp.asarray((seeds & 0xFFFFFFFF).astype(np.uint32))
+    hi_P = jnp.asarray((seeds >> 32).astype(np.uint32))
+    base_P = jax.vmap(jax.random.key)(lo_P)
+    data = jnp.where((hi_P != 0)[:, None], jax.random.key_data(jax.vmap(jax.random.fold_in)(base_P, hi_P)),
+                     jax.random.key_data(base_P))
+    index = jnp.arange(count, dtype=jnp.uint32)
+    keys_PN = jax.vmap(lambda k: jax.vmap(jax.random.fold_in, (None, 0))(k, index))(jax.random.wrap_key_data(data))
+    return keys_PN.reshape(-1)
 
 
 # --- requests -------------------------------------------------------------------
@@ -86,7 +101,7 @@ class Completion:
     prompts: list[list[int]]
     n: int
     params: sampler.SamplingParams
-    seed: int
+    seeds: tuple[int, ...] | int  # one per prompt, or one for the request
     logprobs: bool
     tokens_as_ids: bool
 
@@ -198,7 +213,16 @@ def parse_completion(body: dict, *, tokenizer, vocab_size: int, model_name: str,
     top_k = _int(body, "top_k", 0, -1, vocab_size, f"-1 or 0 (off) or an integer in [1, {vocab_size}]")
     n = _int(body, "n", 1, 1, MAX_N)
     seed = body.get("seed")
-    seed = secrets.randbits(63) if seed is None else _int(body, "seed", 0, 0, 2 ** 63 - 1)
+    if isinstance(seed, list):
+        if len(seed) != len(prompts):
+            raise RequestError(f"seed has {len(seed)} entries for {len(prompts)} prompts; pass one seed, "
+                               "or a list with one per prompt", param="seed")
+        for s in seed:
+            if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2 ** 63:
+                raise RequestError(f"seed contains {s!r}; seeds are integers in [0, 2^63)", param="seed")
+        seed = tuple(seed)
+    else:
+        seed = secrets.randbits(63) if seed is None else _int(body, "seed", 0, 0, 2 ** 63 - 1)
     logprobs = body.get("logprobs")
     if logprobs is not None and (isinstance(logprobs, bool) or logprobs != 0):
         raise RequestError(f"logprobs={logprobs!r} is not allowed; must be null (none) or 0 (the sampled "
@@ -247,20 +271,31 @@ class Engine:
     A request thread queues its job and then, holding the engine lock, runs
     the queued jobs that share the first one's sampling settings as one
     ``sampler.generate`` call (up to ``max_batch_rows`` rows) until its own
-    job is done. Rows sample with their own keys, so batching changes no
-    result. ``reload`` swaps the weights between batches.
+    job is done. Before a batch starts, the queue is given time to fill: until
+    no request arrived for ``quiet_s`` (at most ``max_wait_s``), so that the
+    burst of one rollout turn (one request per episode) becomes one batch of
+    one shape rather than many small ones, each a compile of its own; and a
+    batch smaller than ``min_batch_rows`` is filled up to it (its first row
+    repeated, the copies' results dropped) so stragglers share one shape. Rows
+    sample with their own keys, so batching changes no result. ``reload``
+    swaps the weights between batches.
     """
 
     def __init__(self, model, tokenizer, *, model_path: str, name: str, dtype: str = "float32",
-                 max_model_len: int | None = None, max_batch_rows: int = 256):
+                 max_model_len: int | None = None, max_batch_rows: int = 256,
+                 min_batch_rows: int = 32, quiet_s: float = 0.01, max_wait_s: float = 0.2):
         self.model, self.tokenizer = model, tokenizer
         self.model_path, self.name, self.dtype = model_path, name, dtype
         self.max_model_len = int(max_model_len or model.config.max_position_embeddings)
-        self.max_batch_rows = int(max_batch_rows)
+        self.max_batch_rows, self.min_batch_rows = int(max_batch_rows), int(min_batch_rows)
+        self.quiet_s, self.max_wait_s = float(quiet_s), float(max_wait_s)
         self.weights_version = 0
         self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None
                           else tokenizer.eos_token_id)
         self._lock = threading.Lock()
+        # Fast tokenizers reconfigure their Rust core on every call; concurrent
+        # calls from request threads can collide ("Already borrowed").
+        self.tokenizer_lock = threading.Lock()
         self._queue: list[_Job] = []
         self._queue_lock = threading.Lock()
 
@@ -284,7 +319,17 @@ class Engine:
             raise job.error
         return job.result
 
+    def _queued_rows(self) -> int:
+        with self._queue_lock:
+            return sum(len(job.prompts) for job in self._queue)
+
     def _run_batch(self) -> None:
+        deadline, rows = time.monotonic() + self.max_wait_s, self._queued_rows()
+        while rows < self.max_batch_rows and time.monotonic() < deadline:
+            time.sleep(self.quiet_s)
+            rows, before = self._queued_rows(), rows
+            if rows == before:
+                break
         with self._queue_lock:
             if not self._queue:
                 return
@@ -297,6 +342,11 @@ class Engine:
         try:
             prompts = [p for job in batch for p in job.prompts]
             keys = jnp.concatenate([job.keys for job in batch])
+            # Filler rows (the first row again, results dropped) up to min_batch_rows: small
+            # batches then share one compiled shape instead of one per power of two.
+            fill = max(0, self.min_batch_rows - len(prompts))
+            prompts = prompts + [prompts[0]] * fill
+            keys = jnp.concatenate([keys, jnp.broadcast_to(keys[:1], (fill,))]) if fill else keys
             out = sampler.generate(self.model, prompts, key=keys, params=params, pad_id=self.pad_id)
             at = 0
             for job in batch:
@@ -356,16 +406,23 @@ def _choice(engine: Engine, index: int, row, stops, request: Completion) -> dict
 
 def complete(engine: Engine, body: dict) -> dict[str, Any]:
     """The /v1/completions response to ``body``."""
-    request = parse_completion(body, tokenizer=engine.tokenizer, vocab_size=engine.model.config.vocab_size,
-                               model_name=engine.name, max_model_len=engine.max_model_len)
+    with engine.tokenizer_lock:
+        request = parse_completion(body, tokenizer=engine.tokenizer, vocab_size=engine.model.config.vocab_size,
+                                   model_name=engine.name, max_model_len=engine.max_model_len)
     prompts = [p for p in request.prompts for _ in range(request.n)]  # choice i = prompt i // n
-    rows = engine.sample(request.params, prompts, choice_keys(request.seed, len(prompts)))
+    if isinstance(request.seeds, tuple):
+        keys = seeded_keys(request.seeds, request.n)
+    else:
+        keys = choice_keys(request.seeds, len(prompts))
+    rows = engine.sample(request.params, prompts, keys)
     stops = set(request.params.stop_token_ids)
     completion_tokens = sum(len(r[0]) for r in rows)
     prompt_tokens = sum(len(p) for p in request.prompts)
+    with engine.tokenizer_lock:
+        choices = [_choice(engine, i, row, stops, request) for i, row in enumerate(rows)]
     return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": engine.name,
-            "choices": [_choice(engine, i, row, stops, request) for i, row in enumerate(rows)],
+            "choices": choices,
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens}}
 
@@ -429,14 +486,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
         raise RequestError(f"no route {path!r}; routes: GET {', GET '.join(GET_ROUTES)}, "
                            f"POST {', POST '.join(POST_ROUTES)}", status=404)
 
-    def _body(self) -> dict:
+    def _read(self) -> bytes:
+        """The request body; a connection whose body cannot be read is closed after the answer."""
         length = self.headers.get("Content-Length")
         if length is None or not length.isdigit():
+            self.close_connection = True
             raise RequestError("the request has no Content-Length header", status=411)
         if int(length) > MAX_BODY_BYTES:
             self.close_connection = True
             raise RequestError(f"the body has {length} bytes; at most {MAX_BODY_BYTES}", status=413)
-        raw = self.rfile.read(int(length))
+        return self.rfile.read(int(length))
+
+    @staticmethod
+    def _json(raw: bytes) -> dict:
         try:
             body = json.loads(raw or b"{}")
         except ValueError as e:
@@ -454,8 +516,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def do_POST(self):  # noqa: N802
         try:
+            raw = self._read()  # read first: on a kept-alive connection the next request follows it
             path = self._route(POST_ROUTES, GET_ROUTES)
-            body = self._body()
+            body = self._json(raw)
             engine = self.server.engine
             self._send(200, complete(engine, body) if path == "/v1/completions" else _reload(engine, body))
         except RequestError as e:
@@ -469,6 +532,7 @@ class Server(http.server.ThreadingHTTPServer):
     """A threading HTTP server holding the ``engine``; ``port=0`` picks a free port."""
 
     daemon_threads = True
+    request_queue_size = 1024  # listen backlog: a rollout opens one connection per episode at once
 
     def __init__(self, engine: Engine, host: str = DEFAULT_HOST, port: int = 0, *, verbose: bool = False):
         super().__init__((host, port), Handler)
@@ -491,10 +555,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="longest prompt + max_tokens (default: the config's max_position_embeddings)")
     parser.add_argument("--max-batch-rows", type=int, default=256,
                         help="most rows sampled in one batch of concurrent requests")
+    parser.add_argument("--min-batch-rows", type=int, default=32,
+                        help="smaller batches are filled up to this many rows (fewer compiled shapes)")
     parser.add_argument("--verbose", action="store_true", help="log every request")
     args = parser.parse_args(argv)
     engine = Engine.load(args.model, name=args.served_model_name, dtype=args.dtype,
-                         max_model_len=args.max_model_len, max_batch_rows=args.max_batch_rows)
+                         max_model_len=args.max_model_len, max_batch_rows=args.max_batch_rows,
+                         min_batch_rows=args.min_batch_rows)
     server = Server(engine, args.host, args.port, verbose=args.verbose)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {args.host} without authentication", file=sys.stderr)

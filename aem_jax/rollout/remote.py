@@ -30,9 +30,11 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import http.client
 import re
-import urllib.error
-import urllib.request
+import threading
+import time
+import urllib.parse
 from typing import Any, Sequence
 
 import jax
@@ -56,29 +58,91 @@ def base_url(url: str) -> str:
     return url[:-3] if url.endswith("/v1") else url
 
 
-def request_json(url: str, body: dict | None = None, *, timeout_s: float = 600.0) -> dict:
+_LOCAL = threading.local()  # this thread's keep-alive connections, by (scheme, host:port)
+
+
+def _connection(scheme: str, netloc: str, timeout_s: float) -> http.client.HTTPConnection:
+    pool = _LOCAL.__dict__.setdefault("connections", {})
+    conn = pool.get((scheme, netloc))
+    if conn is None:
+        cls = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
+        conn = pool[(scheme, netloc)] = cls(netloc, timeout=timeout_s)
+    conn.timeout = timeout_s
+    return conn
+
+
+def _drop_connection(scheme: str, netloc: str) -> None:
+    conn = _LOCAL.__dict__.get("connections", {}).pop((scheme, netloc), None)
+    if conn is not None:
+        conn.close()
+
+
+def _message(status: int, raw: bytes) -> str:
+    """The error message of an OpenAI-style error body (else the body itself)."""
+    text = raw.decode(errors="replace")
+    try:
+        err = json.loads(text)
+    except ValueError:
+        return text
+    err = err.get("error", err) if isinstance(err, dict) else err
+    return str(err.get("message", text)) if isinstance(err, dict) else text
+
+
+def request_json(url: str, body: dict | None = None, *, timeout_s: float = 600.0, attempts: int = 3) -> dict:
     """GET (``body`` None) or POST ``body`` as JSON; the decoded JSON answer.
 
-    Raises `EndpointError` with the server's own message for an HTTP error
-    and with the URL when it cannot be reached.
+    Each thread keeps one HTTP/1.1 connection per server open across calls (a
+    rollout sends one request per episode per turn). A connection that is
+    refused, reset or closed is opened again (``attempts`` tries in all):
+    every request this module sends is idempotent (seeded samples, reloads of
+    one directory). Raises `EndpointError` with the server's own message for
+    an HTTP error, and with the URL when the server cannot be reached or does
+    not answer within ``timeout_s``.
     """
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"url={url!r}; expected http(s)://host[:port]/path")
+    path = parts.path or "/"
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method="GET" if body is None else "POST",
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            return json.loads(response.read())
-    except urllib.error.HTTPError as e:
-        text = e.read().decode(errors="replace")
+    headers = {"Content-Type": "application/json"} if data is not None else {}
+    for attempt in range(attempts):
+        conn = _connection(parts.scheme, parts.netloc, timeout_s)
         try:
-            err = json.loads(text)
-            err = err.get("error", err) if isinstance(err, dict) else err
-            text = err.get("message", text) if isinstance(err, dict) else text
+            conn.request("GET" if data is None else "POST", path, body=data, headers=headers)
+            response = conn.getresponse()
+            raw = response.read()
+        except TimeoutError as e:
+            _drop_connection(parts.scheme, parts.netloc)
+            raise EndpointError(f"{url}: no answer within {timeout_s} s ({e})") from None
+        except (OSError, http.client.HTTPException) as e:  # refused, reset, closed while idle
+            _drop_connection(parts.scheme, parts.netloc)
+            if attempt + 1 == attempts:
+                raise EndpointError(f"{url}: cannot reach the endpoint ({type(e).__name__}: {e}; "
+                                    f"{attempts} attempts)") from None
+            time.sleep(0.05 * 2 ** attempt)
+            continue
+        if response.will_close:
+            _drop_connection(parts.scheme, parts.netloc)
+        if response.status >= 400:
+            raise EndpointError(f"{url}: HTTP {response.status}: {_message(response.status, raw)}")
+        try:
+            return json.loads(raw)
         except ValueError:
-            pass
-        raise EndpointError(f"{url}: HTTP {e.code}: {text}") from None
-    except (urllib.error.URLError, OSError) as e:
-        raise EndpointError(f"{url}: cannot reach the endpoint ({e})") from None
+            raise EndpointError(f"{url}: the answer is not JSON: {raw[:200]!r}") from None
+    raise AssertionError("unreachable")
+
+
+_POOLS: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
+    """One request pool per size per process: its threads, and so their open
+    connections, outlive a policy (the trainer makes one per step)."""
+    with _POOLS_LOCK:
+        if workers not in _POOLS:
+            _POOLS[workers] = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="endpoint")
+        return _POOLS[workers]
 
 
 def row_seeds(key: jax.Array, count: int) -> list[int]:
@@ -152,14 +216,19 @@ class EndpointPolicy:
       entropy: "exact" or "surprisal" (see the module docstring).
       reload_route: the route `push_weights` posts ``{"model_path": DIR}`` to.
       timeout_s: per request.
-      max_concurrency: requests in flight at once (the server batches them).
+      max_concurrency: requests in flight at once (the server batches them;
+        ``aem_jax.serve`` batches up to 256 rows by default).
+      rows_per_request: prompts per request. None: 64 when ``GET /v1/models``
+        says the server is ``aem_jax.serve`` (``owned_by`` "aem_jax"), whose
+        ``seed`` may be a list with one seed per prompt, else 1 (OpenAI's
+        ``seed`` is one per request). Both give the same samples.
     """
 
     def __init__(self, url: str, *, max_tokens: int, stop_token_ids: Sequence[int],
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                  model: str | None = None, entropy: str = "exact",
                  reload_route: str = DEFAULT_RELOAD_ROUTE, timeout_s: float = 600.0,
-                 max_concurrency: int = 64):
+                 max_concurrency: int = 256, rows_per_request: int | None = None):
         if entropy not in ENTROPY_MODES:
             raise ValueError(f"entropy={entropy!r}; allowed: {', '.join(ENTROPY_MODES)}")
         if not reload_route.startswith("/"):
@@ -169,7 +238,8 @@ class EndpointPolicy:
         self.temperature, self.top_p, self.top_k = float(temperature), float(top_p), int(top_k)
         self.entropy, self.reload_route = entropy, reload_route
         self.timeout_s, self.max_concurrency = float(timeout_s), int(max_concurrency)
-        self._model = model
+        self._model, self._listing = model, None
+        self._rows_per_request = rows_per_request
 
     @classmethod
     def for_rollout(cls, url: str, tokenizer: Any, config: Any, **kwargs) -> "EndpointPolicy":
@@ -181,21 +251,38 @@ class EndpointPolicy:
                           enable_thinking=getattr(config, "enable_thinking", None))
         return cls(url, max_tokens=config.max_action_tokens, stop_token_ids=chat.stop_token_ids, **kwargs)
 
-    @property
-    def model(self) -> str:
-        """The served model's id (asked once from ``GET /v1/models`` unless given)."""
-        if self._model is None:
+    def _served(self) -> dict:
+        """The first entry of ``GET /v1/models`` (asked once)."""
+        if self._listing is None:
             listing = request_json(self.url + "/v1/models", timeout_s=self.timeout_s)
             data = listing.get("data") or []
             if not data:
                 raise EndpointError(f"{self.url}/v1/models lists no model")
-            self._model = str(data[0]["id"])
+            self._listing = dict(data[0])
+        return self._listing
+
+    @property
+    def model(self) -> str:
+        """The served model's id (the first of ``GET /v1/models`` unless given)."""
+        if self._model is None:
+            self._model = str(self._served()["id"])
         return self._model
 
-    def request_body(self, prompt: Sequence[int], seed: int) -> dict[str, Any]:
-        """The completion request of one prompt (token ids) with its seed."""
-        body = {"model": self.model, "prompt": [int(t) for t in prompt], "max_tokens": self.max_tokens,
-                "temperature": self.temperature, "top_p": self.top_p, "n": 1, "seed": int(seed),
+    @property
+    def rows_per_request(self) -> int:
+        if self._rows_per_request is None:
+            self._rows_per_request = 64 if self._served().get("owned_by") == "aem_jax" else 1
+        return self._rows_per_request
+
+    def request_body(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int]) -> dict[str, Any]:
+        """The completion request of prompts (token ids) with one seed each: the
+        OpenAI form (one prompt, one seed) for a single prompt, else a list of
+        prompts with a list of seeds (``aem_jax.serve``'s extension)."""
+        one = len(prompts) == 1
+        body = {"model": self.model, "max_tokens": self.max_tokens,
+                "prompt": [int(t) for t in prompts[0]] if one else [[int(t) for t in p] for p in prompts],
+                "seed": int(seeds[0]) if one else [int(s) for s in seeds],
+                "temperature": self.temperature, "top_p": self.top_p, "n": 1,
                 "logprobs": 0, "stop_token_ids": list(self.stop_token_ids),
                 "return_tokens_as_token_ids": True}
         if self.top_k > 0:
@@ -207,17 +294,19 @@ class EndpointPolicy:
         del contexts
         if not prompts:
             return []
-        bodies = [self.request_body(p, s) for p, s in zip(prompts, row_seeds(key, len(prompts)))]
+        seeds, k = row_seeds(key, len(prompts)), self.rows_per_request
+        chunks = [range(i, min(i + k, len(prompts))) for i in range(0, len(prompts), k)]
+        bodies = [self.request_body([prompts[i] for i in c], [seeds[i] for i in c]) for c in chunks]
         url = self.url + "/v1/completions"
-        workers = max(1, min(self.max_concurrency, len(bodies)))
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            answers = list(pool.map(lambda b: request_json(url, b, timeout_s=self.timeout_s), bodies))
+        answers = list(_pool(self.max_concurrency).map(
+            lambda b: request_json(url, b, timeout_s=self.timeout_s), bodies))
         out = []
-        for i, answer in enumerate(answers):
-            choices = answer.get("choices") or []
-            if len(choices) != 1:
-                raise EndpointError(f"{url}: {len(choices)} choices for prompt {i}; expected 1")
-            out.append(parse_choice(choices[0], stop_token_ids=self.stop_token_ids, entropy=self.entropy))
+        for chunk, answer in zip(chunks, answers):
+            choices = sorted(answer.get("choices") or [], key=lambda c: c.get("index", 0))
+            if len(choices) != len(chunk):
+                raise EndpointError(f"{url}: {len(choices)} choices for prompts {chunk.start}..{chunk.stop - 1}; "
+                                    f"expected {len(chunk)}")
+            out += [parse_choice(c, stop_token_ids=self.stop_token_ids, entropy=self.entropy) for c in choices]
         return out
 
     def push_weights(self, model: Any, tokenizer: Any, directory: str | os.PathLike) -> dict:

@@ -91,10 +91,15 @@ def test_rollouts_through_the_endpoint_record_the_in_process_samplers_logprobs(s
 
 
 def test_a_weight_push_changes_what_the_endpoint_samples(served):
-    policy = remote.EndpointPolicy(served.url, max_tokens=8, stop_token_ids=CHAT.stop_token_ids)
+    # one request per prompt, as for vLLM (the rollout test sends lists of prompts with lists of seeds)
+    policy = remote.EndpointPolicy(served.url, max_tokens=8, stop_token_ids=CHAT.stop_token_ids,
+                                   rows_per_request=1)
     prompts = [CHAT.prompt_ids("open box 1"), CHAT.prompt_ids("read note")]
     key = jax.random.key(3)
     before = policy.generate(prompts, key=key)
+    batched = remote.EndpointPolicy(served.url, max_tokens=8, stop_token_ids=CHAT.stop_token_ids)
+    assert batched.rows_per_request == 64
+    assert batched.generate(prompts, key=key) == before
     version = served.engine.weights_version
     try:
         answer = policy.push_weights(served.second, TOK, served.root / "push_second")
@@ -160,6 +165,7 @@ def test_completion_shape_models_and_health(served):
     ("/v1/completions", {"prompt": [5], "stop": ["\n"]}, 400, "stop_token_ids"),
     ("/v1/completions", {"prompt": [5], "stop_token_ids": [-1]}, 400, "stop_token_ids contains -1"),
     ("/v1/completions", {"prompt": [5], "seed": -3}, 400, "seed=-3"),
+    ("/v1/completions", {"prompt": [[5], [6]], "seed": [1]}, 400, "seed has 1 entries for 2 prompts"),
     ("/v1/completions", {"prompt": [5], "temprature": 1}, 400, "unknown field 'temprature'"),
     ("/v1/completions", {"prompt": [5], "model": "gpt"}, 404, "serves 'tiny'"),
     ("/update_weights_from_disk", {"model_path": "/no/such/dir"}, 400, "model_path='/no/such/dir'"),
