@@ -11,18 +11,35 @@ environment time at most 20% of the total.
 
 A first, untimed batch compiles the sampler and generates the TextWorld games
 (cached under ~/.cache/aem_jax/textworld). Prints a table, then one JSON line.
+
+Long-horizon workload (issue 17): 64 episodes x 16 turns of a synthetic
+environment whose observations are 64 tokens, 32-token actions (the random
+bench model almost never samples end-of-turn, so every action runs to the
+limit and is played: ``overlong_actions="play"``), on the bench model:
+
+    python bench/rollout.py --workload long [--episodes 64] [--turns 16] [--no-torch]
+
+It prints generated tokens/s of the continuous engine, of ``engine="simple"``
+(every turn re-prefills the whole history) and of transformers' `generate`
+re-prefilling each turn on the same weights (the same chat rows, left-padded,
+sampled at temperature 1), each engine's share of time spent waiting for the
+environment, the ratios, and the machine's load average.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import re
 import time
 
 import jax
+import numpy as np
 
 from aem_jax import envs, models
 from aem_jax.envs.treasure import vocabulary
+from aem_jax.models import sampler
 from aem_jax.rollout import EnvGroup, RolloutConfig, SamplerPolicy, collect
 
 BENCH_MODEL = models.ModelConfig(
@@ -81,8 +98,134 @@ def run(name, model, tok, args):
     }
 
 
+class Babble:
+    """Synthetic long-horizon environment: every observation is `length` random filler words.
+
+    Word-level tokenizer: one word is one token, so an observation is exactly
+    `length` tokens. Never ends by itself (the rollout's max_turns truncates).
+    """
+
+    def __init__(self, length: int = 64, vocab: int = 30000):
+        self.length, self.vocab = length, vocab
+        self.rng = None
+
+    def _text(self):
+        return " ".join(f"w{i}" for i in self.rng.integers(0, self.vocab, self.length))
+
+    def reset(self, *, seed):
+        self.rng = np.random.default_rng(seed)
+        return envs.Observation(self._text(), {})
+
+    def step(self, action):
+        return envs.Step(self._text(), 0.0, False, {})
+
+
+def long_config(args, engine):
+    # prompt (64 + glue) + turns x (action 32 + end-of-turn + 64 + glue) fits 2048 at 16 turns
+    context = 128 + args.turns * (args.action_tokens + args.obs_tokens + 8)
+    return RolloutConfig(num_tasks=args.episodes, group_size=1, max_turns=args.turns,
+                         max_context_tokens=context, max_action_tokens=args.action_tokens,
+                         overlong_actions="play", num_threads=args.threads, seq_bucket=128,
+                         engine=engine)
+
+
+def run_long(engine, model, tok, args):
+    """(tokens/s, metrics) of one engine on the long-horizon workload (after a compile run)."""
+    config = long_config(args, engine)
+    policy = SamplerPolicy.for_rollout(model, tok, config)
+    env = lambda: Babble(args.obs_tokens)
+    small = dataclasses.replace(config, max_turns=2)
+    collect(env, policy, tok, small, key=jax.random.key(0))  # compile (most shapes)
+    if engine == "simple":  # compile the longer prompt buckets of later turns too
+        p = 256
+        while p // 2 + config.max_action_tokens < config.max_context_tokens:
+            prompts = [[1] * min(p, config.max_context_tokens - config.max_action_tokens)] * args.episodes
+            sampler.generate(model, prompts, key=jax.random.key(0), params=policy.params,
+                             pad_id=policy.pad_id, max_cache_len=config.max_context_tokens)
+            p *= 2
+    _, records, m = collect(env, policy, tok, config, key=jax.random.key(1))
+    assert all(r.turns == args.turns and not r.failed for r in records), records[0]
+    return {"engine": engine, "tokens": m["agent_tokens"], "total_s": m["time_total_s"],
+            "tokens_per_s": m["agent_tokens"] / m["time_total_s"],
+            "env_frac": m["time_env_s"] / m["time_total_s"], "generate_s": m["time_generate_s"]}
+
+
+def run_long_torch(model, tok, args):
+    """transformers `generate` on the same weights, re-prefilling each turn's whole history."""
+    import tempfile
+
+    import torch
+    import transformers
+
+    from aem_jax.rollout import ChatFormat
+
+    chat = ChatFormat(tok)
+    with tempfile.TemporaryDirectory() as path:
+        models.save_pretrained(model, tok, path)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    pad = tok.pad_token_id
+    n, new = args.episodes, args.action_tokens
+    envs_ = [Babble(args.obs_tokens) for _ in range(n)]
+    kwargs = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new,
+                  min_new_tokens=new, pad_token_id=pad)
+    torch.manual_seed(0)
+    env_s = 0.0
+    start = time.perf_counter()
+    t0 = time.perf_counter()
+    rows = [chat.prompt_ids(e.reset(seed=i).text) for i, e in enumerate(envs_)]
+    env_s += time.perf_counter() - t0
+    generated = 0
+    with torch.no_grad():
+        for _ in range(args.turns):
+            width = max(len(r) for r in rows)
+            ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+            out = hf.generate(ids, attention_mask=mask, **kwargs)[:, width:].tolist()
+            generated += sum(len(a) for a in out)
+            t0 = time.perf_counter()
+            obs = [e.step(chat.decode_action(a)).observation for e, a in zip(envs_, out)]
+            env_s += time.perf_counter() - t0
+            rows = [r + a + chat.env_ids(o, closed=False) for r, a, o in zip(rows, out, obs)]
+    total = time.perf_counter() - start
+    return {"engine": "transformers", "tokens": float(generated), "total_s": total,
+            "tokens_per_s": generated / total, "env_frac": env_s / total,
+            "generate_s": total - env_s, "torch_threads": torch.get_num_threads()}
+
+
+def main_long(args):
+    tok = bench_tokenizer(())
+    model = models.init_model(BENCH_MODEL, seed=0)
+    load0 = os.getloadavg()
+    rows = [run_long(engine, model, tok, args) for engine in ("continuous", "simple")]
+    if not args.no_torch:
+        rows.append(run_long_torch(model, tok, args))
+    load1 = os.getloadavg()
+    by = {r["engine"]: r for r in rows}
+    ratios = {f"continuous_vs_{k}": by["continuous"]["tokens_per_s"] / by[k]["tokens_per_s"]
+              for k in by if k != "continuous"}
+    print(f"long-horizon rollout bench: {args.episodes} episodes x {args.turns} turns, "
+          f"{args.obs_tokens}-token observations, {args.action_tokens}-token actions, bench model, "
+          f"backend {jax.default_backend()}; load average {load0[0]:.1f} -> {load1[0]:.1f}")
+    print("| engine | generated tokens | total s | tokens/s | env % | x vs engine |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        ratio = by["continuous"]["tokens_per_s"] / r["tokens_per_s"]
+        print(f"| {r['engine']} | {r['tokens']:.0f} | {r['total_s']:.1f} | {r['tokens_per_s']:.1f} "
+              f"| {100 * r['env_frac']:.1f} | {ratio:.2f} |")
+    print(json.dumps({"bench": "rollout_long", "episodes": args.episodes, "turns": args.turns,
+                      "obs_tokens": args.obs_tokens, "action_tokens": args.action_tokens,
+                      "loadavg_start": load0[0], "loadavg_end": load1[0],
+                      "backend": jax.default_backend(), "results": rows, **ratios}))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workload", default="envs", choices=("envs", "long"))
+    parser.add_argument("--episodes", type=int, default=64, help="long workload: episodes")
+    parser.add_argument("--turns", type=int, default=16, help="long workload: turns")
+    parser.add_argument("--obs-tokens", type=int, default=64, help="long workload")
+    parser.add_argument("--action-tokens", type=int, default=32, help="long workload")
+    parser.add_argument("--no-torch", action="store_true", help="long workload: skip transformers")
     parser.add_argument("--envs", default="treasure,textworld")
     parser.add_argument("--tasks", type=int, default=8)
     parser.add_argument("--group", type=int, default=8)
@@ -90,6 +233,8 @@ def main():
     parser.add_argument("--max-action-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=8)
     args = parser.parse_args()
+    if args.workload == "long":
+        return main_long(args)
     names = args.envs.split(",")
     for name in names:
         if name not in SETTINGS:

@@ -468,8 +468,12 @@ class SlotSampler:
         powers of two, so a run compiles a few prefill shapes and one decode
         shape (`decode_steps` steps over all B rows, inactive ones masked).
 
-    The cache has ``max_len + chunk`` columns: a chunk is written whole at a
-    row's end even where only part of it is real tokens.
+    Columns: a chunk is written whole at a row's end even where only part of
+    it is real tokens, so a row may need up to ``max_len + chunk`` columns.
+    The cache is kept only as wide as the longest row needs (a power of two
+    >= 64, grown and shrunk between calls), because every decode step
+    attends over all its columns: early turns of long episodes then cost
+    what their length needs, not what the longest turn will.
 
     Sampling matches `generate` with one key per row: the n-th token of a
     row's current action is drawn with ``fold_in(row key, n)`` from the
@@ -479,16 +483,41 @@ class SlotSampler:
 
     def __init__(self, model: Decoder, params: SamplingParams, pad_id: int, *, num_slots: int,
                  max_len: int, chunk: int = 64, decode_steps: int = 8):
-        if chunk < 1 or decode_steps < 1:
-            raise ValueError(f"chunk={chunk}, decode_steps={decode_steps}; both must be >= 1")
+        self.chunk = bucket(chunk, minimum=16)
+        if not 1 <= decode_steps <= self.chunk:
+            raise ValueError(f"decode_steps={decode_steps}; must be in [1, chunk={self.chunk}]")
         self.graphdef, self.state = nnx.split(model)
         self.config = model.config
         self.params = params
         self.pad_id = int(pad_id)
         self.num_slots, self.max_len = int(num_slots), int(max_len)
-        self.chunk = bucket(chunk, minimum=16)
         self.decode_steps = int(decode_steps)
-        self.slots = init_slots(model.config, self.num_slots, self.max_len + self.chunk)
+        self.lengths = np.zeros((self.num_slots,), np.int64)  # host copy of slots.length_B
+        self.slots = init_slots(model.config, self.num_slots, self._width(0))
+
+    def _width(self, need: int) -> int:
+        """Cache columns for rows that need `need`: a power of two >= 64, at most max_len + chunk."""
+        return min(bucket(need, minimum=64), self.max_len + self.chunk)
+
+    def _fit(self, need: int) -> None:
+        """Resizes the cache so that writes up to column `need` (exclusive) stay inside it.
+
+        Every row also keeps room for one decode call past its length (a
+        write past the end would be clamped onto the row's real columns).
+        """
+        width = self._width(max(need, int(self.lengths.max()) + self.decode_steps))
+        have = self.slots.mask_BS.shape[1]
+        if width == have:
+            return
+        sl = self.slots
+        if width > have:
+            pad = width - have
+            grow = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, pad), (0, 0)])
+            keys, values = grow(sl.keys), grow(sl.values)
+            mask = jnp.pad(sl.mask_BS, ((0, 0), (0, pad)))
+        else:
+            keys, values, mask = sl.keys[:, :, :, :width], sl.values[:, :, :, :width], sl.mask_BS[:, :width]
+        self.slots = SlotState(keys, values, mask, sl.length_B, sl.logits_BV)
 
     def prefill(self, appends: dict[int, tuple[Sequence[int], bool]]) -> None:
         """Appends tokens to slots: ``{slot: (token ids, reset first)}``.
@@ -498,9 +527,14 @@ class SlotSampler:
         must end up holding <= max_len tokens.
         """
         todo = {s: [list(ids), bool(reset)] for s, (ids, reset) in appends.items() if ids or reset}
-        for s in todo:
+        for s, (ids, reset) in todo.items():
             if not 0 <= s < self.num_slots:
                 raise ValueError(f"slot {s} out of range [0, {self.num_slots})")
+            total = len(ids) + (0 if reset else int(self.lengths[s]))
+            if total > self.max_len:
+                raise ValueError(f"slot {s} would hold {total} tokens; max_len is {self.max_len}")
+            if reset:
+                self.lengths[s] = 0
         while todo:
             rows = sorted(todo)
             longest = max(len(todo[s][0]) for s in rows)
@@ -515,6 +549,8 @@ class SlotSampler:
                 ids[i], counts[i], reset[i] = s, len(part), todo[s][1]
                 tokens[i, :len(part)] = part
                 todo[s] = [todo[s][0][c:], False]
+            self._fit(max(int(self.lengths[s]) for s in rows) + c)
+            self.lengths[rows] += counts[:len(rows)]
             self.slots = _slot_prefill(self.graphdef, self.state, self.slots, jnp.asarray(ids),
                                        jnp.asarray(tokens), jnp.asarray(counts), jnp.asarray(reset))
             todo = {s: v for s, v in todo.items() if v[0]}
@@ -531,6 +567,7 @@ class SlotSampler:
           exit_after: return once this many rows ended their action.
         """
         p = self.params
+        self._fit(int(self.lengths.max()) + self.decode_steps)
         out = _slot_decode(
             self.graphdef, self.state, self.slots, jnp.asarray(active, bool),
             jnp.asarray(steps, jnp.int32), keys, jnp.int32(max_new or p.max_new_tokens),
@@ -538,4 +575,6 @@ class SlotSampler:
             num_steps=self.decode_steps, top_k=p.top_k, use_top_p=p.top_p < 1.0,
             stop_ids=tuple(int(t) for t in p.stop_token_ids), pad_id=self.pad_id)
         self.slots = out[0]
-        return SlotDecode(*(_to_host(x) for x in out[1:]))
+        result = SlotDecode(*(_to_host(x) for x in out[1:]))
+        self.lengths += result.count
+        return result
