@@ -108,14 +108,13 @@ class Completion:
 
 # Fields the server accepts; those of the second table only with their default
 # (what this server does) and otherwise refused with what to use instead.
-FIELDS = ("model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "n", "seed",
+FIELDS = ("model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "n", "best_of", "seed",
           "logprobs", "stop_token_ids", "ignore_eos", "return_tokens_as_token_ids",
           "return_token_ids", "user")
 FIXED = {
     "stream": (False, "streaming is not supported; omit it or pass false"),
     "echo": (False, "echo is not supported; the prompt is not returned"),
     "stop": (None, "stop strings are not supported; pass stop_token_ids"),
-    "best_of": (None, "best_of is not supported; omit it (n choices are sampled independently)"),
     "presence_penalty": (0, "penalties are not supported; omit it or pass 0"),
     "frequency_penalty": (0, "penalties are not supported; omit it or pass 0"),
     "repetition_penalty": (1, "penalties are not supported; omit it or pass 1"),
@@ -212,6 +211,9 @@ def parse_completion(body: dict, *, tokenizer, vocab_size: int, model_name: str,
     top_p = _number(body, "top_p", 1.0, lambda v: 0 < v <= 1, "in (0, 1]")
     top_k = _int(body, "top_k", 0, -1, vocab_size, f"-1 or 0 (off) or an integer in [1, {vocab_size}]")
     n = _int(body, "n", 1, 1, MAX_N)
+    if body.get("best_of") not in (None, 1, n) or isinstance(body.get("best_of"), bool):
+        raise RequestError(f"best_of={body['best_of']!r} is not allowed; must be null, 1 or n={n} (every "
+                           "sampled choice is returned)", param="best_of")
     seed = body.get("seed")
     if isinstance(seed, list):
         if len(seed) != len(prompts):

@@ -145,7 +145,8 @@ def test_completion_shape_models_and_health(served):
     _, again = post(served.url + "/v1/completions", {**body, "return_tokens_as_token_ids": True})
     assert [c["token_ids"] for c in again["choices"]] == [c["token_ids"] for c in choices]
     assert again["choices"][0]["logprobs"]["tokens"] == [f"token_id:{t}" for t in choices[0]["token_ids"]]
-    _, plain = post(served.url + "/v1/completions", {"prompt": [5, 6, 7], "max_tokens": 6})
+    _, plain = post(served.url + "/v1/completions", {"prompt": [5, 6, 7], "max_tokens": 6, "best_of": 1,
+                                                     "stream": False, "echo": False, "presence_penalty": 0.0})
     assert plain["choices"][0]["logprobs"] is None and len(plain["choices"][0]["token_ids"]) <= 6
     listing = remote.request_json(served.url + "/v1/models")
     assert listing["data"][0]["id"] == "tiny" and listing["data"][0]["max_model_len"] == 256
@@ -161,6 +162,7 @@ def test_completion_shape_models_and_health(served):
     ("/v1/completions", {"prompt": [5], "max_tokens": 300}, 400, "max_model_len=256"),
     ("/v1/completions", {"prompt": [5], "top_p": 0}, 400, "top_p=0"),
     ("/v1/completions", {"prompt": [5], "n": 0}, 400, "n=0"),
+    ("/v1/completions", {"prompt": [5], "n": 2, "best_of": 3}, 400, "best_of=3"),
     ("/v1/completions", {"prompt": [5], "logprobs": 5}, 400, "logprobs=5"),
     ("/v1/completions", {"prompt": [5], "stop": ["\n"]}, 400, "stop_token_ids"),
     ("/v1/completions", {"prompt": [5], "stop_token_ids": [-1]}, 400, "stop_token_ids contains -1"),
