@@ -376,10 +376,10 @@ class Engine:
             raise RequestError(f"model_path={directory!r} could not be loaded: {e}", param="model_path")
         old, new = self.model.config, model.config
         if new != old:
-            diff = [f.name for f in dataclasses.fields(old) if getattr(old, f.name) != getattr(new, f.name)]
-            raise RequestError(f"model_path={directory!r} has another architecture than the served "
-                               f"model ({', '.join(f'{d}: {getattr(new, d)!r} != {getattr(old, d)!r}' for d in diff)}); "
-                               "restart the server to serve a different model", param="model_path")
+            diff = ", ".join(f"{f.name}: {getattr(new, f.name)!r} != {getattr(old, f.name)!r}"
+                             for f in dataclasses.fields(old) if getattr(old, f.name) != getattr(new, f.name))
+            raise RequestError(f"model_path={directory!r} has another architecture than the served model "
+                               f"({diff}); restart the server to serve a different model", param="model_path")
         with self._lock:
             self.model, self.model_path = model, os.path.abspath(directory)
             self.weights_version += 1
