@@ -2,6 +2,7 @@
 gradient, micro-batches, the expert's demonstrations (assistant tokens only, noise),
 config checks, and an RL run that starts from the exported warm start."""
 import functools
+import json
 import types
 
 import jax
@@ -273,7 +274,7 @@ def test_an_rl_run_starts_from_the_exported_warm_start(tmp_path):
     config = setup.load_config("configs/sft.py:smoke", ["total_steps=3", "sft.noise=0.25"])
     summary = loop.train(config, str(sft_dir))
     assert summary["final_step"] == 3
-    records = [__import__("json").loads(l) for l in (sft_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(l) for l in (sft_dir / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["loss"] > records[-1]["loss"] > 0  # three steps of cloning lower the NLL
     assert {"heldout_success", "heldout_response_entropy", "heldout_response_entropy_std"} <= set(records[-1])
     export = sft_dir / "export" / "final"
