@@ -465,13 +465,14 @@ class SlotSampler:
       max_len: the longest sequence a slot holds.
       chunk: longest prefill chunk; longer appends are split. Chunks are
         bucketed to powers of two (>= 16) and the rows of one prefill to
-        powers of two, so a run compiles a few prefill shapes and one decode
-        shape (`decode_steps` steps over all B rows, inactive ones masked).
+        powers of four (or all B), so a run compiles a few prefill shapes and
+        one decode shape per cache width (`decode_steps` steps over all B
+        rows, inactive ones masked).
 
     Columns: a chunk is written whole at a row's end even where only part of
     it is real tokens, so a row may need up to ``max_len + chunk`` columns.
-    The cache is kept only as wide as the longest row needs (a power of two
-    >= 64, grown and shrunk between calls), because every decode step
+    The cache is kept only as wide as the longest row needs (64 * 4^i
+    columns, grown and shrunk between calls), because every decode step
     attends over all its columns: early turns of long episodes then cost
     what their length needs, not what the longest turn will.
 
@@ -495,9 +496,22 @@ class SlotSampler:
         self.lengths = np.zeros((self.num_slots,), np.int64)  # host copy of slots.length_B
         self.slots = init_slots(model.config, self.num_slots, self._width(0))
 
+    def _rows_bucket(self, n: int) -> int:
+        """Rows of a prefill call for n slots: a power of four, or all slots (few shapes to compile)."""
+        p = 1
+        while p < n:
+            p *= 4
+        return p if 2 * p <= self.num_slots else max(self.num_slots, n)
+
     def _width(self, need: int) -> int:
-        """Cache columns for rows that need `need`: a power of two >= 64, at most max_len + chunk."""
-        return min(bucket(need, minimum=64), self.max_len + self.chunk)
+        """Cache columns for rows that need `need`: 64 * 4^i, at most max_len + chunk.
+
+        (Powers of four rather than two: fewer widths, fewer shapes to compile.)
+        """
+        width = 64
+        while width < need:
+            width *= 4
+        return min(width, self.max_len + self.chunk)
 
     def _fit(self, need: int) -> None:
         """Resizes the cache so that writes up to column `need` (exclusive) stay inside it.
@@ -539,7 +553,7 @@ class SlotSampler:
             rows = sorted(todo)
             longest = max(len(todo[s][0]) for s in rows)
             c = min(self.chunk, bucket(longest, minimum=16))
-            p = bucket(len(rows), minimum=1)
+            p = self._rows_bucket(len(rows))
             ids = np.full((p,), self.num_slots, np.int32)  # padding rows: out of range
             tokens = np.full((p, c), self.pad_id, np.int32)
             counts = np.zeros((p,), np.int32)

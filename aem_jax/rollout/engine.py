@@ -12,10 +12,11 @@ stacked KV cache (`models.sampler.SlotSampler`):
   dropped a turn): the slot is emptied and the window prefilled afresh;
 * a slot is freed when its episode ends and taken by the next waiting one;
 * decoding runs over all slots in one shape with the rows that are not
-  generating masked, and returns to the host as soon as a row finished its
-  action (or every `DECODE_STEPS` steps). The finished action's environment
-  step is submitted to the step pool at once and runs while the other rows
-  decode; its episode rejoins the batch when the step is back. A slow
+  generating masked, and returns to the host once half the generating rows
+  finished their action, at the latest every `DECODE_STEPS` steps. Each
+  finished action's environment step is then submitted to the step pool
+  and runs while the other rows decode; its episode rejoins the batch when
+  the step is back. A slow
   environment delays only its own episode; a hung one is cut by the pool's
   per-step time limit (``step_timeout_s``) and fails only its episode.
 
@@ -116,113 +117,137 @@ def play(eps, policy: SamplerPolicy, offset: int, pool, chat, config, key, timin
       timings: seconds, accumulated into "generate" (device calls), "env"
         (waiting for environments with nothing to decode) and "batch".
     """
-    waiting = collections.deque(ep for ep in eps if ep.active)
-    if not waiting:
-        return
-    num_slots = min(config.num_slots or len(waiting), len(waiting))
-    max_new = min(policy.params.max_new_tokens, config.max_action_tokens)
-    sampler = SlotSampler(policy.model, policy.params, policy.pad_id, num_slots=num_slots,
-                          max_len=config.max_context_tokens, chunk=PREFILL_CHUNK,
-                          decode_steps=DECODE_STEPS)
-    window = config.window if config.history == "windowed" else None
-    stops = set(chat.stop_token_ids)
-    waiter = _Waiter(pool, config.step_timeout_s)
-    live: dict[int, _Slot] = {}
-    free = list(range(num_slots))
-    ready: set[int] = set()  # slots whose next turn's prompt is to be prefilled
-    keys = [key] * num_slots
-    stacked = None
-    finishing: dict[int, Any] = {}  # episode index -> episode, while its env.finish runs
+    waiting = [ep for ep in eps if ep.active]
+    if waiting:
+        _Engine(waiting, policy, offset, pool, chat, config, key).run(timings)
 
-    def end_turn(s: int, outcome=None, gen=None, closed=True, action="", reason=None) -> None:
-        """Applies a turn's result; the episode goes on (prefill) or leaves its slot."""
-        slot = live[s]
-        ep = slot.ep
-        _apply(ep, gen, closed, action, reason, outcome, len(ep.turns), chat, config)
-        if ep.active:
-            ready.add(s)
-            return
-        del live[s]
-        free.append(s)
-        if _needs_finish(ep):
-            waiter.submit(ep.index, "finish", lambda e=ep: e.env.finish(e.cut))
-            finishing[ep.index] = ep
 
-    t_start = time.perf_counter()
-    gen_s = env_s = 0.0
-    while waiting or live or waiter.pending:
-        while waiting and free:
-            s = free.pop(0)
-            live[s] = _Slot(waiting.popleft())
-            ready.add(s)
-        # Environment results that are back (wait for one when nothing else can run).
-        block = not ready and not any(sl.generating for sl in live.values())
-        while waiter.pending:
+class _Engine:
+    """The state of one `play`: slots, waiting episodes, environment calls in flight."""
+
+    def __init__(self, waiting, policy, offset, pool, chat, config, key):
+        self.waiting = collections.deque(waiting)
+        self.num_slots = min(config.num_slots or len(waiting), len(waiting))
+        self.max_new = min(policy.params.max_new_tokens, config.max_action_tokens)
+        self.sampler = SlotSampler(policy.model, policy.params, policy.pad_id,
+                                   num_slots=self.num_slots, max_len=config.max_context_tokens,
+                                   chunk=PREFILL_CHUNK, decode_steps=DECODE_STEPS)
+        self.window = config.window if config.history == "windowed" else None
+        self.stops = set(chat.stop_token_ids)
+        self.chat, self.config, self.key, self.offset = chat, config, key, offset
+        self.waiter = _Waiter(pool, config.step_timeout_s)
+        self.live: dict[int, _Slot] = {}
+        self.free = list(range(self.num_slots))
+        self.ready: set[int] = set()  # slots whose next turn's prompt is to be prefilled
+        self.keys = [key] * self.num_slots  # each slot's key for its current action
+        self.stacked = None  # self.keys as one [B] array, until a key changes
+        self.finishing: dict[int, Any] = {}  # episode index -> episode, while env.finish runs
+        self.gen_s = self.env_s = 0.0
+
+    def run(self, timings) -> None:
+        start = time.perf_counter()
+        while self.waiting or self.live or self.waiter.pending:
+            while self.waiting and self.free:  # admit waiting episodes into free slots
+                s = self.free.pop(0)
+                self.live[s] = _Slot(self.waiting.popleft())
+                self.ready.add(s)
+            self._collect_env_results()
+            if self.ready:
+                self._prefill()
+            self._decode()
+        timings["generate"] += self.gen_s
+        timings["env"] += self.env_s
+        timings["batch"] += time.perf_counter() - start - self.gen_s - self.env_s
+
+    def _collect_env_results(self) -> None:
+        """Applies the environment calls that are back; waits for one if nothing can run."""
+        block = not self.ready and not any(sl.generating for sl in self.live.values())
+        while self.waiter.pending:
             t0 = time.perf_counter()
             try:
-                s, kind, outcome = waiter.get(block)
+                tag, kind, outcome = self.waiter.get(block)
             except queue.Empty:
-                break
+                return
             finally:
                 if block:
-                    env_s += time.perf_counter() - t0
+                    self.env_s += time.perf_counter() - t0
             block = False
             if kind == "finish":
-                _apply_finish(finishing.pop(s), outcome)
+                _apply_finish(self.finishing.pop(tag), outcome)
             else:
-                end_turn(s, outcome, *live[s].pending)
-        if ready:
-            appends = {}
-            for s in sorted(ready):
-                slot = live[s]
-                prompt = prompt_for_turn(slot.ep, len(slot.ep.turns), window)
-                n = len(slot.held)
-                # A new episode (nothing held yet) empties the row the previous one left.
-                extends = 0 < n <= len(prompt) and prompt[:n] == slot.held
-                appends[s] = (prompt[n:] if extends else prompt, not extends)
-                slot.held = prompt
-                slot.tokens, slot.logprobs, slot.entropies = [], [], []
-                slot.generating = True
-                keys[s] = _turn_key(key, len(slot.ep.turns), offset + slot.ep.index)
-            ready.clear()
-            stacked = None
-            t0 = time.perf_counter()
-            sampler.prefill(appends)
-            gen_s += time.perf_counter() - t0
-        active = np.array([s in live and live[s].generating for s in range(num_slots)])
-        if not active.any():
-            continue
-        steps = np.array([len(live[s].tokens) if active[s] else 0 for s in range(num_slots)],
-                         np.int32)
-        if stacked is None:
-            stacked = jnp.stack(keys)
+                self._end_turn(tag, outcome, *self.live[tag].pending)
+
+    def _prefill(self) -> None:
+        """Brings the ready slots' caches to their next prompt and starts their actions."""
+        appends = {}
+        for s in sorted(self.ready):
+            slot = self.live[s]
+            turn = len(slot.ep.turns)
+            prompt = prompt_for_turn(slot.ep, turn, self.window)
+            n = len(slot.held)
+            # Append what the prompt adds, unless it does not extend what the row holds (a
+            # windowed prompt that dropped a turn; a new episode in a row another one left).
+            extends = 0 < n <= len(prompt) and prompt[:n] == slot.held
+            appends[s] = (prompt[n:] if extends else prompt, not extends)
+            slot.held = prompt
+            slot.tokens, slot.logprobs, slot.entropies = [], [], []
+            slot.generating = True
+            self.keys[s] = _turn_key(self.key, turn, self.offset + slot.ep.index)
+        self.ready.clear()
+        self.stacked = None
         t0 = time.perf_counter()
-        out = sampler.decode(active, steps, stacked, max_new=max_new, exit_after=1)
-        gen_s += time.perf_counter() - t0
-        for s in np.flatnonzero(active):
-            slot, n = live[s], int(out.count[s])
+        self.sampler.prefill(appends)
+        self.gen_s += time.perf_counter() - t0
+
+    def _decode(self) -> None:
+        """One decode call over all slots; slots whose action ended go to their environment."""
+        active = np.array([s in self.live and self.live[s].generating
+                           for s in range(self.num_slots)])
+        if not active.any():
+            return
+        steps = np.array([len(self.live[s].tokens) if active[s] else 0
+                          for s in range(self.num_slots)], np.int32)
+        if self.stacked is None:
+            self.stacked = jnp.stack(self.keys)
+        t0 = time.perf_counter()
+        # Return when half the generating rows are done (their environments then step while
+        # the rest decode), at the latest after DECODE_STEPS steps.
+        exit_after = (int(active.sum()) + 1) // 2
+        out = self.sampler.decode(active, steps, self.stacked, max_new=self.max_new,
+                                  exit_after=exit_after)
+        self.gen_s += time.perf_counter() - t0
+        for s in np.flatnonzero(active).tolist():
+            slot, n = self.live[s], int(out.count[s])
             slot.tokens += out.tokens[s, :n].tolist()
             slot.logprobs += out.logprobs[s, :n].tolist()
             slot.entropies += out.entropy[s, :n].tolist()
             if not out.active[s]:
-                _action_done(int(s), slot, stops, max_new, chat, config, waiter, end_turn)
-    total = time.perf_counter() - t_start
-    timings["generate"] += gen_s
-    timings["env"] += env_s
-    timings["batch"] += total - gen_s - env_s
+                self._action_done(s, slot)
 
+    def _action_done(self, s: int, slot: _Slot) -> None:
+        """A slot finished sampling its action: check it, then step its environment (or not)."""
+        slot.generating = False
+        gen, closed = _cut(Generation(slot.tokens, slot.logprobs, slot.entropies), self.stops,
+                           self.max_new)
+        if len(gen.token_ids) != len(slot.tokens):  # the sampler stops at the first stop token
+            raise RuntimeError(f"slot {s} sampled {len(slot.tokens)} tokens past its action's end")
+        slot.held = slot.held + list(gen.token_ids)  # every sampled token entered the cache
+        action, reason = _parse(self.chat.decode_action(gen.token_ids), closed, self.config)
+        if reason is not None:  # invalid: no environment step
+            self._end_turn(s, None, gen, closed, action, reason)
+            return
+        slot.pending = (gen, closed, action, reason)
+        self.waiter.submit(s, "step", lambda e=slot.ep, a=action: e.env.step(a))
 
-def _action_done(s, slot, stops, limit, chat, config, waiter, end_turn) -> None:
-    """A slot finished sampling its action: check it, then step its environment (or not)."""
-    slot.generating = False
-    gen, closed = _cut(Generation(slot.tokens, slot.logprobs, slot.entropies), stops,
-                                   limit)
-    if len(gen.token_ids) != len(slot.tokens):  # the sampler stops at the first stop token
-        raise RuntimeError(f"slot {s} sampled {len(slot.tokens)} tokens past its action's end")
-    slot.held = slot.held + list(gen.token_ids)  # every sampled token entered the cache
-    action, reason = _parse(chat.decode_action(gen.token_ids), closed, config)
-    if reason is not None:
-        end_turn(s, None, gen, closed, action, reason)
-        return
-    slot.pending = (gen, closed, action, reason)
-    waiter.submit(s, "step", lambda e=slot.ep, a=action: e.env.step(a))
+    def _end_turn(self, s: int, outcome, gen, closed, action, reason) -> None:
+        """Applies a turn's result; the episode goes on (prefill) or leaves its slot."""
+        ep = self.live[s].ep
+        _apply(ep, gen, closed, action, reason, outcome, len(ep.turns), self.chat, self.config)
+        if ep.active:
+            self.ready.add(s)
+            return
+        del self.live[s]
+        self.free.append(s)
+        if _needs_finish(ep):
+            self.waiter.submit(ep.index, "finish", lambda e=ep: e.env.finish(e.cut))
+            self.finishing[ep.index] = ep
