@@ -152,10 +152,29 @@ def _check_tokenizer_files(directory: str) -> None:
                                 f"vocabulary ({alternatives}); save the tokenizer there with save_pretrained")
 
 
+_GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def _saved_tokenizer_class(directory: str) -> str | None:
+    path = os.path.join(directory, "tokenizer_config.json")
+    try:
+        with open(path) as f:
+            return json.load(f).get("tokenizer_class")
+    except (OSError, ValueError):
+        return None
+
+
 def load_tokenizer(directory: str, *, require_chat_template: bool = True):
     """`transformers.AutoTokenizer` of `directory`, checking its files and chat template."""
     _check_tokenizer_files(directory)
     tok = transformers.AutoTokenizer.from_pretrained(directory)
+    saved_class = _saved_tokenizer_class(directory)
+    if saved_class in _GENERIC_TOKENIZER_CLASSES and type(tok).__name__ != saved_class:
+        # transformers 5 maps a generic tokenizer.json to the class of the
+        # config's model type (qwen2 -> Qwen2Tokenizer), which rebuilds a
+        # byte-level pre-tokenizer over this project's word-level or BPE
+        # vocabularies and mis-encodes text; load the file as it was saved.
+        tok = transformers.PreTrainedTokenizerFast.from_pretrained(directory)
     if require_chat_template and not tok.chat_template:
         raise ValueError(
             f"{os.path.join(directory, 'tokenizer_config.json')}: the tokenizer has no "

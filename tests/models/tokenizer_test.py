@@ -54,3 +54,25 @@ def test_save_and_autotokenizer_round_trip(tmp_path):
     text = "open door 3 . look key"
     assert loaded(text)["input_ids"] == tok(text)["input_ids"]
     assert loaded.decode(loaded(text)["input_ids"]) == text
+
+
+def test_load_tokenizer_keeps_the_saved_tokenizer_beside_a_qwen_config(tmp_path):
+    """transformers 5 maps a generic tokenizer.json to the config's model
+    class (qwen2 -> Qwen2Tokenizer, a byte-level pre-tokenizer) and then
+    mis-encodes this project's vocabularies; hf.load_tokenizer loads the
+    file as saved."""
+    import json
+
+    from aem_jax.models import bpe, hf
+
+    texts = ["open door 3 look", "look key open door"] * 20
+    for tok in (build_tokenizer(WORDS), bpe.train_bpe_tokenizer(texts, vocab_size=300)):
+        path = tmp_path / type(tok).__name__ / str(len(tok))
+        save_tokenizer(tok, path)
+        for model_type in ("qwen2", "qwen3", "llama"):
+            (path / "config.json").write_text(json.dumps({"model_type": model_type}))
+            loaded = hf.load_tokenizer(str(path))
+            for text in ("open door 3", "look key\nopen"):
+                assert loaded(text)["input_ids"] == tok(text)["input_ids"], (model_type, text)
+            assert loaded.chat_template == tok.chat_template
+            assert loaded.pad_token_id == tok.pad_token_id and loaded.eos_token == tok.eos_token
