@@ -44,6 +44,10 @@ DEFAULT_SETTINGS: dict[str, dict[str, Any]] = {
     "tw-cooking": {"recipe": 1, "take": 1, "go": 1, "open": True},
 }
 CHALLENGES = tuple(DEFAULT_SETTINGS)
+SPLITS = ("train", "test")
+# tw-make seed offset of the test split's games (task seeds stay below it; numpy
+# seeds must stay below 2**32).
+TEST_GAME_OFFSET = 2**31
 
 # Replies of the Inform 7 parser to a command it could not act on.
 _PARSER_FAILURES = (
@@ -176,15 +180,19 @@ class TextWorldEnv:
       game_pool: 0 (default): every reset seed is its own game. k > 0: seed
         ``s`` plays game ``s % k``, a fixed set of k games made once and
         cached -- generating a game takes ``tw-make`` seconds, so training on
-        fresh seeds every step spends most of its time there. With a pool,
-        held-out evaluation seeds replay training games.
+        fresh seeds every step spends most of its time there.
+      split: "train" (default) or "test". The test split's games come from
+        tw-make seeds ``TEST_GAME_OFFSET + s`` (``+ s % game_pool`` with a
+        pool), which no training seed below the offset reaches, so a
+        held-out evaluation (the trainer passes ``split="test"``) never
+        replays a training game, with or without a pool.
       **settings: ``tw-make`` settings of the challenge.
     """
 
     def __init__(self, game_file: str | None = None, *, challenge: str = "tw-simple",
                  cache_dir: str | None = None, admissible_commands: bool = False,
                  policy_commands: bool = False, max_steps: int = 50, game_pool: int = 0,
-                 numbered_commands: bool = False,
+                 numbered_commands: bool = False, split: str = "train",
                  **settings: Any):
         if game_file is None and challenge not in DEFAULT_SETTINGS:
             raise ValueError(f"challenge={challenge!r}; allowed: {', '.join(CHALLENGES)}")
@@ -196,6 +204,9 @@ class TextWorldEnv:
         if not isinstance(game_pool, int) or game_pool < 0:
             raise ValueError(f"game_pool={game_pool!r}; must be an int >= 0 (0 = a game per seed)")
         self.game_pool = game_pool
+        if split not in SPLITS:
+            raise ValueError(f"split={split!r}; allowed: {', '.join(SPLITS)}")
+        self.split = split
         if numbered_commands and not admissible_commands:
             raise ValueError("numbered_commands=True needs admissible_commands=True (the list to number)")
         self.numbered_commands = numbered_commands
@@ -218,7 +229,11 @@ class TextWorldEnv:
 
     def _game_path(self, seed: int) -> str:
         if self.game_file is None:
+            if not 0 <= seed < TEST_GAME_OFFSET:
+                raise ValueError(f"seed={seed}; TextWorld task seeds must be in [0, {TEST_GAME_OFFSET})")
             game_seed = seed % self.game_pool if self.game_pool else seed
+            if self.split == "test":
+                game_seed += TEST_GAME_OFFSET
             return generate_game(self.challenge, self.settings, game_seed, self.cache_dir)
         if not os.path.exists(self.game_file):
             raise FileNotFoundError(

@@ -47,6 +47,23 @@ def test_game_pool_replays_a_fixed_set_of_games(cache):
     assert env.reset(seed=8).text == env.reset(seed=2).text
 
 
+def test_test_split_never_replays_a_training_game(cache):
+    """Held-out evaluation passes split="test": its games come from tw-make
+    seeds no training seed reaches, with or without a pool."""
+    from aem_jax.envs.textworld_env import TEST_GAME_OFFSET
+    from aem_jax.trainer import records, rng
+
+    kw = dict(challenge="tw-coin_collector", level=2, cache_dir=cache, game_pool=3)
+    train, test = envs.make("textworld", **kw), envs.make("textworld", split="test", **kw)
+    seed = rng.eval_seeds(1)[0]
+    assert train._game_path(seed) == train._game_path(seed % 3)  # the pool: a training game
+    assert test._game_path(seed) == generate_game("tw-coin_collector", {"level": 2},
+                                                  TEST_GAME_OFFSET + seed % 3, cache)
+    assert records.split_default("textworld") == (True, "train")
+    with pytest.raises(ValueError, match=r"seed=2147483648; TextWorld task seeds must be in"):
+        train._game_path(TEST_GAME_OFFSET)
+
+
 def test_numbered_commands_are_listed_and_played_by_number(cache):
     env = envs.make("textworld", challenge="tw-coin_collector", level=2, cache_dir=cache,
                     admissible_commands=True, policy_commands=True, numbered_commands=True)
@@ -76,6 +93,7 @@ def test_missing_game_file_says_how_to_make_it(tmp_path):
     (dict(game_file="g.z8", level=3), "need challenge"),
     (dict(max_steps=0), "max_steps=0"),
     (dict(game_pool=-1), "game_pool=-1"),
+    (dict(split="eval"), "split='eval'; allowed: train, test"),
 ])
 def test_bad_arguments_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
