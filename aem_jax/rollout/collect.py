@@ -1,11 +1,17 @@
 """`collect`: N tasks x G rollouts played turn by turn into a `TurnBatch`.
 
-Each turn the engine (1) builds every active episode's prompt from token
-segments (`ChatFormat`), (2) asks the policy for all actions in one batch,
-(3) checks each action (end-of-turn reached, non-empty, parsable), (4) steps
-the environments of the valid ones in a thread pool with a per-step time
-limit, and (5) appends the observation's tokens. An environment that raises
-or hangs ends only its own episode, which is marked failed.
+Two engines (``RolloutConfig.engine``) play the episodes; both give the same
+`TurnBatch` and `EpisodeRecord` structure and share every per-turn decision
+below. "continuous" (`aem_jax.rollout.engine`) keeps each episode's KV cache
+across turns and lets episodes join and leave the decode batch on their own;
+it needs a model-backed policy (`policy.slot_policy`), other policies are
+played by "simple". "simple" plays all episodes in lockstep: each turn it
+(1) builds every active episode's prompt from token segments
+(`ChatFormat`), (2) asks the policy for all actions in one batch, (3) checks
+each action (end-of-turn reached, non-empty, parsable), (4) steps the
+environments of the valid ones in a thread pool with a per-step time limit,
+and (5) appends the observation's tokens. An environment that raises or
+hangs ends only its own episode, which is marked failed.
 
 Environments may provide (all optional, duck-typed):
 
@@ -23,8 +29,10 @@ Environments may provide (all optional, duck-typed):
   neither the loss nor the group statistics ("compact filtering").
 
 Determinism: given (key, task seeds) the result is fixed -- the policy key of
-turn k is ``fold_in(key, k)`` and the environments are seeded by the task
-seeds; thread scheduling changes nothing the batch depends on.
+turn k is ``fold_in(key, k)`` (the continuous engine: ``fold_in(fold_in(key,
+k), e)`` for episode e, as the trainer's per-episode keys give the simple
+engine) and the environments are seeded by the task seeds; thread
+scheduling changes nothing the batch depends on.
 """
 from __future__ import annotations
 
@@ -312,7 +320,7 @@ def collect(
       policy: a `Policy` (`SamplerPolicy`, `ScriptedPolicy`, ...).
       tokenizer: the model's tokenizer; its chat template formats turns.
       config: `RolloutConfig`.
-      key: sampling key; turn k uses ``fold_in(key, k)``.
+      key: sampling key; turn k uses ``fold_in(key, k)`` (see Determinism above).
       task_seeds: N environment seeds, one per task (the G rollouts of task n
         share ``task_seeds[n]``); default ``seed_offset + n``.
       seed_offset: first default task seed.
