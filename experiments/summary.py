@@ -1,0 +1,170 @@
+"""Every number of the comparison tables in one JSON file (issue 18).
+
+  python experiments/summary.py --compare treasure=docs/compare_treasure.json \
+      --compare dungeon=docs/compare_dungeon.json --out docs/results/summary.json
+
+Reads the OUT.json files that ``experiments/compare.py`` writes and writes
+
+  {"environments": {ENV: {
+      "budget_env_steps": b, "steps": n, "source": "docs/compare_ENV.json",
+      "methods": {METHOD: {"seeds": n, "seed_list": [...],
+                           "start_success": x, "start_success_source": ...,
+                           "final_success": [per seed], "final_success_mean": x,
+                           "final_success_ci95": [lo, hi], "final_success_source": ...}},
+      "aem_pairs": {"grpo"|"rloo"|"dapo": {"seeds": [...], "mean_difference": d,
+                    "difference_ci95": [lo, hi], "p_value": p, "test": ...}}}}}
+
+Final success is the held-out success after training where every run of the
+method has one (``compare.py --heldout N``), otherwise the mean training
+success of the last 10 steps within the comparison's environment-step
+budget; ``final_success_source`` says which. The start success is the
+held-out success before training (``eval.json``'s ``success_before``), or
+the mean training success of the first 5 steps.
+
+Intervals are percentile bootstrap intervals of the mean over seeds
+(10,000 resamples, a fixed generator, so the file is reproducible). A pair
+"METHOD" vs "METHOD_aem" is compared on the seeds both ran: the mean of the
+per-seed differences (AEM minus plain), its bootstrap interval, and the
+two-sided p-value of the exact paired sign-flip permutation test (all 2^n
+sign patterns of the differences; with n = 5 seeds the smallest possible
+p-value is 2/32 = 0.0625, which the file states rather than hides).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+
+import numpy as np
+
+PAIRS = ("grpo", "rloo", "dapo")
+RESAMPLES = 10_000
+
+
+def bootstrap_ci(values, *, resamples: int = RESAMPLES, seed: int = 0, level: float = 0.95) -> list[float]:
+    """Percentile bootstrap interval of the mean of ``values``."""
+    x = np.asarray(values, np.float64)
+    if x.size == 0:
+        raise ValueError("bootstrap_ci needs at least one value")
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(resamples, x.size))].mean(axis=1)
+    alpha = (1.0 - level) / 2.0
+    return [float(np.quantile(means, alpha)), float(np.quantile(means, 1.0 - alpha))]
+
+
+def sign_flip_p_value(differences) -> float:
+    """Two-sided p-value of the exact paired permutation (sign-flip) test.
+
+    Under the null hypothesis each paired difference d_i is as likely to be
+    -d_i, so the p-value is the share of the 2^n sign patterns s whose
+    |sum s_i d_i| is at least the observed |sum d_i|.
+    """
+    d = np.asarray(differences, np.float64)
+    if d.size == 0:
+        raise ValueError("sign_flip_p_value needs at least one paired difference")
+    if d.size > 20:
+        raise ValueError(f"{d.size} pairs; the exact test enumerates 2^n patterns, n <= 20 allowed")
+    signs = np.array(list(itertools.product((1.0, -1.0), repeat=d.size)))
+    observed = abs(d.sum())
+    stats = np.abs(signs @ d)
+    return float(np.mean(stats >= observed - 1e-12))
+
+
+def _heldout(run: dict, key: str) -> float | None:
+    held = run.get("heldout") or {}
+    value = held.get(key)
+    return None if value is None else float(value)
+
+
+def method_summary(runs: list[dict]) -> dict:
+    """The summary of one method's runs (one per seed) of a compare.py result."""
+    seeds = [int(r["seed"]) for r in runs]
+    after = [_heldout(r, "success_after") for r in runs]
+    if all(v is not None for v in after):
+        finals, final_source = after, "held-out success after training (eval.json)"
+    else:
+        finals = [float(r["summary"]["final_success"]) for r in runs]
+        final_source = "training success, mean of the last 10 steps within the budget"
+    before = [_heldout(r, "success_before") for r in runs]
+    if all(v is not None for v in before):
+        start, start_source = float(np.mean(before)), "held-out success before training (eval.json)"
+    else:
+        start = float(np.mean([np.mean(r["success"][:5]) for r in runs]))
+        start_source = "training success, mean of the first 5 steps"
+    return {"seeds": len(runs), "seed_list": seeds,
+            "start_success": start, "start_success_source": start_source,
+            "final_success": [float(v) for v in finals],
+            "final_success_mean": float(np.mean(finals)),
+            "final_success_ci95": bootstrap_ci(finals),
+            "final_success_source": final_source}
+
+
+def aem_pair(plain: dict, aem: dict) -> dict | None:
+    """Paired comparison of METHOD_aem against METHOD on the seeds both ran."""
+    a = dict(zip(plain["seed_list"], plain["final_success"]))
+    b = dict(zip(aem["seed_list"], aem["final_success"]))
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return None
+    d = np.array([b[s] - a[s] for s in seeds])
+    return {"seeds": seeds, "mean_difference": float(d.mean()), "difference_ci95": bootstrap_ci(d),
+            "p_value": sign_flip_p_value(d),
+            "smallest_possible_p_value": 2.0 / 2 ** len(seeds) if np.any(d) else 1.0,
+            "test": "exact two-sided paired sign-flip permutation test on per-seed final success"}
+
+
+def environment_summary(compare: dict, source: str) -> dict:
+    methods = {m: method_summary(runs) for m, runs in compare["results"].items()}
+    pairs = {}
+    for base in PAIRS:
+        if base in methods and f"{base}_aem" in methods:
+            pair = aem_pair(methods[base], methods[f"{base}_aem"])
+            if pair is not None:
+                pairs[base] = pair
+    return {"source": source, "budget_env_steps": compare.get("budget_env_steps"),
+            "steps": compare.get("steps"), "overrides": compare.get("overrides", []),
+            "methods": methods, "aem_pairs": pairs}
+
+
+def _parse_compare(text: str) -> tuple[str, str]:
+    env, sep, path = text.partition("=")
+    if not sep or not env or not path:
+        raise argparse.ArgumentTypeError(f"--compare {text!r}; expected ENV=PATH.json")
+    return env, path
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--compare", type=_parse_compare, action="append", required=True, metavar="ENV=PATH.json",
+                   help="an OUT.json of experiments/compare.py (repeat per environment)")
+    p.add_argument("--out", default="docs/results/summary.json")
+    args = p.parse_args(argv)
+    envs = {}
+    for env, path in args.compare:
+        if env in envs:
+            p.error(f"--compare names environment {env!r} twice")
+        if not os.path.exists(path):
+            p.error(f"--compare {env}={path}: no such file (run experiments/compare.py --out first)")
+        with open(path) as f:
+            envs[env] = environment_summary(json.load(f), path)
+    out = {"environments": envs}
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(out, f, indent=1)
+    os.replace(tmp, args.out)
+    for env, e in envs.items():
+        for m, s in e["methods"].items():
+            lo, hi = s["final_success_ci95"]
+            print(f"{env:10s} {m:12s} n={s['seeds']} start {s['start_success']:.2f} "
+                  f"final {s['final_success_mean']:.2f} [{lo:.2f}, {hi:.2f}]")
+        for base, pr in e["aem_pairs"].items():
+            print(f"{env:10s} {base}+aem - {base}: {pr['mean_difference']:+.3f} (p = {pr['p_value']:.3f}, "
+                  f"n = {len(pr['seeds'])})")
+    return out
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,96 @@
+"""Tests for experiments/summary.py: the comparison's statistics and its JSON."""
+import importlib.util
+import itertools
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("experiments_summary", REPO / "experiments" / "summary.py")
+summary = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(summary)
+
+
+def _brute_p(d):
+    """Two-sided sign-flip p-value by looping over subsets of flipped pairs."""
+    d = list(map(float, d))
+    total, hits = 0, 0
+    for k in range(len(d) + 1):
+        for flipped in itertools.combinations(range(len(d)), k):
+            s = sum(-x if i in flipped else x for i, x in enumerate(d))
+            hits += abs(s) >= abs(sum(d)) - 1e-12
+            total += 1
+    return hits / total
+
+
+def test_sign_flip_p_value_matches_enumeration_on_random_differences():
+    rng = np.random.default_rng(0)
+    for n in (1, 3, 5, 7):
+        for _ in range(20):
+            d = np.round(rng.normal(size=n), 2)
+            assert summary.sign_flip_p_value(d) == pytest.approx(_brute_p(d), abs=1e-12)
+    assert summary.sign_flip_p_value([0.1, 0.2, 0.05, 0.3, 0.4]) == pytest.approx(2 / 32)
+    assert summary.sign_flip_p_value([0.0, 0.0]) == 1.0
+    with pytest.raises(ValueError, match="21 pairs"):
+        summary.sign_flip_p_value(np.ones(21))
+
+
+def test_bootstrap_interval_of_the_mean():
+    assert summary.bootstrap_ci([0.4, 0.4, 0.4]) == pytest.approx([0.4, 0.4])
+    x = np.random.default_rng(1).normal(0.5, 0.2, size=400)
+    lo, hi = summary.bootstrap_ci(x)
+    half = 1.96 * x.std() / np.sqrt(x.size)  # the normal approximation, fine at n = 400
+    assert lo == pytest.approx(x.mean() - half, abs=0.15 * half)
+    assert hi == pytest.approx(x.mean() + half, abs=0.15 * half)
+    assert summary.bootstrap_ci(x) == [lo, hi]  # reproducible
+    with pytest.raises(ValueError):
+        summary.bootstrap_ci([])
+
+
+def _run(seed, success, after=None, before=None):
+    return {"seed": seed, "success": success, "summary": {"final_success": float(np.mean(success[-10:]))},
+            "heldout": None if after is None else {"success_after": after, "success_before": before}}
+
+
+def test_summary_file_shape_sources_and_pairs(tmp_path):
+    compare = {"env": "treasure", "budget_env_steps": 100.0, "steps": 20, "overrides": [], "results": {
+        "grpo": [_run(s, [0.2] * 10 + [0.5] * 10, after=0.5 + 0.01 * s, before=0.2) for s in range(5)],
+        "grpo_aem": [_run(s, [0.2] * 10 + [0.6] * 10, after=0.6 + 0.01 * s, before=0.2) for s in range(5)],
+        "ppo": [_run(s, [0.1] * 10 + [0.3] * 10) for s in range(3)],
+    }}
+    src = tmp_path / "compare.json"
+    src.write_text(json.dumps(compare))
+    out = tmp_path / "results" / "summary.json"
+    summary.main(["--compare", f"treasure={src}", "--out", str(out)])
+    data = json.loads(out.read_text())
+    env = data["environments"]["treasure"]
+    grpo, ppo = env["methods"]["grpo"], env["methods"]["ppo"]
+    assert grpo["seeds"] == 5 and grpo["start_success"] == pytest.approx(0.2)
+    assert grpo["final_success_mean"] == pytest.approx(0.52) and "held-out" in grpo["final_success_source"]
+    lo, hi = grpo["final_success_ci95"]
+    assert 0.5 <= lo <= 0.52 <= hi <= 0.54
+    assert ppo["final_success_mean"] == pytest.approx(0.3) and "training" in ppo["final_success_source"]
+    assert ppo["start_success"] == pytest.approx(0.1)
+    pair = env["aem_pairs"]["grpo"]
+    assert set(env["aem_pairs"]) == {"grpo"}
+    assert pair["mean_difference"] == pytest.approx(0.1) and pair["p_value"] == pytest.approx(2 / 32)
+    assert pair["seeds"] == [0, 1, 2, 3, 4] and pair["smallest_possible_p_value"] == pytest.approx(2 / 32)
+    assert not (tmp_path / "results" / "summary.json.tmp").exists()
+
+
+def test_a_committed_comparison_summarises(tmp_path):
+    out = tmp_path / "s.json"
+    summary.main(["--compare", f"treasure={REPO / 'docs' / 'compare_treasure.json'}", "--out", str(out)])
+    methods = json.loads(out.read_text())["environments"]["treasure"]["methods"]
+    assert {"grpo", "grpo_aem"} <= set(methods)
+
+
+def test_bad_arguments_are_named(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        summary.main(["--compare", "treasure"])
+    assert "expected ENV=PATH.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        summary.main(["--compare", f"treasure={tmp_path / 'missing.json'}"])
+    assert "no such file" in capsys.readouterr().err
