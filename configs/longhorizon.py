@@ -38,7 +38,7 @@ def get_config(arg: str | None = None):
     c.learner.minibatch_size = 32
     c.eval.num_tasks = 32
     c.loss.dual_clip = 3.0                   # as configs/default.py
-    c.total_steps = 300
+    c.total_steps = 300                      # for warm starts; from scratch success stays ~0 (docs/results.md)
     if "smoke" in names:
         smoke(c)
     return c
