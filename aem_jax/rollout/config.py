@@ -100,7 +100,7 @@ class RolloutConfig:
     seq_len: int | None = None
     seq_bucket: int = 64
     row_bucket: int = 1
-    engine: str = "simple"
+    engine: str = "continuous"
     num_slots: int | None = None
 
     def __post_init__(self):

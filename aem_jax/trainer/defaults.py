@@ -66,6 +66,7 @@ def base() -> ConfigDict:
     c.rollout.enable_thinking = "template"  # reasoning switch of templates that read it (Qwen3):
                                      # template (its default) | on | off
     c.rollout.observation_role = "user"  # role of observations in the chat: user | tool (tool results)
+    c.rollout.engine = "continuous"  # continuous (KV cache kept across turns, no lockstep) | simple (re-prefill)
     c.rollout.endpoint = ""          # OpenAI-compatible server to sample from (python -m aem_jax.serve, vLLM,
                                      # SGLang), e.g. http://127.0.0.1:8000; "" = the in-process sampler
     c.rollout.reload_route = "/update_weights_from_disk"  # POST {"model_path": DIR} route that loads pushed weights

@@ -73,6 +73,7 @@ def rollout_config(config, *, num_tasks: int | None = None, group_size: int | No
         seq_bucket=r.seq_bucket or 64, system_prompt=r.system_prompt or None,
         action_pattern=r.action_pattern or None, row_bucket=config.learner.minibatch_size,
         enable_thinking=THINKING[r.enable_thinking], observation_role=r.observation_role,
+        engine=r.engine,
     )
 
 
