@@ -6,13 +6,21 @@ double critics Q_k, V_k (k = 1, 2) and Polyak-averaged targets Qbar_k, Vbar_k:
   L_Q = sum_k mean (Q_k(s,a) - r - gamma (1 - d) Vbar_k(s'))^2
   L_V = sum_k mean (V_k(s) - Qbar_k(s, a~pi(.|s)))^2      (fresh actor sample)
 
-Actor (REINFORCE on utterance advantages, no clipping):
+Actor (token-level policy gradient on utterance advantages):
 
   A(s,a)  = min(Q_1, Q_2)(s,a) - min(V_1, V_2)(s)
-  L_actor = -mean_b A_b * sum_{i in a_b} logp_i
+  L_actor = -mean_b A_b * sum_{i in a_b} logp_i                    (REINFORCE, the paper's)
 
 with an optional token-level baseline b_i regressed on A from each prefix, in
-which case token i's weight is (A_b - b_i).
+which case token i's weight is (A_b - b_i). With ``clip`` = eps the actor
+takes PPO's clipped surrogate (1707.06347) against the behaviour policy that
+sampled the batch, per token, r_i = pi(a_i|s_i) / pi_old(a_i|s_i):
+
+  L_actor = -mean_b sum_{i in a_b} min(r_i A_b, clip(r_i, 1 - eps, 1 + eps) A_b)
+
+Its gradient at r = 1 is REINFORCE's, so one step on fresh samples is the
+paper's update; further steps on the same batch stop moving a token once its
+ratio leaves [1 - eps, 1 + eps] in the advantage's direction (a trust region).
 """
 from __future__ import annotations
 
@@ -74,11 +82,14 @@ def archer_advantages(q1, q2, v1, v2):
     return jax.lax.stop_gradient(jnp.minimum(q1, q2) - jnp.minimum(v1, v2))
 
 
-def archer_actor_loss(logp, advantages_BK, turn_ids, mask, *, num_turns: int, baseline=None, denominator=None):
-    """Token-level REINFORCE actor loss on utterance advantages.
+def archer_actor_loss(logp, advantages_BK, turn_ids, mask, *, num_turns: int, baseline=None, denominator=None,
+                      old_logp=None, clip: float | None = None):
+    """Token-level actor loss on utterance advantages: REINFORCE, or PPO-clipped.
 
       L = -sum_{b,k valid} A_bk * sum_{i in turn k} logp_i / #valid turns
       with baseline: L = -sum_i (A_{b,k(i)} - sg b_i) logp_i / #valid turns
+      with clip = eps, r_i = exp(logp_i - old_logp_i), A_i = A_{b,k(i)} (- sg b_i):
+          L = -sum_i min(r_i A_i, clip(r_i, 1 - eps, 1 + eps) A_i) / #valid turns
 
     Args:
       logp: [B,T] current-policy log-probs (differentiated).
@@ -89,22 +100,45 @@ def archer_actor_loss(logp, advantages_BK, turn_ids, mask, *, num_turns: int, ba
       baseline: optional [B,T] token-level baseline (no gradient here; train it
         with ``archer_baseline_loss``).
       denominator: overrides the number of valid turns (micro-batching).
+      old_logp: [B,T] behaviour-policy log-probs of the same tokens (no
+        gradient); needed with ``clip``.
+      clip: eps > 0 of the clipped surrogate, or None for REINFORCE.
 
     Returns:
-      (loss, aux) with loss_sum, denominator, advantage_mean.
+      (loss, aux) with loss_sum, denominator, advantage_mean; with ``clip``
+      also clip_frac (share of agent tokens whose gradient the clip removed),
+      ratio_mean and approx_kl (k3 estimate of KL(pi_old || pi) on the batch).
     """
     _checks.check_same_shape(logp=logp, turn_ids=turn_ids, mask=mask)
+    if clip is not None:
+        if not clip > 0:
+            raise ValueError(f"clip must be > 0 (or None for REINFORCE), got {clip!r}")
+        if old_logp is None:
+            raise ValueError("clip needs old_logp, the behaviour policy's log-probs of the batch's tokens")
+        _checks.check_same_shape(logp=logp, old_logp=old_logp)
     m = mask.astype(jnp.float32)
     ids = jnp.where(m > 0, turn_ids, -1)
     adv_BT = segments.turn_broadcast(jax.lax.stop_gradient(advantages_BK.astype(jnp.float32)), ids)
     if baseline is not None:
         adv_BT = adv_BT - jax.lax.stop_gradient(baseline.astype(jnp.float32))
-    total = -jnp.sum(adv_BT * logp.astype(jnp.float32) * m)
+    aux = {}
+    if clip is None:
+        total = -jnp.sum(adv_BT * logp.astype(jnp.float32) * m)
+    else:
+        log_ratio = jnp.where(m > 0, logp.astype(jnp.float32)
+                              - jax.lax.stop_gradient(old_logp.astype(jnp.float32)), 0.0)
+        ratio = jnp.exp(log_ratio)
+        unclipped = ratio * adv_BT
+        clipped = jnp.clip(ratio, 1.0 - clip, 1.0 + clip) * adv_BT
+        total = -jnp.sum(jnp.minimum(unclipped, clipped) * m)
+        n = jnp.maximum(jnp.sum(m), 1.0)
+        aux = {"clip_frac": jnp.sum((clipped < unclipped) * m) / n, "ratio_mean": jnp.sum(ratio * m) / n,
+               "approx_kl": jnp.sum((jnp.expm1(log_ratio) - log_ratio) * m) / n}
     valid_BK = segments.turn_count(ids, num_turns=num_turns) > 0
     denom = jnp.sum(valid_BK.astype(jnp.float32)) if denominator is None else denominator
     loss = jnp.where(denom > 0, total / jnp.maximum(denom, 1e-8), 0.0)
     adv_mean = jnp.sum(advantages_BK * valid_BK) / jnp.maximum(jnp.sum(valid_BK), 1)
-    return loss, {"loss_sum": total, "denominator": denom, "advantage_mean": adv_mean}
+    return loss, {"loss_sum": total, "denominator": denom, "advantage_mean": adv_mean, **aux}
 
 
 def archer_baseline_loss(baseline, advantages_BK, turn_ids, mask):

@@ -58,18 +58,25 @@ class ActorBatch:
 
 
 def actor_update_step(state: TrainState, mb: ActorBatch, *, graphdef, optimizer, chunk_size: int,
-                      num_turns: int, entropy_coef: float):
-    """One actor step on ``objectives.archer_actor_loss`` minus the entropy bonus (pure; jit it)."""
+                      num_turns: int, entropy_coef: float, clip: float = 0.0):
+    """One actor step on ``objectives.archer_actor_loss`` minus the entropy bonus (pure; jit it).
+
+    ``clip`` > 0 takes the clipped surrogate against the batch's behaviour
+    log-probs (``batch.old_logp``, the sampler's); 0 is the paper's REINFORCE.
+    """
     b = mb.batch
 
     def loss_fn(trainable):
         logp, ent, _ = shifted_logp_entropy(graphdef, trainable[0], b.tokens, b.attention_mask,
                                             chunk_size=chunk_size)
-        loss, aux = obj.archer_actor_loss(logp, mb.advantages, b.turn_ids, b.loss_mask, num_turns=num_turns)
+        loss, aux = obj.archer_actor_loss(logp, mb.advantages, b.turn_ids, b.loss_mask, num_turns=num_turns,
+                                          old_logp=b.old_logp, clip=clip if clip > 0 else None)
         mask = b.loss_mask
         bonus, bonus_aux = obj.entropy_bonus(ent, mask, coef=entropy_coef)
-        return loss + bonus, {"actor_loss": loss, "actor_advantage_mean": aux["advantage_mean"],
-                              "entropy_bonus": bonus, "token_entropy_new": masked_mean(ent, mask)}
+        metrics = {"actor_loss": loss, "actor_advantage_mean": aux["advantage_mean"],
+                   "entropy_bonus": bonus, "token_entropy_new": masked_mean(ent, mask)}
+        metrics.update({k: aux[k] for k in ("clip_frac", "ratio_mean", "approx_kl") if k in aux})
+        return loss + bonus, metrics
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)((state.params, state.extra))
     return apply_gradients(state, grads, loss, optimizer, metrics)
@@ -140,7 +147,8 @@ def init(ctx: RunContext) -> State:
                                          num_turns=K, gamma=a.gamma, tau=a.tau),
                        donate_argnums=(0, 1), out_shardings=(shardings_of(critic_state), shardings_of(target), None)),
         actor=jax.jit(functools.partial(actor_update_step, graphdef=ctx.graphdef, optimizer=ctx.optimizer,
-                                        chunk_size=c.loss.chunk_size, num_turns=K, entropy_coef=c.loss.entropy_coef),
+                                        chunk_size=c.loss.chunk_size, num_turns=K, entropy_coef=c.loss.entropy_coef,
+                                        clip=a.actor_clip),
                       donate_argnums=(0,), out_shardings=(shardings_of(policy), None)),
         advantages=jax.jit(functools.partial(actor_advantages, graphdef=critic_graphdef, settings=adv_settings)),
     )
@@ -226,6 +234,8 @@ def validate(config) -> None:
               ("archer.tau", a.tau, 0 < a.tau <= 1, "must be in (0, 1]"),
               ("archer.gamma", a.gamma, 0 <= a.gamma <= 1, "must be in [0, 1]"),
               ("archer.actor_warmup", a.actor_warmup, a.actor_warmup >= 0, "must be >= 0"),
+              ("archer.actor_clip", a.actor_clip, 0 <= a.actor_clip < 1,
+               "must be in [0, 1) (0: the paper's unclipped REINFORCE actor)"),
               ("archer.critic_learning_rate", a.critic_learning_rate,
                np.isfinite(a.critic_learning_rate) and a.critic_learning_rate > 0, "must be finite and > 0")]
     checks += [(f"archer.{k}", a[k], a[k] >= 1, "must be >= 1")
