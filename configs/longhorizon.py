@@ -3,7 +3,7 @@
 Run:
   python -m aem_jax.train --config=configs/longhorizon.py --workdir=runs/longhorizon
   python -m aem_jax.train --config=configs/longhorizon.py:smoke --workdir=/tmp/lh_smoke
-  python -m aem_jax.train --config=configs/longhorizon.py --config.model.source=runs/sft/hf
+  python -m aem_jax.train --config=configs/longhorizon.py --config.model.source=runs/sft/export/final
 
 The game (aem_jax/envs/dungeon.py): 6 rooms, a trail of 3 notes, 2 keys; the
 scripted expert escapes in 9 turns, a uniformly random player almost never

@@ -43,7 +43,7 @@ TOKENIZERS = ("auto", "word", "bpe")
 # Blocks whose keys are not fixed by base(): the environment's keyword arguments.
 OPEN_BLOCKS = ("env.kwargs",)
 # Blocks whose ranges are their algorithm's to check (types are still checked here).
-ALGORITHM_BLOCKS = ("archer", "etpo")
+ALGORITHM_BLOCKS = ("archer", "etpo", "sft")
 
 
 class ConfigError(ValueError):
