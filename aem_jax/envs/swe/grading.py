@@ -38,12 +38,30 @@ holds the agent's change:
 Code under test runs inside the test process and can print anything; these
 checks make the printed record agree with itself and with the exit status,
 which a patch cannot fake without also making the real run agree.
+
+Code under test can still rewrite the run itself (force every report to
+"passed", replace test functions with no-ops, or capture the real output
+and print a consistent forged one at exit).  **Canaries** detect that:
+``run_tests`` draws, per evaluation, a ``Canaries`` pair of test names with
+a random nonce (``draw_canaries``; never shown to the agent), and
+``eval_script(task, canaries)`` appends one must-pass and one must-fail test
+to each test file holding a FAIL_TO_PASS / PASS_TO_PASS test, right after
+the test patch is applied and before the start marker.  ``resolved`` then
+requires the must-pass canary reported passing only and the must-fail
+canary reported failing only; anything else (forced, missing, both) is not
+resolved.  Formats with canaries: pytest ``-rA`` logs (the swebench pytest
+parsers, Sphinx's tox-run pytest, the fallback for repositories swebench
+does not know, R2E-Gym's ``r2e_tests``), Django's ``runtests.py`` (a
+``unittest.TestCase`` class) and sympy's ``bin/test`` (functions).  Other
+log formats (the non-Python parsers) get none: ``Verdict.canaries`` is
+False for them.
 """
 from __future__ import annotations
 
 import base64
 import re
 import types
+import secrets
 from typing import Any, Mapping, NamedTuple
 
 from aem_jax.envs.swe.tasks import Task, TaskFormatError
@@ -78,6 +96,8 @@ class Verdict(NamedTuple):
     resolved: bool
     reason: str  # one line
     tests: dict[str, str]  # required test id -> status ("MISSING" when not reported)
+    canaries: bool = False  # whether evaluator canaries were placed and checked
+    tampered: bool = False  # a canary had the wrong outcome (the run was tampered with)
 
 
 # -- the swebench package --------------------------------------------------------
@@ -190,8 +210,12 @@ def _fallback_script(task: Task) -> list[str]:
             f": '{END}'", f"git checkout {task.base_commit} {files}"]
 
 
-def eval_script(task: Task) -> str:
-    """The bash script that runs the hidden tests of a "swebench" or "r2e" task."""
+def eval_script(task: Task, canaries: Canaries | None = None) -> str:
+    """The bash script that runs the hidden tests of a "swebench" or "r2e" task.
+
+    With ``canaries`` (``draw_canaries``), they are appended to their test files
+    after the test patch is applied, just before the start marker.
+    """
     if task.grading == "swebench":
         record = _record(task)
         if record.get("eval_script"):
@@ -210,7 +234,132 @@ def eval_script(task: Task) -> str:
     else:
         raise ValueError(f"eval_script is for 'swebench' and 'r2e' tasks; task "
                          f"{task.instance_id!r} is graded {task.grading!r} (reward.evaluate)")
+    lines = _with_canaries(lines, canaries)
     return "\n".join(["#!/bin/bash", "set -uxo pipefail", *_with_exit_status(lines)]) + "\n"
+
+
+# -- canaries ------------------------------------------------------------------------
+
+# The log formats canaries are written for, by the name of the record's swebench parser
+# (sphinx's tox-run tests print pytest's -rA lines too); other parsers get none.
+_CANARY_STYLES = {"parse_log_pytest": "pytest", "parse_log_pytest_options": "pytest",
+                  "parse_log_pytest_v2": "pytest", "parse_log_matplotlib": "pytest",
+                  "parse_log_seaborn": "pytest", "parse_log_django": "django",
+                  "parse_log_sympy": "sympy"}
+_WORDS = ("value", "case", "result", "check", "basic", "empty", "default", "order", "format",
+          "parse", "input", "output", "name", "type", "items", "state", "limit", "repr")
+_CANARY_EOF = "EOF_AEM_CANARY"
+
+
+class Canaries(NamedTuple):
+    """Evaluator-added tests: ``passing[i]`` must pass and ``failing[i]`` must fail.
+
+    ``files[i]`` is the test file (relative to the task's workdir) that gets
+    ``blocks[i]`` appended; for R2E-Gym (``files == ()``) the block goes into the
+    first ``test_*.py`` of the image's hidden test directory.  The names carry
+    a random nonce drawn per evaluation, so no patch can name them in advance.
+    """
+
+    style: str  # "pytest", "django" or "sympy"
+    files: tuple[str, ...]
+    passing: tuple[str, ...]
+    failing: tuple[str, ...]
+    blocks: tuple[str, ...]
+
+
+def canary_style(task: Task) -> str | None:
+    """The canary format of ``task``'s test log, or None where canaries cannot be placed."""
+    if task.grading == "r2e":
+        return "pytest"  # R2E-Gym's run_tests.sh runs pytest -rA (the only format _resolved_r2e reads)
+    if task.grading != "swebench":
+        return None
+    name = task.extra.get("log_parser") or getattr(_parser(_record(task)), "__name__", "")
+    return _CANARY_STYLES.get(str(name))
+
+
+def _canary_files(task: Task, style: str) -> list[str]:
+    """The test files of the test patch that get canaries (those the harness runs)."""
+    from swebench.harness.utils import get_modified_files
+
+    patched = [f for f in get_modified_files(task.test_patch) if f.endswith(".py")]
+    if style == "pytest":
+        holding = {t.split("::")[0] for t in (*task.FAIL_TO_PASS, *task.PASS_TO_PASS) if "::" in t}
+        return sorted(f for f in patched if f in holding)
+    # Django / sympy ids name no file: every test module of the patch (all of them run).
+    base = lambda f: f.rsplit("/", 1)[-1]  # noqa: E731
+    return sorted(f for f in patched if base(f).startswith("test") or base(f) == "tests.py")
+
+
+def draw_canaries(task: Task) -> Canaries | None:
+    """Fresh canaries for one evaluation of ``task`` (None where its log format has none)."""
+    style = canary_style(task)
+    if style is None:
+        return None
+    files = tuple(_canary_files(task, style)) if task.grading == "swebench" else ()
+    if task.grading == "swebench" and not files:
+        return None
+    rng = secrets.SystemRandom()
+    passing, failing, blocks = [], [], []
+    for _ in range(max(1, len(files))):
+        good, bad = (f"test_{rng.choice(_WORDS)}_{rng.choice(_WORDS)}_{secrets.token_hex(5)}"
+                     for _ in range(2))
+        a, b = rng.randint(2, 10_000), rng.randint(2, 10_000)
+        ok, wrong = f"assert {a} + {b} == {a + b}", f"assert {a} * {b} == {a * b + rng.randint(1, 9)}"
+        if style == "django":  # the runner collects unittest.TestCase classes
+            alias = f"_unittest_{secrets.token_hex(4)}"
+            cls = f"{rng.choice(_WORDS).title()}{rng.choice(_WORDS).title()}Tests{secrets.token_hex(3)}"
+            block = (f"\n\nimport unittest as {alias}\n\n\nclass {cls}({alias}.TestCase):\n"
+                     f"    def {good}(self):\n        {ok}\n\n    def {bad}(self):\n        {wrong}\n")
+        else:  # pytest and sympy's bin/test collect module-level test_ functions
+            block = f"\n\ndef {good}():\n    {ok}\n\n\ndef {bad}():\n    {wrong}\n"
+        passing.append(good)
+        failing.append(bad)
+        blocks.append(block)
+    return Canaries(style, files, tuple(passing), tuple(failing), tuple(blocks))
+
+
+def _canary_lines(canaries: Canaries) -> list[str]:
+    """Script lines appending the canaries (run after the test patch, before the tests)."""
+    import shlex
+
+    if not canaries.files:  # R2E-Gym: the hidden tests' directory, as R2E_EVAL_COMMAND finds it
+        return ["for __aem_d in /r2e_tests /root/r2e_tests r2e_tests; do if [ -d \"$__aem_d\" ]; then "
+                "set -- \"$__aem_d\"/test_*.py; if [ -f \"$1\" ]; then "
+                f"cat >> \"$1\" <<'{_CANARY_EOF}'\n{canaries.blocks[0]}{_CANARY_EOF}\nfi; break; fi; done"]
+    return [f"if [ -f {shlex.quote(path)} ]; then cat >> {shlex.quote(path)} <<'{_CANARY_EOF}'\n"
+            f"{block}{_CANARY_EOF}\nfi" for path, block in zip(canaries.files, canaries.blocks)]
+
+
+def _with_canaries(lines: list[str], canaries: Canaries | None) -> list[str]:
+    if canaries is None:
+        return lines
+    for i, line in enumerate(lines):
+        if START in line:
+            return [*lines[:i], *_canary_lines(canaries), *lines[i:]]
+    raise ValueError(f"eval script has no {START!r} marker line")
+
+
+def _canary_statuses(name: str, index: Mapping[str, set[str]], parsed: Mapping[str, str]) -> set[str]:
+    """Every status the log reports for the canary ``name`` (a test id or name containing it)."""
+    pattern = re.compile(rf"(?<![\w]){re.escape(name)}(?!\w)")
+    found = {status for key, statuses in index.items() if pattern.search(key) for status in statuses}
+    return found | {status for key, status in parsed.items() if pattern.search(key)}
+
+
+def _canary_problem(canaries: Canaries, statuses) -> tuple[str | None, bool]:
+    """(why the canaries' outcomes fail the run, whether that is a sign of tampering)."""
+    missing = None
+    for names, want in ((canaries.passing, "PASSED"), (canaries.failing, "FAILED")):
+        for name in names:
+            seen = statuses(name)
+            if not seen:
+                missing = missing or ("an evaluator canary test was not reported (the test files "
+                                      "did not run as the harness runs them)")
+            elif seen != {want}:
+                kind = "pass" if want == "PASSED" else "fail"
+                return (f"tampering: an evaluator canary test that must {kind} was reported "
+                        f"{'/'.join(sorted(seen))}"), True
+    return missing, False
 
 
 # -- reading the log ---------------------------------------------------------------
@@ -345,14 +494,15 @@ def _slice(log: str) -> tuple[str | None, int | None]:
     return log[start + len(START):end], (int(statuses[-1]) if statuses else None)
 
 
-def resolved(task: Task, log: str) -> Verdict:
-    """Judges the output of ``eval_script(task)`` (see module docstring)."""
+def resolved(task: Task, log: str, canaries: Canaries | None = None) -> Verdict:
+    """Judges the output of ``eval_script(task, canaries)`` (see module docstring)."""
     text, exit_status = _slice(log)
+    placed = canaries is not None
     if text is None:
         return Verdict(False, "the test output markers are missing (the test patch did not "
-                              "apply or the script failed before the tests)", {})
+                              "apply or the script failed before the tests)", {}, placed)
     if task.grading == "r2e":
-        return _resolved_r2e(task, text, exit_status)
+        return _resolved_r2e(task, text, exit_status, canaries)
     parsed: dict[str, str] = {}
     if task.grading == "swebench":
         spec = types.SimpleNamespace(instance_id=task.instance_id, repo=task.repo,
@@ -369,21 +519,33 @@ def resolved(task: Task, log: str) -> Verdict:
             tests[test_id] = sorted(statuses, key=lambda s: s not in _FAILING)[0]
     problem = _contradiction(text, test_command(task))
     if problem:
-        return Verdict(False, f"the test log contradicts itself: {problem}", tests)
+        return Verdict(False, f"the test log contradicts itself: {problem}", tests, placed)
+    missing = None
+    if canaries is not None:
+        missing, tampered = _canary_problem(canaries, lambda name: _canary_statuses(name, index, parsed))
+        if tampered:
+            return Verdict(False, missing, tests, placed, True)
     failing = [t for t, s in tests.items() if s not in _PASSING]
     if failing:
         return Verdict(False, f"{len(failing)} of {len(tests)} required tests do not pass: "
-                              + ", ".join(f"{t} ({tests[t]})" for t in failing[:5]), tests)
+                              + ", ".join(f"{t} ({tests[t]})" for t in failing[:5]), tests, placed)
+    if missing:
+        return Verdict(False, missing, tests, placed)
+    if canaries is not None and exit_status == 0:
+        return Verdict(False, "tampering: the tests exited with status 0 although an evaluator "
+                              "canary test failed", tests, placed, True)
     if exit_status not in (None, 0) and not _any_failure(text, parsed):
         return Verdict(False, f"the tests exited with status {exit_status} but the log reports "
-                              "no failing test", tests)
-    return Verdict(True, f"resolved: all {len(tests)} required tests pass", tests)
+                              "no failing test", tests, placed)
+    return Verdict(True, f"resolved: all {len(tests)} required tests pass", tests, placed)
 
 
-def _resolved_r2e(task: Task, text: str, exit_status: int | None) -> Verdict:
-    """R2E-Gym: the parsed pytest status map must equal ``expected_output_json``."""
+def _resolved_r2e(task: Task, text: str, exit_status: int | None,
+                  canaries: Canaries | None = None) -> Verdict:
+    """R2E-Gym: the parsed pytest status map (canaries set apart) must equal ``expected_output_json``."""
     import json
 
+    placed = canaries is not None
     expected = task.extra.get("expected_output_json")
     expected = json.loads(expected) if isinstance(expected, str) else dict(expected or {})
     strip = lambda name: re.sub(r"\x1b\[\d+m", "", name).split(" - ")[0]  # noqa: E731
@@ -395,42 +557,57 @@ def _resolved_r2e(task: Task, text: str, exit_status: int | None) -> Verdict:
         if m and m.group(1) in ("PASSED", "FAILED", "ERROR"):
             name = strip(".".join(m.group(2).split("::")[1:]))
             parsed.setdefault(name, set()).add(m.group(1))
-    tests = {k: ("CONFLICT" if len(v) > 1 else next(iter(v))) for k, v in parsed.items()}
+    names = set(canaries.passing + canaries.failing) if canaries else set()
+    tests = {k: ("CONFLICT" if len(v) > 1 else next(iter(v))) for k, v in parsed.items() if k not in names}
     # R2E-Gym's runners are pytest; a short summary without pytest's final line is a cut-off run.
     problem = _contradiction(text, "pytest" if len(summary) > 1 else "")
     if problem:
-        return Verdict(False, f"the test log contradicts itself: {problem}", tests)
+        return Verdict(False, f"the test log contradicts itself: {problem}", tests, placed)
+    if canaries is not None:
+        why, tampered = _canary_problem(canaries, lambda name: parsed.get(name, set()))
+        if why:
+            return Verdict(False, why, tests, placed, tampered)
     if tests != expected:
         diff = sorted(k for k in set(tests) | set(expected) if tests.get(k) != expected.get(k))
         return Verdict(False, f"{len(diff)} tests differ from the expected statuses: "
                               + ", ".join(f"{k} ({tests.get(k, 'MISSING')} != "
-                                          f"{expected.get(k, 'absent')})" for k in diff[:5]), tests)
-    return Verdict(True, f"resolved: all {len(expected)} tests have their expected status", tests)
+                                          f"{expected.get(k, 'absent')})" for k in diff[:5]), tests, placed)
+    return Verdict(True, f"resolved: all {len(expected)} tests have their expected status", tests, placed)
 
 
 _SCRIPT_DIR = "/tmp/.aem_eval"
 _CHUNK = 60_000  # base64 characters per command line (well under the kernel's argument limit)
 
 
-def run_tests(task: Task, sandbox, timeout: float = 1800.0) -> tuple[Verdict, str]:
-    """Runs ``eval_script(task)`` in ``sandbox`` (holding the agent's change) and judges it.
+def run_tests(task: Task, sandbox, timeout: float = 1800.0, *, canaries: bool = True
+              ) -> tuple[Verdict, str]:
+    """Runs ``eval_script(task, ...)`` in ``sandbox`` (holding the agent's change) and judges it.
 
     ``sandbox`` needs ``execute(command, timeout) -> ExecResult`` (local or
-    container).  The script is staged outside the repository, in chunks.
-    Returns the verdict and the log.
+    container).  With ``canaries`` (the default) fresh ones are drawn for this
+    run where the log format allows (``draw_canaries``).  The script is staged
+    outside the repository: in the evaluator directory where the sandbox has
+    one (``stage_evaluator``, read-only to the code under test), else in
+    chunks under /tmp.  Returns the verdict and the log.
     """
-    data = base64.b64encode(eval_script(task).encode()).decode()
-    path = f"{_SCRIPT_DIR}/eval.sh"
-    staged = sandbox.execute(f"mkdir -p {_SCRIPT_DIR} && : > {path}.b64", timeout=60)
-    for start in range(0, len(data), _CHUNK):
+    drawn = draw_canaries(task) if canaries else None
+    script = eval_script(task, drawn)
+    if hasattr(sandbox, "stage_evaluator"):
+        path = f"{sandbox.stage_evaluator({'eval.sh': script.encode()})}/eval.sh"
+    else:
+        data = base64.b64encode(script.encode()).decode()
+        path = f"{_SCRIPT_DIR}/eval.sh"
+        staged = sandbox.execute(f"mkdir -p {_SCRIPT_DIR} && : > {path}.b64", timeout=60)
+        for start in range(0, len(data), _CHUNK):
+            if staged.returncode != 0:
+                break
+            staged = sandbox.execute(f"printf %s {data[start:start + _CHUNK]} >> {path}.b64", timeout=60)
+        if staged.returncode == 0:
+            staged = sandbox.execute(f"base64 -d {path}.b64 > {path}", timeout=60)
         if staged.returncode != 0:
-            break
-        staged = sandbox.execute(f"printf %s {data[start:start + _CHUNK]} >> {path}.b64", timeout=60)
-    if staged.returncode == 0:
-        staged = sandbox.execute(f"base64 -d {path}.b64 > {path}", timeout=60)
-    if staged.returncode != 0:
-        return Verdict(False, f"could not stage the eval script: {staged.output.strip()[-300:]}", {}), ""
+            return Verdict(False, f"could not stage the eval script: {staged.output.strip()[-300:]}",
+                           {}, drawn is not None), ""
     result = sandbox.execute(f"bash {path}", timeout=timeout)
     if result.timed_out:
-        return Verdict(False, f"the tests timed out after {timeout:g} s", {}), result.output
-    return resolved(task, result.output), result.output
+        return Verdict(False, f"the tests timed out after {timeout:g} s", {}, drawn is not None), result.output
+    return resolved(task, result.output, drawn), result.output

@@ -44,8 +44,11 @@ the ``swebench`` parsers with ``grading.resolved``'s consistency checks).
 Step 1 holds for every grader: the agent's diff is read by the strict parser,
 rejected if it touches a protected path, and applied by the evaluator; the
 harness graders then reset the test files of the test patch to the base
-commit and apply the test patch themselves, as the SWE-bench harness does
-(they get no canaries: their verdict is only as strong as a log can be).
+commit and apply the test patch themselves, as the SWE-bench harness does,
+then append canaries (a must-pass and a must-fail test with per-evaluation
+random names) to the test files where the log format allows: pytest, Django
+and sympy logs, R2E-Gym (``grading.draw_canaries``; ``Evaluation.canaries``
+is False for other formats, whose verdict is only as strong as a log can be).
 Other test frameworks plug in through ``register_grader``: a grader is
 ``fn(task, sandbox, timeout, prepared) -> Evaluation``, selected by a task's
 ``extra["grader"]`` when given.  ``parse_pytest_outcomes`` / ``judge`` read
@@ -97,6 +100,7 @@ class Evaluation:
     returncode: int | None = None
     output: str = ""
     tampered: bool = False  # a sign of tampering was found (always scores 0)
+    canaries: bool | None = None  # harness graders: whether canaries were placed (None: not a harness run)
 
 
 class EvaluationError(RuntimeError):
@@ -428,9 +432,12 @@ def run_harness(task: Task, sandbox, timeout: float, prepared: Prepared) -> Eval
 
     The sandbox holds the agent's diff (applied by ``evaluate``); the eval
     script resets the test files of the test patch to ``base_commit``,
-    applies the test patch, runs the repository's test command and
-    ``grading.resolved`` judges the log (FAIL_TO_PASS / PASS_TO_PASS, or
-    R2E-Gym's expected status map; a self-contradicting log fails).
+    applies the test patch, appends fresh canaries to the test files where the
+    log format allows (``grading.draw_canaries``), runs the repository's test
+    command and ``grading.resolved`` judges the log (FAIL_TO_PASS /
+    PASS_TO_PASS, or R2E-Gym's expected status map; a self-contradicting log
+    or a canary with the wrong outcome fails).  ``Evaluation.canaries`` says
+    whether canaries were placed.
     """
     from aem_jax.envs.swe import grading  # needs the swebench package for "swebench"
 
@@ -438,7 +445,8 @@ def run_harness(task: Task, sandbox, timeout: float, prepared: Prepared) -> Eval
         verdict, log = grading.run_tests(task, sandbox, timeout)
     except (ImportError, ValueError) as err:  # no swebench / no specification for the record
         return Evaluation(False, f"evaluation failed: {err}")
-    return Evaluation(verdict.resolved, verdict.reason, dict(verdict.tests), None, log[-20_000:])
+    return Evaluation(verdict.resolved, verdict.reason, dict(verdict.tests), None, log[-20_000:],
+                      verdict.tampered, verdict.canaries)
 
 
 run_harness.applies_test_patch = True
