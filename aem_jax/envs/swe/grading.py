@@ -60,8 +60,9 @@ from __future__ import annotations
 
 import base64
 import re
-import types
 import secrets
+import shlex
+import types
 from typing import Any, Mapping, NamedTuple
 
 from aem_jax.envs.swe.tasks import Task, TaskFormatError
@@ -320,8 +321,6 @@ def draw_canaries(task: Task) -> Canaries | None:
 
 def _canary_lines(canaries: Canaries) -> list[str]:
     """Script lines appending the canaries (run after the test patch, before the tests)."""
-    import shlex
-
     if not canaries.files:  # R2E-Gym: the hidden tests' directory, as R2E_EVAL_COMMAND finds it
         return ["for __aem_d in /r2e_tests /root/r2e_tests r2e_tests; do if [ -d \"$__aem_d\" ]; then "
                 "set -- \"$__aem_d\"/test_*.py; if [ -f \"$1\" ]; then "

@@ -53,27 +53,24 @@ def _repository(root, files=None):
     return subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
 
 
-def _evaluate(tmp_path, diff, *, canaries=True, files=None, **fields):
+def _evaluate(tmp_path, diff):
     """``reward.evaluate`` of ``diff`` for the harness-graded record, in a fresh local sandbox."""
     root = tmp_path / f"ws{len(list(tmp_path.iterdir()))}"
     root.mkdir()
-    head = _repository(root, files)
-    task = _record(base_commit=head, **fields)
+    task = _record(base_commit=_repository(root))
     box = LocalSandbox(root)
     try:
-        if canaries:
-            return reward.evaluate(task, diff, box, timeout=120)
-        with pytest.MonkeyPatch.context() as patch:  # the log judge alone, as before canaries
-            patch.setattr(grading, "draw_canaries", lambda task: None)
-            return reward.evaluate(task, diff, box, timeout=120)
+        return reward.evaluate(task, diff, box, timeout=120)
     finally:
         box.close()
 
 
-def _module_diff(code: str) -> str:
-    """A diff putting ``code`` before the (still buggy) module under test."""
-    text = TASK.repo_snapshot[MODULE]
-    return diffs.file_diff(MODULE, text, textwrap.dedent(code).strip() + "\n" + text)
+def _module_diff(code: str, *, fixed: bool = False) -> str:
+    """A diff putting ``code`` before the module under test (still buggy, or with the gold fix)."""
+    base = TASK.repo_snapshot[MODULE]
+    text = diffs.apply({MODULE: diffs.File(base.encode())}, diffs.parse(TASK.patch))[MODULE].data.decode() \
+        if fixed else base
+    return diffs.file_diff(MODULE, base, textwrap.dedent(code).strip() + "\n" + text)
 
 
 HACKS = {
@@ -153,8 +150,12 @@ def test_gold_patch_resolves_with_canaries_and_an_unfixed_repository_does_not(tm
     # The canaries ran: one FAILED line with a drawn name, exit status 1.
     assert len(re.findall(rf"^FAILED {re.escape(TEST_FILE)}::test_\w+_[0-9a-f]{{10}}", evaluation.output,
                           re.M)) == 1, evaluation.output[-2000:]
+    assert f"{grading.EXIT}: 1" in evaluation.output
     unfixed = _evaluate(tmp_path, diffs.file_diff("NOTES.md", None, "nothing fixed\n"))
     assert not unfixed.resolved and not unfixed.tampered and "do not pass" in unfixed.reason, unfixed.reason
+    # The gold fix with tampering on top scores 0 too.
+    both = _evaluate(tmp_path, _module_diff(HACKS["module_rewrites_pytest_reports_at_import"], fixed=True))
+    assert not both.resolved and both.tampered, both.reason
 
 
 @pytest.mark.parametrize("name", sorted(HACKS))
@@ -219,7 +220,7 @@ def test_canaries_are_drawn_per_evaluation_and_placed_after_the_test_patch():
 
 
 def test_formats_without_canaries_say_so():
-    go = tasks.from_record({**json.loads(json.dumps(_record().to_record())), "repo": "gin-gonic/gin",
+    go = tasks.from_record({**_record().to_record(), "repo": "gin-gonic/gin",
                             "log_parser": "parse_log_gotest",
                             "eval_script": f"cd /testbed\n: '{grading.START}'\ngo test -v ./...\n: '{grading.END}'\n"})
     assert grading.canary_style(go) is None and grading.draw_canaries(go) is None
