@@ -11,11 +11,18 @@ One iteration (``update``):
    The on-policy batch was sampled by the current actor, so its actions ARE
    fresh samples a ~ pi(.|s) for the V target (no extra generation);
 3. after ``archer.actor_warmup`` iterations, ``archer.actor_steps`` actor
-   updates with the token-level REINFORCE loss (minus ``loss.entropy_coef``
-   times the mean token entropy) on the on-policy batch's
-   utterance advantages ``A = min(Q_1,Q_2)(s,a) - min(V_1,V_2)(s)`` (online
-   critic), rescaled by AEM's alpha when ``aem.enabled`` (through
-   ``compute_advantages``, as for the policy-gradient family).
+   updates with the token-level policy-gradient loss (minus
+   ``loss.entropy_coef`` times the mean token entropy) on the on-policy
+   batch's utterance advantages ``A = min(Q_1,Q_2)(s,a) - min(V_1,V_2)(s)``
+   (online critic), rescaled by AEM's alpha when ``aem.enabled`` (through
+   ``compute_advantages``, as for the policy-gradient family). The loss is
+   the paper's REINFORCE with ``archer.actor_clip`` = 0, else PPO's clipped
+   surrogate against the behaviour log-probs the sampler recorded
+   (``batch.old_logp``): the actor's several steps on one batch then stay in
+   a trust region around the policy that sampled it. Without it, on the
+   chain MDP (tests/trainer/chain_mdp_test.py) one iteration's unclipped
+   steps often throw a near-deterministic policy back to near-uniform
+   (Adam scales a converged policy's tiny gradients up to full-size steps).
 
 The critic (``critic.py``) is a separate small decoder trunk
 (``archer.critic``) with four MLP heads; the replay buffer (``replay.py``)
@@ -75,7 +82,7 @@ def actor_update_step(state: TrainState, mb: ActorBatch, *, graphdef, optimizer,
         bonus, bonus_aux = obj.entropy_bonus(ent, mask, coef=entropy_coef)
         metrics = {"actor_loss": loss, "actor_advantage_mean": aux["advantage_mean"],
                    "entropy_bonus": bonus, "token_entropy_new": masked_mean(ent, mask)}
-        metrics.update({k: aux[k] for k in ("clip_frac", "ratio_mean", "approx_kl") if k in aux})
+        metrics.update({f"actor_{k}": aux[k] for k in ("clip_frac", "ratio_mean", "approx_kl") if k in aux})
         return loss + bonus, metrics
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)((state.params, state.extra))

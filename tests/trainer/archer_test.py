@@ -148,3 +148,12 @@ def test_archer_smoke_warmup_polyak_entropy_and_checkpointed_replay(tmp_path):
     ckpt.close()
     assert step == 3 and restored.buffer.size == 10
     assert sq_dist(host_copy(restored.target), target_init) > 0.0
+
+
+@pytest.mark.parametrize("clip, allowed", [(-0.1, r"must be in \[0, 1\)"), (1.0, r"must be in \[0, 1\)"),
+                                           (float("nan"), "must be a finite number")])
+def test_archer_actor_clip_out_of_range_is_named(clip, allowed):
+    config = load_config("archer", "smoke")
+    config.archer.actor_clip = clip
+    with pytest.raises(ValueError, match=r"config\.archer\.actor_clip=.* is not allowed; " + allowed):
+        loop.check_config(config)
