@@ -323,7 +323,7 @@ def test_canaries_are_fresh_and_look_like_the_files_tests():
     import ast
 
     places = set()
-    for _ in range(20):
+    for _ in range(200):  # last with probability ~1/11 per draw: 20 draws missed it 1 time in 7
         copy = dict(tree)
         canaries = reward.add_canaries(copy, list(TASK.FAIL_TO_PASS))
         names = [n.name for n in ast.parse(copy[TEST_FILE].data.decode()).body if isinstance(n, ast.FunctionDef)]
