@@ -18,6 +18,7 @@ bench model almost never samples end-of-turn, so every action runs to the
 limit and is played: ``overlong_actions="play"``), on the bench model:
 
     python bench/rollout.py --workload long [--episodes 64] [--turns 16] [--no-torch]
+                            [--torch-threads N]
 
 It prints generated tokens/s of the continuous engine, of ``engine="simple"``
 (every turn re-prefills the whole history) and of transformers' `generate`
@@ -134,8 +135,11 @@ def run_long(engine, model, tok, args):
     config = long_config(args, engine)
     policy = SamplerPolicy.for_rollout(model, tok, config)
     env = lambda: Babble(args.obs_tokens)
-    small = dataclasses.replace(config, max_turns=2)
-    collect(env, policy, tok, small, key=jax.random.key(0))  # compile (most shapes)
+    # Compile first, untimed: the continuous engine's shapes (prefill rows, chunk and cache
+    # width buckets) depend on how episodes interleave, so it plays the whole workload once;
+    # the simple engine's are one per prompt-length bucket, compiled directly.
+    warm = config if engine == "continuous" else dataclasses.replace(config, max_turns=2)
+    collect(env, policy, tok, warm, key=jax.random.key(0))
     if engine == "simple":  # compile the longer prompt buckets of later turns too
         p = 256
         while p // 2 + config.max_action_tokens < config.max_context_tokens:
@@ -160,6 +164,8 @@ def run_long_torch(model, tok, args):
     from aem_jax.rollout import ChatFormat
 
     chat = ChatFormat(tok)
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     with tempfile.TemporaryDirectory() as path:
         models.save_pretrained(model, tok, path)
         hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -226,6 +232,8 @@ def main():
     parser.add_argument("--obs-tokens", type=int, default=64, help="long workload")
     parser.add_argument("--action-tokens", type=int, default=32, help="long workload")
     parser.add_argument("--no-torch", action="store_true", help="long workload: skip transformers")
+    parser.add_argument("--torch-threads", type=int, default=0,
+                        help="long workload: torch intra-op threads (0: torch's default)")
     parser.add_argument("--envs", default="treasure,textworld")
     parser.add_argument("--tasks", type=int, default=8)
     parser.add_argument("--group", type=int, default=8)
