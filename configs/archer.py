@@ -24,6 +24,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.rollout.history = "concatenated"  # ArCHer replays whole episodes (required)
     c.rollout.seq_bucket = 0         # the replay buffer stores fixed-length rows (required)
     c.optim.learning_rate = 1e-3     # actor (policy) AdamW learning rate
+    c.optim.b2 = 0.999               # Adam's second-moment decay, as the reference code's (torch's default):
+                                     # a converged actor's tiny gradients are not rescaled to full steps
 
     if "smoke" in names:
         smoke(c)

@@ -108,7 +108,7 @@ def test_archer_smoke_warmup_polyak_entropy_and_checkpointed_replay(tmp_path):
         critic0, target0 = host_copy(state.critic.params), host_copy(state.target)
         assert sq_dist(critic0, target0) == 0.0
 
-        state, warm = loop.train_step(ctx, algorithm, state, 0)  # actor warm-up: only the critic learns
+        state, warm, _ = loop.train_step(ctx, algorithm, state, 0)  # actor warm-up: only the critic learns
         assert warm["actor_updated"] == 0.0 and int(state.policy.step) == 0
         assert sq_dist(host_copy(state.policy.params), policy0) == 0.0
         critic1, target1 = host_copy(state.critic.params), host_copy(state.target)
@@ -119,7 +119,7 @@ def test_archer_smoke_warmup_polyak_entropy_and_checkpointed_replay(tmp_path):
         assert np.isfinite([warm["q_loss"], warm["v_loss"]]).all() and warm["q_loss"] > 0.0
         assert warm["buffer_size"] == 4.0
 
-        state, act = loop.train_step(ctx, algorithm, state, 1)
+        state, act, _ = loop.train_step(ctx, algorithm, state, 1)
         assert act["actor_updated"] == 1.0 and int(state.policy.step) == config.archer.actor_steps
         assert sq_dist(host_copy(state.policy.params), policy0) > 0.0
         assert np.isfinite([act["actor_loss"], act["advantage_abs_mean"], act["alpha_mean"]]).all()
@@ -127,6 +127,11 @@ def test_archer_smoke_warmup_polyak_entropy_and_checkpointed_replay(tmp_path):
         assert act["entropy_bonus"] < 0.0
         np.testing.assert_allclose(act["entropy_bonus"], -config.loss.entropy_coef * act["token_entropy_new"],
                                    rtol=0.3)
+        # the default actor is the clipped surrogate (archer.actor_clip): its diagnostics are reported;
+        # the first step on a batch has ratio 1, the second one sees the first's change
+        assert config.archer.actor_clip > 0.0
+        assert np.isfinite([act["actor_clip_frac"], act["actor_approx_kl"], act["actor_ratio_mean"]]).all()
+        assert act["actor_approx_kl"] >= 0.0 and 0.0 <= act["actor_clip_frac"] <= 1.0
 
     # The run itself: steps 0..2, checkpointed each step.
     config.total_steps = 3
