@@ -58,7 +58,7 @@ def test_etpo_smoke_polyak_reference_and_checkpoint(tmp_path):
         q0, target0 = host_copy(state.q.state.params), host_copy(state.q.target)
         assert sq_dist(q0, target0) == 0.0 and sq_dist(policy0, reference0) == 0.0
 
-        state, first = loop.train_step(ctx, algorithm, state, 0)
+        state, first, _ = loop.train_step(ctx, algorithm, state, 0)
         q1, target1 = host_copy(state.q.state.params), host_copy(state.q.target)
         assert int(state.q.state.step) == 1 and sq_dist(q1, q0) > 0.0
         # One Polyak step after the Q step: target = (1 - tau) target0 + tau q1 exactly.
@@ -70,7 +70,7 @@ def test_etpo_smoke_polyak_reference_and_checkpoint(tmp_path):
         # loss.entropy_coef is honoured
         assert first["entropy_bonus"] < 0.0
 
-        state, second = loop.train_step(ctx, algorithm, state, 1)
+        state, second, _ = loop.train_step(ctx, algorithm, state, 1)
         assert sq_dist(host_copy(state.policy.params), policy0) > 0.0
         assert sq_dist(host_copy(state.reference), reference0) == 0.0  # frozen
         assert second["kl_ref"] > 0.0  # the policy has left the reference
