@@ -126,12 +126,15 @@ def build_model(config, mesh, *, init_seed: int = 0):
 
 
 def updates_per_step(config) -> int:
-    """Optimiser steps in one training step of the nominal rollout batch.
+    """Policy optimiser steps in one training step of the nominal rollout batch.
 
     ``epochs * ceil(num_tasks * group_size / minibatch_size)``: exact for
     concatenated histories (one row per episode); with windowed histories
     (one row per turn) or DAPO's refill the real count varies per step.
+    ArCHer's actor takes ``archer.actor_steps`` steps per iteration instead.
     """
+    if config.get("algorithm") == "archer":
+        return config.archer.actor_steps
     rows = config.rollout.num_tasks * config.rollout.group_size
     return config.learner.epochs * -(-rows // config.learner.minibatch_size)
 
@@ -161,7 +164,11 @@ def learning_rate(o, total_updates: int | None = None) -> optax.Schedule:
 def optimizer(config) -> optax.GradientTransformation:
     """Global-norm clipping, then AdamW with `learning_rate`'s schedule over the run."""
     o = config.optim
-    total = config.total_steps * updates_per_step(config) if hasattr(config, "total_steps") else None
+    total = None
+    if hasattr(config, "total_steps"):
+        # ArCHer's first actor_warmup iterations train only the critic.
+        iterations = config.total_steps - (config.archer.actor_warmup if config.get("algorithm") == "archer" else 0)
+        total = max(iterations, 1) * updates_per_step(config)
     return optax.chain(
         optax.clip_by_global_norm(o.grad_clip),
         optax.adamw(learning_rate(o, total), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay),

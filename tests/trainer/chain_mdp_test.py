@@ -65,7 +65,8 @@ Per-algorithm settings (found by sweeping seeds 0..5 with the test's
     REINFORCE, b2 0.999             1.00 0.94 0.94 1.00 -    -      4/4 run
     clip 0.2,  b2 0.999 (the test)  1.00 1.00 1.00 1.00 1.00 1.00   6/6 (repeat: 0 1 2 -> 1.00 1.00 1.00)
 
-  (cosine: ``optim.decay_steps=180``, the actor's steps in 60 iterations.)
+  (cosine: ``optim.decay_steps=180``, the actor's steps in 60 iterations;
+  the derived horizon now counts ``archer.actor_steps`` after the warm-up.)
   Adam's b2 does most of the work: with 0.999 its second moment remembers
   the learning phase's larger gradients, so a converged policy's small ones
   make small steps. The clip alone leaves seed 1 failing the old way (its

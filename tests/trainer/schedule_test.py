@@ -66,3 +66,24 @@ def test_bad_schedule_settings_are_config_errors(field, value):
     c = _config(**{field: value})
     with pytest.raises(validate.ConfigError, match=f"optim.{field}"):
         validate.check(c)
+
+
+def test_archer_counts_its_actor_steps_after_the_warm_up():
+    """ArCHer's policy optimiser steps archer.actor_steps times per iteration,
+    and not at all in the first actor_warmup iterations, so the cosine
+    horizon is (total_steps - actor_warmup) * actor_steps updates."""
+    c = _config(schedule="cosine", warmup_steps=1, final_lr_fraction=0.0)
+    c.algorithm = "archer"
+    c.archer.actor_steps, c.archer.actor_warmup = 3, 5
+    c.rollout.num_tasks, c.rollout.group_size, c.learner.minibatch_size = 16, 8, 32  # 4 minibatches
+    assert setup.updates_per_step(c) == 3
+    opt = setup.optimizer(c)
+    params = {"w": np.zeros(2, np.float32)}
+    state = opt.init(params)
+    horizon = (50 - 5) * 3
+    lrs = []
+    for t in range(horizon + 2):
+        grads = {"w": np.ones(2, np.float32)}
+        updates, state = opt.update(grads, state, params)
+        lrs.append(float(np.abs(np.asarray(updates["w"])).max()))
+    assert lrs[horizon // 2] > 0.0 and lrs[horizon] == pytest.approx(0.0, abs=1e-12)
