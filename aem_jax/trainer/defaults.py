@@ -186,12 +186,12 @@ def base() -> ConfigDict:
 
     c.records = ConfigDict()
     c.records.transcripts_every = 0  # every this many steps write the step's episodes to
-                                     # workdir/transcripts/step_XXXXXX.jsonl (0 = off)
-    c.records.eval_transcripts = True  # write each evaluation's episodes to transcripts/eval_XXXXXX.jsonl
+                                     # workdir/transcripts/step_000100.jsonl for step 100 (0 = off)
+    c.records.eval_transcripts = True  # write each evaluation's episodes to transcripts/eval_000100.jsonl
 
     c.export = ConfigDict()
     c.export.enabled = False         # export the policy as a Hugging Face directory (transformers, vLLM)
-    c.export.every = 0               # every this many steps to workdir/export/step_XXXXXX (0 = only at the end);
+    c.export.every = 0               # every this many steps to workdir/export/step_000100 (0 = only at the end);
                                      # the end of training always writes workdir/export/final
     c.export.dtype = "float32"       # dtype of the exported weights: float32 | bfloat16
     return c

@@ -339,7 +339,7 @@ class Schedule:
 
     def exports(self, step: int) -> str | None:
         """The export name after ``step``, or None: ``final`` at the end,
-        ``step_XXXXXX`` every ``export.every`` steps before it."""
+        ``step_000100`` every ``export.every`` steps before it."""
         if not self.export_enabled:
             return None
         if step == self.total_steps:

@@ -54,6 +54,8 @@ from aem_jax.envs import base as env_registry
 from aem_jax.rollout import ChatFormat, ScriptedPolicy, TurnContext, collect
 from aem_jax.trainer import distributed, rng, rollouts, setup
 from aem_jax.trainer.context import Algorithm, RunContext
+# Like the policy-gradient methods, SFT checkpoints only its TrainState (state.train).
+from aem_jax.trainer.pg import checkpoint_tree, restore
 from aem_jax.trainer.update import (
     TrainState, apply_gradients, copy_tree, mean_metrics, minibatches, new_train_state, shardings_of,
     shifted_logp_entropy, split_microbatches,
@@ -254,15 +256,6 @@ def update(ctx: RunContext, state: State, batch: TurnBatch, step: int):
     if step + 1 == c.total_steps and c.eval.num_tasks:
         metrics.update(evaluate(ctx, train.params, c.eval.num_tasks, step + 1))
     return dataclasses.replace(state, train=train), metrics
-
-
-def checkpoint_tree(state: State):
-    return state.train, None
-
-
-def restore(ctx: RunContext, state: State, device: Any, host: Any) -> State:
-    del ctx, host
-    return dataclasses.replace(state, train=device)
 
 
 # --- the end of a run: evaluation and the Hugging Face directory ----------------

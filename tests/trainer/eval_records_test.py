@@ -282,7 +282,7 @@ def test_evaluate_plays_the_held_out_split_with_its_own_key_stream(monkeypatch, 
 
 
 class _Gathered(Exception):
-    pass
+    """Raised by the patched gather to stop evaluate once the shares are recorded."""
 
 
 def test_evaluate_shares_uneven_task_counts_among_processes(monkeypatch, smoke_ctx):
