@@ -153,6 +153,9 @@ def base() -> ConfigDict:
     c.learner.minibatch_size = 128    # rows per optimiser step
     c.learner.microbatch_size = 0     # rows per gradient-accumulation micro-batch (must divide minibatch_size;
                                       # 0 = the whole minibatch at once): same update, 1/k of the activations
+    c.learner.max_kl = 0.0            # policy-gradient family: reject a step whose KL(old||new) on its own batch,
+                                      # measured after its last minibatch, exceeds this (0 = off; costs a copy
+                                      # of parameters and optimiser state and one forward pass per step)
 
     c.optim = ConfigDict()
     c.optim.learning_rate = 1e-3     # AdamW peak learning rate (2e-3 learns faster but can collapse, docs/results.md)

@@ -9,7 +9,11 @@ unit and a few flags (``Variant``). One iteration (``update``):
 3. ``learner.epochs`` shuffled passes of ``pg_update_step`` over minibatches
    of ``learner.minibatch_size`` rows; with ``learner.microbatch_size`` each
    minibatch's gradient is accumulated over micro-batches of that many rows
-   (one optimiser step, the same update, a micro-batch's activations).
+   (one optimiser step, the same update, a micro-batch's activations);
+4. with ``learner.max_kl > 0``, a trust-region check of the whole step: the
+   k3 estimate of KL(old || new) on the step's own batch after its last
+   minibatch (``post_update_kl``); above ``max_kl`` the step is rejected and
+   the policy and optimiser state before it are kept (``rejected_updates``).
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ from aem_jax.trainer.context import Algorithm, RunContext
 from aem_jax.trainer.validate import fail
 from aem_jax.trainer.update import (
     LossSettings, PGBatch, TrainState, copy_tree, forward_stats, init_value_head, mean_metrics,
-    minibatches, new_train_state, pg_update_step, run_steps, shardings_of,
+    minibatches, new_train_state, pg_update_step, run_steps, shardings_of, shifted_logp_entropy,
 )
 
 
@@ -58,6 +62,7 @@ class Steps:
     advantages: Callable
     gae: Callable
     whiten: Callable
+    post_kl: Callable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +95,7 @@ def init(ctx: RunContext, variant: Variant) -> State:
         gae=jax.jit(functools.partial(obj.bilevel_gae, gamma=c.ppo.gamma, lam=c.ppo.lam,
                                       token_lam=c.ppo.token_lam)),
         whiten=jax.jit(obj.whiten),
+        post_kl=jax.jit(functools.partial(step_kl, graphdef=ctx.graphdef, chunk_size=c.loss.chunk_size)),
     )
     # A copy: the update donates (and so deletes) the live parameter buffers.
     ref = copy_tree(train.params) if c.loss.kl_coef else None
@@ -113,13 +119,37 @@ def update(ctx: RunContext, state: State, batch: TurnBatch, step: int, *, varian
     adv_BT, adv_info, _ = steps.advantages(dev, key=ctx.keys.at("advantage", step), token_advantages_BT=token_adv)
     batches = minibatches(PGBatch(batch=dev, advantages=adv_BT, returns=returns), ctx.mesh,
                           ctx.keys.numpy("shuffle", step), size=c.learner.minibatch_size, epochs=c.learner.epochs)
+    # A copy: the update donates (and so deletes) the buffers it is given.
+    before = copy_tree(state.train) if c.learner.max_kl > 0 else None
     train, history = run_steps(steps.update, state.train, batches)
     metrics = mean_metrics(history)
+    if before is not None:
+        kl = float(steps.post_kl(train.params, dev))
+        metrics["post_update_kl"] = kl
+        metrics["rejected_updates"] = float(not kl <= c.learner.max_kl)  # NaN rejects too
+        if metrics["rejected_updates"]:
+            train = before
     metrics["skipped_updates"] = metrics.pop("skipped")
     metrics.update({k: float(v) for k, v in adv_info.items()})
     metrics["nonfinite_in_a_row"] = int(train.nonfinite)
     metrics["train_passes"] = float(c.learner.epochs)
     return dataclasses.replace(state, train=train), metrics
+
+
+def step_kl(params, batch: TurnBatch, *, graphdef, chunk_size: int) -> jax.Array:
+    """How far a step moved the policy on its own batch.
+
+    ``KL(old || new) ~ sum_t m_t [(r_t - 1) - log r_t] / sum_t m_t`` with
+    ``r_t = pi_new(y_t) / pi_old(y_t)`` over the batch's action tokens (the k3
+    estimator on old-policy samples, the same quantity as the loss's
+    ``approx_kl``, measured once after the step's last minibatch, where
+    ``approx_kl`` averages the values seen before each minibatch).
+    """
+    logp, _, _ = shifted_logp_entropy(graphdef, params, batch.tokens, batch.attention_mask,
+                                      chunk_size=chunk_size)
+    log_r = logp - batch.old_logp
+    m = batch.loss_mask
+    return jnp.sum((jnp.expm1(log_r) - log_r) * m) / jnp.maximum(jnp.sum(m), 1.0)
 
 
 def checkpoint_tree(state: State):

@@ -60,7 +60,7 @@ from aem_jax.trainer.update import (
     TrainState, apply_gradients, copy_tree, mean_metrics, minibatches, new_train_state, shardings_of,
     shifted_logp_entropy, split_microbatches,
 )
-from aem_jax.trainer.validate import fail
+from aem_jax.trainer.validate import MAX_KL_PG_ONLY, fail
 
 
 # --- experts -----------------------------------------------------------------
@@ -298,6 +298,8 @@ def validate(config) -> None:
     """The ``sft`` block, and that the environment has an expert (and random valid actions for noise)."""
     s, name = config.sft, config.env.name
     kwargs = dict(config.env.kwargs)
+    if config.learner.max_kl:
+        fail("learner.max_kl", config.learner.max_kl, MAX_KL_PG_ONLY)
     if not 0.0 <= s.noise <= 1.0:
         fail("sft.noise", s.noise, "must be in [0, 1] (the share of demonstration actions made random)")
     env_cls = env_registry.resolve(name)

@@ -111,6 +111,8 @@ def _one_of(choices: Sequence[str]) -> Rule:
 
 
 _POSITIVE_INT, _COUNT = _int(1), _int(0)
+# learner.max_kl's error for the algorithms outside pg.py
+MAX_KL_PG_ONLY = "the step-rejecting KL check is implemented for the policy-gradient family only: use 0"
 _POSITIVE, _NONNEGATIVE, _UNIT = _number(0, open_low=True), _number(0), _number(0, 1)
 _MESH_AXIS = _int(1, also=(-1,), text="-1 (all remaining devices) or >= 1")
 
@@ -165,6 +167,7 @@ RULES: dict[str, Rule] = {
     "learner.epochs": _POSITIVE_INT,
     "learner.minibatch_size": _POSITIVE_INT,
     "learner.microbatch_size": _int(0, text=">= 0 (0 = the whole minibatch at once)"),
+    "learner.max_kl": _NONNEGATIVE,
     "optim.learning_rate": _POSITIVE,
     "optim.warmup_steps": _COUNT,
     "optim.schedule": _one_of(("constant", "cosine")),

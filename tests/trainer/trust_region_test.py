@@ -1,0 +1,74 @@
+"""learner.max_kl: the step KL against a float64 reference, and a rejected step
+leaves policy and optimiser state as they were."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from aem_jax import models, sharding
+from aem_jax.trainer import loop, pg, setup
+from aem_jax.trainer.update import shifted_logp_entropy
+from aem_jax.trainer.validate import ConfigError
+from tests.trainer.update_test import CONFIG, _batch
+
+
+def test_step_kl_is_the_k3_estimate_on_action_tokens():
+    model = models.Decoder(CONFIG, rngs=nnx.Rngs(0))
+    graphdef, params, _ = nnx.split(model, nnx.Param, ...)
+    batch = _batch(B=6, T=16, seed=3).batch
+    logp, _, _ = shifted_logp_entropy(graphdef, params, jnp.asarray(batch.tokens),
+                                      jnp.asarray(batch.attention_mask), chunk_size=8)
+    rng = np.random.default_rng(0)
+    old = np.asarray(logp, np.float64) + rng.normal(scale=0.3, size=logp.shape)  # a behaviour policy nearby
+    batch = batch.replace(old_logp=old.astype(np.float32))
+    got = float(pg.step_kl(params, jax.tree.map(jnp.asarray, batch), graphdef=graphdef, chunk_size=8))
+    log_r = np.asarray(logp, np.float64) - old
+    m = batch.loss_mask.astype(np.float64)
+    want = np.sum((np.exp(log_r) - 1 - log_r) * m) / m.sum()
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    # the same policy: no distance
+    same = batch.replace(old_logp=np.asarray(logp))
+    assert abs(float(pg.step_kl(params, jax.tree.map(jnp.asarray, same), graphdef=graphdef, chunk_size=8))) < 1e-6
+
+
+def _two_steps(*overrides):
+    """Initial parameters, parameters after two training steps, and the steps' records."""
+    config = setup.load_config("configs/default.py:smoke", ["eval.num_tasks=0", *overrides])
+    algorithm = loop.check_config(config)
+    mesh = sharding.make_mesh(dict(config.mesh))
+    ctx = loop.build_context(config, mesh)
+    init = jax.tree.map(np.asarray, ctx.init_params)
+    records = []
+    with sharding.use_mesh(mesh):
+        state = algorithm.init(ctx)
+        for step in range(2):
+            state, record, _ = loop.train_step(ctx, algorithm, state, step)
+            records.append(record)
+    return init, jax.tree.map(np.asarray, state.train.params), records
+
+
+def _equal(a, b):
+    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_rejected_steps_keep_the_policy_and_measuring_changes_nothing():
+    init, base, base_rows = _two_steps()
+    assert not _equal(base, init)
+    # a threshold no step passes: every step is rejected, the parameters stay the initial ones
+    _, rejected, rows = _two_steps("learner.max_kl=1e-12")
+    assert [r["rejected_updates"] for r in rows] == [1.0, 1.0]
+    assert all(r["post_update_kl"] > 0 for r in rows)
+    assert _equal(rejected, init)
+    # a threshold every step passes: only measured, the run is the run without the check
+    _, kept, rows = _two_steps("learner.max_kl=1e9")
+    assert [r["rejected_updates"] for r in rows] == [0.0, 0.0]
+    assert _equal(kept, base)
+    assert [r["loss"] for r in rows] == [r["loss"] for r in base_rows]
+
+
+@pytest.mark.parametrize("algorithm", ["archer", "etpo", "sft"])
+def test_max_kl_is_refused_outside_the_policy_gradient_family(algorithm):
+    with pytest.raises(ConfigError, match="learner.max_kl"):
+        loop.check_config(setup.load_config("configs/default.py:smoke",
+                                            [f"algorithm={algorithm}", "learner.max_kl=0.1"]))
