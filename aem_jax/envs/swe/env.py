@@ -324,6 +324,8 @@ class SWEEnv:
                           anchor=text)
         info["evaluation"] = evaluation.reason
         info["tampered"] = evaluation.tampered  # a sign of reward tampering (monitor it in training)
+        if evaluation.canaries is not None:  # harness graders: whether this evaluation had canaries
+            info["canaries"] = evaluation.canaries
         if truncated and self.overflow == "mask":
             info["exclude_from_loss"] = True  # compact filtering: the rollout masks it
         return Step(text, value, True, info)

@@ -157,3 +157,16 @@ def test_gold_patch_resolves_every_local_task():
         evaluations = list(pool.map(lambda t: swe.evaluate_diff(t, t.patch), ALL_TASKS))
     failed = {t.instance_id: e.reason for t, e in zip(ALL_TASKS, evaluations) if not e.resolved}
     assert len(ALL_TASKS) >= 120 and not failed, failed
+
+
+@pytest.mark.parametrize("canaries", [True, False, None])
+def test_final_step_reports_whether_the_harness_placed_canaries(monkeypatch, canaries):
+    from aem_jax.envs.swe.reward import Evaluation
+    swe = SWEEnv(tasks=SAMPLE, max_turns=1)
+    swe.reset(seed=0)
+    monkeypatch.setattr(swe, "evaluate_workspace", lambda: Evaluation(True, "resolved", canaries=canaries))
+    step = swe.step(scripted.call("bash", command="true"))
+    assert step.done and step.reward == 1.0
+    # None: the local grader, which has no canaries to report
+    assert step.info.get("canaries", "absent") == ("absent" if canaries is None else canaries)
+    swe.close()
