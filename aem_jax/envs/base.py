@@ -38,6 +38,19 @@ class Step:
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
+OUT_OF_TURNS = " you are out of turns . you lose ."
+
+
+def turn_limited_step(text: str, reward: float, done: bool, *, turn: int, max_turns: int,
+                      info: Callable[..., dict[str, Any]], success: bool, invalid: bool) -> Step:
+    """The step of a word game whose turn ``turn`` may be its last: past
+    ``max_turns`` an unfinished episode ends, truncated, with the loss line."""
+    truncated = not done and turn >= max_turns
+    if truncated:
+        text, done = text + OUT_OF_TURNS, True
+    return Step(text, reward, done, info(success=success, invalid=invalid, truncated=truncated))
+
+
 @runtime_checkable
 class Env(Protocol):
     """A multi-turn text environment."""

@@ -38,7 +38,7 @@ import re
 
 import numpy as np
 
-from aem_jax.envs.base import Observation, Step
+from aem_jax.envs.base import Observation, Step, turn_limited_step
 
 MAX_BOXES = 9
 NUMBER_WORDS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -224,11 +224,7 @@ class TreasureHunt:
         else:
             text, reward, done, success = self._open(box)
             invalid = False
-        truncated = False
-        if not done and self._turn >= self.max_turns:
-            text += " you are out of turns . you lose ."
-            done, truncated = True, True
-        self._done = done
-        return Step(text, reward, done, self._info(success=success, invalid=invalid,
-                                                   truncated=truncated))
+        self._done = done or self._turn >= self.max_turns
+        return turn_limited_step(text, reward, done, turn=self._turn, max_turns=self.max_turns,
+                                 info=self._info, success=success, invalid=invalid)
 
