@@ -34,7 +34,9 @@ import numpy as np
 from flax import nnx
 
 from aem_jax import sharding
-from aem_jax.models.decoder import Decoder, KVCache, unembedding
+from aem_jax.models import attention
+from aem_jax.models.decoder import (Block, Decoder, KVCache, apply_rope, dense, rope_inverse_frequencies,
+                                    rope_tables, unembedding)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -318,79 +320,123 @@ def compiled_cache_size() -> int:
 # `aem_jax.rollout.engine`). Row b holds its sequence contiguously at columns [0, length_b): token
 # i sits at column i and has RoPE position i, so a row's cache is exactly what a forward pass over
 # its sequence alone would compute. New tokens are appended at column length_b (a prefill chunk or
-# one decode token); rows advance independently, which `_rows_forward` gets by running the decoder
-# on each row as a batch of one under `jax.vmap` (the per-row cache index becomes a scatter).
+# one decode token); rows advance independently (`_slot_forward`).
 
 
 class SlotState(NamedTuple):
-    """The caches of B slots; `keys`/`values` are a stacked `KVCache`'s [L,B,K,S,H] arrays."""
+    """The caches of B slots; `keys`/`values` are a stacked `KVCache`'s [L,B,K,S,H] arrays.
+
+    Row b's columns [0, length_b) hold its tokens; columns past that hold
+    stale keys that no query reads (see `_slot_forward`).
+    """
 
     keys: jax.Array       # [L,B,K,S,H]
     values: jax.Array     # [L,B,K,S,H]
-    mask_BS: jax.Array    # [B,S] int32, 1 on columns [0, length_b) (what the row's tokens attend to)
     length_B: jax.Array   # [B] int32 tokens held = next write column = next RoPE position
     logits_BV: jax.Array  # [B,V] float32 next-token logits after the row's last token
 
 
-def init_slots(config, num_slots: int, length: int) -> SlotState:
-    """Empty caches for `num_slots` rows of `length` columns (all rows hold 0 tokens)."""
+CACHE_DTYPES = ("float32", "bfloat16")
+
+
+def init_slots(config, num_slots: int, length: int, dtype=None) -> SlotState:
+    """Empty caches for `num_slots` rows of `length` columns (all rows hold 0 tokens).
+
+    `dtype`: the keys/values' dtype (default the model's compute dtype).
+    """
     if num_slots < 1 or length < 1:
         raise ValueError(f"init_slots(num_slots={num_slots}, length={length}); both must be >= 1")
-    cache = KVCache.zeros(config, num_slots, length)
-    return SlotState(cache.keys, cache.values, jnp.zeros((num_slots, length), jnp.int32),
+    shape = (config.num_layers, num_slots, config.num_kv_heads, length, config.head_dim)
+    dtype = config.compute_dtype if dtype is None else dtype
+    return SlotState(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
                      jnp.zeros((num_slots,), jnp.int32),
                      jnp.zeros((num_slots, config.vocab_size), jnp.float32))
 
 
-def _rows_forward(model: Decoder, tokens_BT, start_B, mask_BS, keys, values):
-    """The decoder on each row separately, writing its T tokens at columns [start_b, start_b + T).
+def _slot_forward(model: Decoder, tokens_PT, slot_P, start_P, keys, values, *, width: int,
+                  all_rows: bool):
+    """The decoder on P rows of the slot cache, row p's T tokens at columns [start_p, start_p + T).
 
-    Returns (hidden [B,T,D], keys, values). Columns past a row's real tokens
-    get keys too, but stay masked (mask 0) until a later call overwrites them.
+    Returns (final-norm hidden [P,T,D], keys, values). The same layers as
+    `Decoder.hidden` (shared modules: norms, projections, RoPE, MLP, and the
+    `attention` kernel), with two differences that make a decode step cost
+    what it reads:
+
+    * each row writes its new keys/values at its own columns, as one scatter
+      per layer into the stacked [L,B,K,S,H] cache carried through the layer
+      scan -- updated in place (the cache is donated), nothing else copied;
+    * attention reads only the first `width` columns (static; the caller's
+      bucket of the longest row). Query i of row p (column c = start_p + i)
+      attends to the columns j <= c: the row's earlier tokens and its own,
+      every one of them written by a real token, so the stale columns past a
+      row's length are never read and need no mask.
+
+    Rows whose `slot_P` is out of range (>= B) are padding: their writes are
+    dropped and their outputs are unspecified. `all_rows` promises slot_P ==
+    arange(B) (a decode step): attention then reads the cache rows in place
+    instead of gathering them.
     """
-    graphdef, state = nnx.split(model)
-    t = tokens_BT.shape[1]
+    c = model.config
+    t = tokens_PT.shape[1]
+    x_PTD = jnp.take(model.embed[...], tokens_PT, axis=0).astype(c.compute_dtype)
+    cols_PT = start_P[:, None] + jnp.arange(t, dtype=jnp.int32)
+    rope = rope_tables(cols_PT, rope_inverse_frequencies(c), c.compute_dtype)
+    allowed_PTW = jnp.arange(width, dtype=jnp.int32)[None, None, :] <= cols_PT[:, :, None]
+    graphdef, stacked = nnx.split(model.layers)
+    rows_P1 = slot_P[:, None]
 
-    def row(tokens_T, start, mask_S, k_LKSH, v_LKSH):
-        m = nnx.merge(graphdef, state)
-        positions = (start + jnp.arange(t, dtype=jnp.int32))[None]
-        cache = KVCache(k_LKSH[:, None], v_LKSH[:, None], start)
-        hidden, cache = m.hidden(tokens_T[None], positions, mask_S[None], cache)
-        return hidden[0], cache.keys[:, 0], cache.values[:, 0]
+    def layer(carry, xs):
+        x_PTD, keys, values = carry
+        params, l = xs
+        block: Block = nnx.merge(graphdef, params)
+        attn = block.attn
+        h_PTD = block.input_norm(x_PTD)
+        q_PNTH, k_PKTH, v_PKTH = (attn._project(h_PTD, n) for n in ("q", "k", "v"))
+        if c.qk_norm:
+            q_PNTH, k_PKTH = attn.q_norm(q_PNTH), attn.k_norm(k_PKTH)
+        q_PNTH, k_PKTH = apply_rope(q_PNTH, rope), apply_rope(k_PKTH, rope)
+        # keys[l, slot_p, :, cols_pt, :] = k[p, :, t, :]: the indexed dims (P,T) lead the update.
+        keys = keys.at[l, rows_P1, :, cols_PT].set(k_PKTH.transpose(0, 2, 1, 3).astype(keys.dtype),
+                                                   mode="drop")
+        values = values.at[l, rows_P1, :, cols_PT].set(
+            v_PKTH.transpose(0, 2, 1, 3).astype(values.dtype), mode="drop")
+        k_BKWH, v_BKWH = keys[l, :, :, :width], values[l, :, :, :width]
+        if not all_rows:
+            k_BKWH = jnp.take(k_BKWH, slot_P, axis=0, mode="clip")
+            v_BKWH = jnp.take(v_BKWH, slot_P, axis=0, mode="clip")
+        dt = q_PNTH.dtype
+        # The plain XLA kernel with an explicit mask: per-row query offsets are not expressible
+        # in `attend`'s segment form (its cache reads run this kernel on CPU and TPU too).
+        out_PNTH = attention._attend(q_PNTH, k_BKWH.astype(dt), v_BKWH.astype(dt), allowed_PTW)
+        y_PTD = dense(out_PNTH.transpose(0, 2, 1, 3), attn.o[...].astype(c.compute_dtype), in_dims=2)
+        x_PTD = x_PTD + y_PTD
+        x_PTD = x_PTD + block.mlp(block.post_attn_norm(x_PTD))
+        return (x_PTD, keys, values), None
 
-    return jax.vmap(row, in_axes=(0, 0, 0, 1, 1), out_axes=(0, 1, 1))(
-        tokens_BT, start_B, mask_BS, keys, values)
+    layer_ids = jnp.arange(c.num_layers, dtype=jnp.int32)
+    (x_PTD, keys, values), _ = jax.lax.scan(layer, (x_PTD, keys, values), (stacked, layer_ids))
+    return model.final_norm(x_PTD), keys, values
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("slots",))
-def _slot_prefill(graphdef, state, slots: SlotState, slot_ids_P, tokens_PC, counts_P, reset_P):
+@functools.partial(jax.jit, static_argnames=("graphdef", "width"), donate_argnames=("slots",))
+def _slot_prefill(graphdef, state, slots: SlotState, slot_ids_P, tokens_PC, counts_P, reset_P, *,
+                  width):
     """Appends counts_p tokens to slot slot_ids_p (after emptying it where reset_p).
 
     Padding entries of `slot_ids_P` are out of range: their gathers clip and
     their scatters are dropped. Rows with a count of 0 keep their logits.
+    `width`: columns attention reads, >= every row's new length.
     """
     model: Decoder = nnx.merge(graphdef, state)
-    s = slots.mask_BS.shape[1]
-
-    def take(x, axis):
-        return jnp.take(x, slot_ids_P, axis=axis, mode="clip")
-
-    def put(x, v, axis):
-        return x.at[(slice(None),) * axis + (slot_ids_P,)].set(v, mode="drop")
-
-    length_P = jnp.where(reset_P, 0, take(slots.length_B, 0))
-    mask_PS = jnp.where(reset_P[:, None], 0, take(slots.mask_BS, 0))
-    col_S = jnp.arange(s, dtype=jnp.int32)
-    new_PS = (col_S >= length_P[:, None]) & (col_S < (length_P + counts_P)[:, None])
-    mask_PS = mask_PS | new_PS.astype(mask_PS.dtype)
-    hidden_PCD, keys, values = _rows_forward(model, tokens_PC, length_P, mask_PS,
-                                             take(slots.keys, 1), take(slots.values, 1))
+    take = lambda x: jnp.take(x, slot_ids_P, axis=0, mode="clip")
+    length_P = jnp.where(reset_P, 0, take(slots.length_B))
+    hidden_PCD, keys, values = _slot_forward(model, tokens_PC, slot_ids_P, length_P, slots.keys,
+                                             slots.values, width=width, all_rows=False)
     last_PD = jnp.take_along_axis(hidden_PCD, jnp.maximum(counts_P - 1, 0)[:, None, None], 1)[:, 0]
     logits_PV = jnp.where((counts_P > 0)[:, None], _decode_unembedding(model)(last_PD),
-                          take(slots.logits_BV, 0))
-    return SlotState(put(slots.keys, keys, 1), put(slots.values, values, 1),
-                     put(slots.mask_BS, mask_PS, 0), put(slots.length_B, length_P + counts_P, 0),
-                     put(slots.logits_BV, logits_PV, 0))
+                          take(slots.logits_BV))
+    return SlotState(keys, values, slots.length_B.at[slot_ids_P].set(length_P + counts_P, mode="drop"),
+                     slots.logits_BV.at[slot_ids_P].set(logits_PV, mode="drop"))
 
 
 class _SlotLoop(NamedTuple):
@@ -404,15 +450,15 @@ class _SlotLoop(NamedTuple):
     ent_BN: jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "num_steps", "top_k", "use_top_p",
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_steps", "width", "top_k", "use_top_p",
                                              "stop_ids", "pad_id"), donate_argnames=("slots",))
 def _slot_decode(graphdef, state, slots: SlotState, active_B, step_B, keys_B, max_new, exit_after,
-                 temperature, top_p, *, num_steps, top_k, use_top_p, stop_ids, pad_id):
-    """Up to `num_steps` decode steps of the active rows; see `slot_decode`."""
+                 temperature, top_p, *, num_steps, width, top_k, use_top_p, stop_ids, pad_id):
+    """Up to `num_steps` decode steps of the active rows; see `SlotSampler.decode`."""
     model: Decoder = nnx.merge(graphdef, state)
     unembed = _decode_unembedding(model)
     b = active_B.shape[0]
-    rows = jnp.arange(b)
+    rows = jnp.arange(b, dtype=jnp.int32)
     stops = jnp.asarray(stop_ids, jnp.int32)
 
     def body(c: _SlotLoop) -> _SlotLoop:
@@ -426,11 +472,12 @@ def _slot_decode(graphdef, state, slots: SlotState, active_B, step_B, keys_B, ma
         logp_BN = c.logp_BN.at[:, c.step].set(jnp.where(live, logp, 0.0))
         ent_BN = c.ent_BN.at[:, c.step].set(jnp.where(live, ent, 0.0))
         ended = live & ((jnp.isin(tok, stops) if stop_ids else False) | (n_B + 1 >= max_new))
-        # Every sampled token enters the cache (the next turn continues after it).
-        mask = sl.mask_BS.at[rows, sl.length_B].max(live.astype(sl.mask_BS.dtype))
-        h, keys, values = _rows_forward(model, tok[:, None], sl.length_B, mask, sl.keys, sl.values)
+        # Every sampled token enters the cache (the next turn continues after it); rows not
+        # generating write nothing (out-of-range slot: the scatter drops them).
+        h, keys, values = _slot_forward(model, tok[:, None], jnp.where(live, rows, b), sl.length_B,
+                                        sl.keys, sl.values, width=width, all_rows=True)
         logits = jnp.where(live[:, None], unembed(h[:, 0]), sl.logits_BV)
-        slots = SlotState(keys, values, mask, sl.length_B + live.astype(jnp.int32), logits)
+        slots = SlotState(keys, values, sl.length_B + live.astype(jnp.int32), logits)
         return _SlotLoop(c.step + 1, slots, live & ~ended, c.count_B + live.astype(jnp.int32),
                          c.finished + jnp.sum(ended.astype(jnp.int32)), tokens, logp_BN, ent_BN)
 
@@ -454,6 +501,28 @@ class SlotDecode(NamedTuple):
     entropy: np.ndarray   # [B,num_steps] float32
 
 
+def decode_width(need: int, limit: int) -> int:
+    """Attention columns of a decode call whose rows reach column `need`: min(limit, bucket).
+
+    Buckets 64 * 2^(i/2) rounded up to multiples of 32 (64, 96, 128, 192,
+    256, 384, 512, 736, 1024, ...): a step reads at most ~1.4x the columns it needs, against
+    2x for powers of two, for twice as many shapes to compile.
+    """
+    i = 0
+    while (width := (int(64 * 2 ** (i / 2)) + 31) // 32 * 32) < need:
+        i += 1
+    return min(width, limit)
+
+
+def prefill_width(need: int, limit: int) -> int:
+    """Attention columns of a prefill call: 64 * 4^i (few shapes: a prefill call also varies
+    in rows and chunk length, and its cost is mostly the weights', not attention's)."""
+    width = 64
+    while width < need:
+        width *= 4
+    return min(width, limit)
+
+
 class SlotSampler:
     """Prefill and decode calls on slot caches kept across calls, for one model.
 
@@ -466,15 +535,18 @@ class SlotSampler:
       chunk: longest prefill chunk; longer appends are split. Chunks are
         bucketed to powers of two (>= 16) and the rows of one prefill to
         powers of four (or all B), so a run compiles a few prefill shapes and
-        one decode shape per cache width (`decode_steps` steps over all B
-        rows, inactive ones masked).
+        one decode shape per attention width (`decode_steps` steps over all
+        B rows, inactive ones masked).
+      cache_dtype: dtype of the cached keys/values, one of CACHE_DTYPES
+        (default: the model's compute dtype). "bfloat16" halves the cache a
+        decode step reads; log-probs then differ from a float32 forward pass
+        by bfloat16 rounding of the keys and values.
 
-    Columns: a chunk is written whole at a row's end even where only part of
-    it is real tokens, so a row may need up to ``max_len + chunk`` columns.
-    The cache is kept only as wide as the longest row needs (64 * 4^i
-    columns, grown and shrunk between calls), because every decode step
-    attends over all its columns: early turns of long episodes then cost
-    what their length needs, not what the longest turn will.
+    Columns: the cache is allocated once, ``max_len + chunk`` columns wide (a
+    chunk is written whole at a row's end even where only part of it is real
+    tokens). Each call's attention reads only the columns its rows can reach
+    (`decode_width`, `prefill_width`): a step costs what the current lengths
+    need, not what the longest turn will.
 
     Sampling matches `generate` with one key per row: the n-th token of a
     row's current action is drawn with ``fold_in(row key, n)`` from the
@@ -483,10 +555,13 @@ class SlotSampler:
     """
 
     def __init__(self, model: Decoder, params: SamplingParams, pad_id: int, *, num_slots: int,
-                 max_len: int, chunk: int = 64, decode_steps: int = 8):
+                 max_len: int, chunk: int = 64, decode_steps: int = 8, cache_dtype: str | None = None):
         self.chunk = bucket(chunk, minimum=16)
         if not 1 <= decode_steps <= self.chunk:
             raise ValueError(f"decode_steps={decode_steps}; must be in [1, chunk={self.chunk}]")
+        if cache_dtype is not None and cache_dtype not in CACHE_DTYPES:
+            raise ValueError(f"cache_dtype={cache_dtype!r}; allowed: None (the model's compute "
+                             f"dtype) or one of {CACHE_DTYPES}")
         self.graphdef, self.state = nnx.split(model)
         self.config = model.config
         self.params = params
@@ -494,7 +569,9 @@ class SlotSampler:
         self.num_slots, self.max_len = int(num_slots), int(max_len)
         self.decode_steps = int(decode_steps)
         self.lengths = np.zeros((self.num_slots,), np.int64)  # host copy of slots.length_B
-        self.slots = init_slots(model.config, self.num_slots, self._width(0))
+        self.columns = self.max_len + self.chunk
+        self.slots = init_slots(model.config, self.num_slots, self.columns,
+                                None if cache_dtype is None else jnp.dtype(cache_dtype))
 
     def _rows_bucket(self, n: int) -> int:
         """Rows of a prefill call for n slots: a power of four, or all slots (few shapes to compile)."""
@@ -502,36 +579,6 @@ class SlotSampler:
         while p < n:
             p *= 4
         return p if 2 * p <= self.num_slots else max(self.num_slots, n)
-
-    def _width(self, need: int) -> int:
-        """Cache columns for rows that need `need`: 64 * 4^i, at most max_len + chunk.
-
-        (Powers of four rather than two: fewer widths, fewer shapes to compile.)
-        """
-        width = 64
-        while width < need:
-            width *= 4
-        return min(width, self.max_len + self.chunk)
-
-    def _fit(self, need: int) -> None:
-        """Resizes the cache so that writes up to column `need` (exclusive) stay inside it.
-
-        Every row also keeps room for one decode call past its length (a
-        write past the end would be clamped onto the row's real columns).
-        """
-        width = self._width(max(need, int(self.lengths.max()) + self.decode_steps))
-        have = self.slots.mask_BS.shape[1]
-        if width == have:
-            return
-        sl = self.slots
-        if width > have:
-            pad = width - have
-            grow = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, pad), (0, 0)])
-            keys, values = grow(sl.keys), grow(sl.values)
-            mask = jnp.pad(sl.mask_BS, ((0, 0), (0, pad)))
-        else:
-            keys, values, mask = sl.keys[:, :, :, :width], sl.values[:, :, :, :width], sl.mask_BS[:, :width]
-        self.slots = SlotState(keys, values, mask, sl.length_B, sl.logits_BV)
 
     def prefill(self, appends: dict[int, tuple[Sequence[int], bool]]) -> None:
         """Appends tokens to slots: ``{slot: (token ids, reset first)}``.
@@ -563,10 +610,11 @@ class SlotSampler:
                 ids[i], counts[i], reset[i] = s, len(part), todo[s][1]
                 tokens[i, :len(part)] = part
                 todo[s] = [todo[s][0][c:], False]
-            self._fit(max(int(self.lengths[s]) for s in rows) + c)
+            width = prefill_width(max(int(self.lengths[s]) for s in rows) + c, self.columns)
             self.lengths[rows] += counts[:len(rows)]
             self.slots = _slot_prefill(self.graphdef, self.state, self.slots, jnp.asarray(ids),
-                                       jnp.asarray(tokens), jnp.asarray(counts), jnp.asarray(reset))
+                                       jnp.asarray(tokens), jnp.asarray(counts), jnp.asarray(reset),
+                                       width=width)
             todo = {s: v for s, v in todo.items() if v[0]}
 
     def decode(self, active: np.ndarray, steps: np.ndarray, keys: jax.Array, *,
@@ -581,13 +629,18 @@ class SlotSampler:
           exit_after: return once this many rows ended their action.
         """
         p = self.params
-        self._fit(int(self.lengths.max()) + self.decode_steps)
+        active = np.asarray(active, bool)
+        need = int(self.lengths[active].max(initial=0)) + self.decode_steps
+        if need > self.columns:
+            raise ValueError(f"decoding {self.decode_steps} more tokens needs {need} cache columns; "
+                             f"the slots have {self.columns} (max_len + chunk)")
         out = _slot_decode(
-            self.graphdef, self.state, self.slots, jnp.asarray(active, bool),
+            self.graphdef, self.state, self.slots, jnp.asarray(active),
             jnp.asarray(steps, jnp.int32), keys, jnp.int32(max_new or p.max_new_tokens),
             jnp.int32(exit_after), jnp.float32(p.temperature), jnp.float32(p.top_p),
-            num_steps=self.decode_steps, top_k=p.top_k, use_top_p=p.top_p < 1.0,
-            stop_ids=tuple(int(t) for t in p.stop_token_ids), pad_id=self.pad_id)
+            num_steps=self.decode_steps, width=decode_width(need, self.columns), top_k=p.top_k,
+            use_top_p=p.top_p < 1.0, stop_ids=tuple(int(t) for t in p.stop_token_ids),
+            pad_id=self.pad_id)
         self.slots = out[0]
         result = SlotDecode(*(_to_host(x) for x in out[1:]))
         self.lengths += result.count
