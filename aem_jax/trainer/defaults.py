@@ -137,6 +137,8 @@ def base() -> ConfigDict:
     c.etpo.q_learning_rate = 1e-3    # Q-network AdamW learning rate (schedule etc. from c.optim)
     c.etpo.q = ConfigDict()          # the Q network: its own decoder, logits = Q over the vocabulary
     c.etpo.q.from_policy = False     # True: Q starts as a copy of the initial policy (its sizes; below ignored)
+    c.etpo.q.residual = False        # with from_policy: Q = its logits minus the reference policy's (Q = 0 at
+                                     # the start, on the policy's features; for warm starts)
     c.etpo.q.hidden_size = 64        # D of the Q network
     c.etpo.q.intermediate_size = 128  # MLP width of the Q network
     c.etpo.q.num_layers = 2          # decoder blocks of the Q network

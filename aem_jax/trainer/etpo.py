@@ -92,8 +92,14 @@ class EtpoBatch:
 
 def etpo_update_step(policy: TrainState, q: QNets, ref_params, mb: EtpoBatch, *, policy_graphdef, q_graphdef,
                      policy_optimizer, q_optimizer, beta: float, gamma: float, tau: float, delta: float,
-                     agg: str, entropy_coef: float):
+                     agg: str, entropy_coef: float, residual: bool = False):
     """One Q step (+ Polyak target step), then one policy step (pure; jit it).
+
+    With ``residual`` (``etpo.q.residual``, Q network copied from the policy)
+    Q is the Q network's logits minus the reference policy's,
+    ``Q(c, w) = f_theta(c)_w - f_ref(c)_w``: the policy's features with an
+    output that starts at exactly 0, so the first policy steps see no Q noise
+    and only the KL term (zero at pi = rho) until Q has learnt from rewards.
 
     Returns (policy state, QNets, metrics).
     """
@@ -102,12 +108,16 @@ def etpo_update_step(policy: TrainState, q: QNets, ref_params, mb: EtpoBatch, *,
     tokens, attn, mask = b.tokens, b.attention_mask, b.loss_mask
     ref_BTV = sg(shifted_logits(policy_graphdef, ref_params, tokens, attn))
     pi_BTV = sg(shifted_logits(policy_graphdef, policy.params, tokens, attn))
-    vsoft_BT = obj.etpo_soft_values(sg(shifted_logits(q_graphdef, q.target, tokens, attn)), pi_BTV, ref_BTV,
-                                    beta=beta)
+    offset_BTV = ref_BTV if residual else 0.0
+
+    def q_values(params):
+        return shifted_logits(q_graphdef, params, tokens, attn) - offset_BTV
+
+    vsoft_BT = obj.etpo_soft_values(sg(q_values(q.target)), pi_BTV, ref_BTV, beta=beta)
     y_BT = obj.etpo_token_targets(vsoft_BT, b.turn_ids, mask, b.turn_rewards, b.turn_valid, b.done, gamma=gamma)
 
     def q_loss_fn(trainable):
-        q_BTV = shifted_logits(q_graphdef, trainable[0], tokens, attn)
+        q_BTV = q_values(trainable[0])
         q_taken = jnp.take_along_axis(q_BTV, tokens[:, :, None], axis=-1)[..., 0]
         loss, aux = obj.etpo_q_loss(q_taken, y_BT, mask, delta=delta, agg=agg)
         return loss, {"q_loss": loss, "q_mean": aux["q_mean"], "td_abs": aux["td_abs"],
@@ -116,7 +126,7 @@ def etpo_update_step(policy: TrainState, q: QNets, ref_params, mb: EtpoBatch, *,
     (q_loss, q_metrics), q_grads = jax.value_and_grad(q_loss_fn, has_aux=True)((q.state.params, q.state.extra))
     q_state, q_metrics = apply_gradients(q.state, q_grads, q_loss, q_optimizer, q_metrics)
     q = QNets(q_state, polyak(q.target, q_state.params, tau))
-    q_new_BTV = sg(shifted_logits(q_graphdef, q_state.params, tokens, attn))
+    q_new_BTV = sg(q_values(q_state.params))
 
     def pi_loss_fn(trainable):
         logits_BTV = shifted_logits(policy_graphdef, trainable[0], tokens, attn)
@@ -175,7 +185,7 @@ def init(ctx: RunContext) -> State:
     step = jax.jit(functools.partial(
         etpo_update_step, policy_graphdef=ctx.graphdef, q_graphdef=q_graphdef, policy_optimizer=ctx.optimizer,
         q_optimizer=q_optimizer, beta=e.beta, gamma=e.gamma, tau=e.tau, delta=e.huber_delta, agg=c.loss.agg,
-        entropy_coef=c.loss.entropy_coef),
+        entropy_coef=c.loss.entropy_coef, residual=e.q.residual),
         donate_argnums=(0, 1), out_shardings=(shardings_of(policy), shardings_of(q), None))
     alpha = jax.jit(functools.partial(alpha_weights, settings=AdvantageSettings.from_config(c, estimator="none")))
     return State(policy=policy, q=q, reference=reference, update_step=step, alpha=alpha)
@@ -227,6 +237,9 @@ def validate(config) -> None:
         ("learner.microbatch_size", config.learner.microbatch_size, config.learner.microbatch_size == 0,
          "ETPO's Q and policy steps do not accumulate gradients over micro-batches: use 0 (or a "
          "policy-gradient algorithm)"),
+        ("etpo.q.residual", e.q.residual, not e.q.residual or e.q.from_policy,
+         "a residual Q subtracts the reference policy's logits from a copy of the policy: set "
+         "etpo.q.from_policy=True too"),
         ("etpo.beta", e.beta, finite_pos(e.beta), "must be finite and > 0"),
         ("etpo.gamma", e.gamma, 0 <= e.gamma <= 1, "must be in [0, 1]"),
         ("etpo.tau", e.tau, 0 < e.tau <= 1, "must be in (0, 1]"),

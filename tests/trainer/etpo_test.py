@@ -17,12 +17,16 @@ from tests.trainer.archer_test import _rows, host_copy, load_config, sq_dist
     ("rollout.history", "windowed", "config.rollout.history='windowed'"),
     ("etpo.beta", 0.0, "config.etpo.beta=0.0"),
     ("loss.agg", "seq-mean-token-mean", "config.loss.agg='seq-mean-token-mean'"),
+    ("etpo.q.residual", True, "config.etpo.q.residual=True.*from_policy=True"),
 ])
 def test_bad_config_names_the_key(key, value, message):
     config = load_config("etpo", "smoke")
     config.aem.enabled = True
-    section, field = key.split(".")
-    config[section][field] = value
+    *sections, field = key.split(".")
+    block = config
+    for name in sections:
+        block = block[name]
+    block[field] = value
     with pytest.raises(ValueError, match=message):
         loop.check_config(config)
 
@@ -92,3 +96,24 @@ def test_etpo_smoke_polyak_reference_and_checkpoint(tmp_path):
     ckpt.close()
     assert step == 3 and int(restored.q.state.step) == 3
     assert sq_dist(host_copy(restored.q.state.params), q_init) > 0.0
+
+
+def test_residual_q_starts_at_zero_and_leaves_the_first_policy_step_at_the_reference():
+    config = load_config("etpo", "smoke")
+    config.eval.num_tasks = 0
+    config.rollout.invalid_penalty = 0.5
+    config.learner.minibatch_size = 4     # one Q step and one policy step per iteration
+    config.loss.entropy_coef = 0.0        # the policy's only gradient: KL to rho and Q
+    config.etpo.q.from_policy = True
+    config.etpo.q.residual = True
+    algorithm = loop.check_config(config)
+    ctx = loop.build_context(config, sharding.make_mesh(dict(config.mesh)))
+    with sharding.use_mesh(ctx.mesh):
+        state = algorithm.init(ctx)
+        policy0 = host_copy(state.policy.params)
+        state, first, _ = loop.train_step(ctx, algorithm, state, 0)
+    # Q = f_theta - f_ref with theta = ref at the start: its first values are exactly 0 ...
+    assert first["q_mean"] == 0.0
+    assert first["q_loss"] > 0.0 and first["target_mean"] != 0.0
+    # ... and the policy step after one Q step moves the policy (Q is no longer 0), by a finite amount
+    assert np.isfinite(first["policy_loss"]) and sq_dist(host_copy(state.policy.params), policy0) > 0.0
