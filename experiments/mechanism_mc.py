@@ -223,6 +223,11 @@ def policy_config(config_spec: str, policy: str | None, overrides: Sequence[str]
     if group_size is not None:
         sets.append(f"rollout.group_size={group_size}")
     config = setup.load_config(config_spec, sets)
+    episodes = config.rollout.num_tasks * config.rollout.group_size
+    if episodes % config.learner.minibatch_size:
+        # the minibatch only pads the batch's rows here (no update is made); the
+        # config check wants it to divide the batch
+        config.learner.minibatch_size = episodes
     if config.rollout.group_size < 2:
         raise ValueError(f"rollout.group_size={config.rollout.group_size}; AEM's groups need >= 2 rollouts per task")
     return config
