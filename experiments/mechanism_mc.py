@@ -432,6 +432,20 @@ def fmt(c: dict, key: str) -> str:
     return f"{c[key]['r']:+.2f} [{c[key]['ci95'][0]:+.2f}, {c[key]['ci95'][1]:+.2f}]"
 
 
+def batch_drift(rows: dict) -> dict[str, float]:
+    """The rollout batch's first-order entropy drift ``mean(A (S - E[S|s]))`` (per
+    valid response), with the GRPO advantage A alone and with AEM's alpha A,
+    using the MC relative surprisal and the trainer's proxy ``S - Hresp``."""
+    a = np.asarray(rows["advantage"], np.float64)
+    alpha = np.asarray(rows["alpha"], np.float64)
+    out = {}
+    for key in ("rel_mc", "rel_proxy"):
+        rel = np.asarray(rows[key], np.float64)
+        out[f"grpo_{key}"] = float(np.mean(a * rel))
+        out[f"aem_{key}"] = float(np.mean(alpha * a * rel))
+    return out
+
+
 def report(measurements: list[dict], labels: list[str], drift_runs: list[str], out: str) -> dict:
     """OUT.json (every number) and OUT.png (scatter of alpha - 1 against rel_mc per measurement)."""
     import matplotlib
@@ -442,6 +456,7 @@ def report(measurements: list[dict], labels: list[str], drift_runs: list[str], o
     summary: dict[str, Any] = {"measurements": {}, "drift": {}}
     for label, meas in zip(labels, measurements):
         summary["measurements"][label] = {k: meas[k] for k in ("config", "summary", "correlations")}
+        summary["measurements"][label]["batch_drift"] = batch_drift(meas["rows"])
     for run in drift_runs:
         rows = mechanism.load(run)
         summary["drift"][os.path.basename(os.path.normpath(run))] = {

@@ -180,3 +180,15 @@ def test_measure_end_to_end_on_a_random_smoke_model(tmp_path):
     assert rep["drift"]["rl"]["sign_agreement"] == 1.0 and rep["drift"]["rl"]["n_steps"] == 4
     assert rep["measurements"]["smoke"]["summary"]["responses"] == n
     assert (tmp_path / "rep.png").stat().st_size > 0
+
+
+def test_batch_drift_is_the_mean_of_advantage_times_relative_surprisal():
+    rng = np.random.default_rng(2)
+    rows = {k: rng.normal(size=9).tolist() for k in ("advantage", "rel_mc", "rel_proxy")}
+    rows["alpha"] = np.exp(rng.uniform(-1, 1, size=9)).tolist()
+    out = mc.batch_drift(rows)
+    a, al = np.asarray(rows["advantage"]), np.asarray(rows["alpha"])
+    for key in ("rel_mc", "rel_proxy"):
+        rel = np.asarray(rows[key])
+        np.testing.assert_allclose(out[f"grpo_{key}"], sum(a[i] * rel[i] for i in range(9)) / 9, rtol=1e-12)
+        np.testing.assert_allclose(out[f"aem_{key}"], sum(al[i] * a[i] * rel[i] for i in range(9)) / 9, rtol=1e-12)
