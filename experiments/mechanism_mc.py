@@ -465,6 +465,10 @@ def report(measurements: list[dict], labels: list[str], drift_runs: list[str], o
             "success_first_last5": [float(np.mean([r["success"] for r in rows[:5]])),
                                     float(np.mean([r["success"] for r in rows[-5:]]))],
             "alpha_std_mean": float(np.mean([r.get("alpha_std", np.nan) for r in rows])),
+            # the step-to-step change compares batches of different tasks; over the run:
+            "predicted_negative_frac": float(np.mean([r["predicted_entropy_drift"] < 0 for r in rows])),
+            "token_entropy_first_last5": [float(np.mean([r["token_entropy"] for r in rows[:5]])),
+                                          float(np.mean([r["token_entropy"] for r in rows[-5:]]))],
         }
     n = len(measurements)
     fig, axes = plt.subplots(2, n, figsize=(4.2 * n, 7.2), squeeze=False)

@@ -173,11 +173,14 @@ def test_measure_end_to_end_on_a_random_smoke_model(tmp_path):
     run.mkdir()
     with open(run / "metrics.jsonl", "w") as f:
         for i, (p, d) in enumerate([(0.1, 0.2), (-0.3, -0.1), (0.2, 0.05), (0.4, 0.3)]):
-            f.write(json.dumps({"step": i + 1, "success": 0.5, "alpha_std": 0.1, "predicted_entropy_drift": p,
+            f.write(json.dumps({"step": i + 1, "success": 0.5, "alpha_std": 0.1, "token_entropy": 1.0 - 0.1 * i,
+                                "predicted_entropy_drift": p,
                                 "measured_entropy_change": d}) + "\n")
     mc.main(["report", "--measurements", str(path), "--drift_runs", str(run), "--out", str(tmp_path / "rep")])
     rep = json.loads((tmp_path / "rep.json").read_text())
     assert rep["drift"]["rl"]["sign_agreement"] == 1.0 and rep["drift"]["rl"]["n_steps"] == 4
+    assert rep["drift"]["rl"]["predicted_negative_frac"] == 0.25
+    np.testing.assert_allclose(rep["drift"]["rl"]["token_entropy_first_last5"], [0.85, 0.85])
     assert rep["measurements"]["smoke"]["summary"]["responses"] == n
     assert (tmp_path / "rep.png").stat().st_size > 0
 
