@@ -10,15 +10,14 @@ is documented there, the ``archer`` block included) and sets what archer needs.
 """
 from ml_collections import ConfigDict
 
-from aem_jax.trainer.defaults import base, smoke, textworld, variants
+from aem_jax.trainer.defaults import base, environment, smoke, variants
 
 
 def get_config(arg: str | None = None) -> ConfigDict:
     """The archer config; variant smoke: 2 steps of a tiny model and critic on CPU."""
     names = variants(arg, "configs/archer.py")
     c = base()
-    if "textworld" in names:
-        textworld(c)
+    environment(c, names)           # :textworld or :longhorizon
     c.algorithm = "archer"           # aem_jax/trainer/archer.py (critic.py, replay.py)
     c.aem.enabled = True             # scale the actor's utterance advantages by AEM's alpha (False: plain ArCHer)
     c.rollout.history = "concatenated"  # ArCHer replays whole episodes (required)

@@ -14,7 +14,7 @@ after 250 steps and at 1.00, 1.00, 0.73, 0.98, 1.00 after 400: one seed
 learns the copy skill only after step 250, and every seed has short dips
 after learning it). See docs/results.md, "The default job".
 """
-from aem_jax.trainer.defaults import base, smoke, textworld, variants
+from aem_jax.trainer.defaults import base, environment, smoke, variants
 
 
 def get_config(arg: str | None = None):
@@ -22,8 +22,7 @@ def get_config(arg: str | None = None):
     c = base()
     c.loss.dual_clip = 3.0           # bound -c*A on negative advantages (1912.09729); 0 = off as in base()
     c.total_steps = 400              # base(): 250, after which one seed of five had not learnt yet
-    if "textworld" in names:
-        textworld(c)
+    environment(c, names)           # :textworld or :longhorizon
     if "smoke" in names:
         smoke(c)
     return c

@@ -11,15 +11,14 @@ here, keep minibatches small with LLM vocabularies.
 """
 from ml_collections import ConfigDict
 
-from aem_jax.trainer.defaults import base, smoke, textworld, variants
+from aem_jax.trainer.defaults import base, environment, smoke, variants
 
 
 def get_config(arg: str | None = None) -> ConfigDict:
     """The etpo config; variant smoke: 2 steps of a tiny policy and Q network on CPU."""
     names = variants(arg, "configs/etpo.py")
     c = base()
-    if "textworld" in names:
-        textworld(c)
+    environment(c, names)           # :textworld or :longhorizon
     c.algorithm = "etpo"             # aem_jax/trainer/etpo.py
     c.aem.enabled = False            # plain ETPO (True: weight each response's policy-loss tokens by AEM's alpha)
     c.rollout.history = "concatenated"  # each turn bootstraps from the next turn of its row (required)

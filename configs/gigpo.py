@@ -4,14 +4,13 @@ Run:
   python -m aem_jax.train --config=configs/gigpo.py --workdir=runs/gigpo
   python -m aem_jax.train --config=configs/gigpo.py:smoke --workdir=/tmp/gigpo_smoke
 """
-from aem_jax.trainer.defaults import base, smoke, textworld, variants
+from aem_jax.trainer.defaults import base, environment, smoke, variants
 
 
 def get_config(arg: str | None = None):
     names = variants(arg, "configs/gigpo.py")
     c = base()
-    if "textworld" in names:
-        textworld(c)
+    environment(c, names)           # :textworld or :longhorizon
     c.algorithm = "gigpo"
     c.aem.enabled = False            # the paper's GiGPO; set True for GiGPO + AEM
     c.advantage.gamma = 0.95         # discount of step returns

@@ -4,14 +4,13 @@ Run:
   python -m aem_jax.train --config=configs/gspo.py --workdir=runs/gspo
   python -m aem_jax.train --config=configs/gspo.py:smoke --workdir=/tmp/gspo_smoke
 """
-from aem_jax.trainer.defaults import base, smoke, textworld, variants
+from aem_jax.trainer.defaults import base, environment, smoke, variants
 
 
 def get_config(arg: str | None = None):
     names = variants(arg, "configs/gspo.py")
     c = base()
-    if "textworld" in names:
-        textworld(c)
+    environment(c, names)           # :textworld or :longhorizon
     c.algorithm = "gspo"
     c.loss.clip_low = 3e-4           # GSPO clips the length-normalised sequence ratio tightly
     c.loss.clip_high = 4e-4

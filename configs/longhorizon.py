@@ -18,25 +18,18 @@ successes (the floor is ~0), so expect this config to stay near the floor
 unless the model starts from a supervised warm start (``model.source``, see
 issue 18 item 1); it is the long-horizon task of the warm-started
 comparison. The rest are the default job's settings (configs/default.py),
-with fewer tasks per step (episodes are 4-6 times longer).
+with fewer tasks per step (episodes are 4-6 times longer). The game's settings
+are ``defaults.longhorizon``, which every algorithm's config applies with
+its ``:longhorizon`` variant (``configs/archer.py:longhorizon`` etc.).
 """
-from aem_jax.trainer.defaults import base, smoke, variants
+from aem_jax.trainer.defaults import base, longhorizon, smoke, variants
 
 
 def get_config(arg: str | None = None):
     names = variants(arg, "configs/longhorizon.py")
-    if "textworld" in names:
-        raise ValueError("configs/longhorizon.py has no textworld variant; known: smoke")
-    c = base()
-    c.env.name = "dungeon"
-    c.env.kwargs = {"num_rooms": 6, "num_notes": 3, "num_keys": 2, "max_turns": 12}
-    c.rollout.max_turns = 12                 # = env max_turns: expert 9 turns + 3 spare
-    c.rollout.max_context_tokens = 512       # intro + 12 observation/action turns with chat markup
-    c.rollout.seq_bucket = 64
-    c.rollout.max_action_tokens = 6          # "go to room 4" + end of turn is 5 word-level tokens
-    c.rollout.num_tasks = 16                 # x 8 rollouts = 128 episodes, ~1500 turns per step
-    c.learner.minibatch_size = 32
-    c.eval.num_tasks = 32
+    if names - {"smoke", "longhorizon"}:
+        raise ValueError(f"configs/longhorizon.py is the dungeon; its variants: smoke (got {arg!r})")
+    c = longhorizon(base())                  # the game, rows and batch sizes (aem_jax/trainer/defaults.py)
     c.loss.dual_clip = 3.0                   # as configs/default.py
     c.total_steps = 300                      # for warm starts; from scratch success stays ~0 (docs/results.md)
     if "smoke" in names:

@@ -4,14 +4,13 @@ Run:
   python -m aem_jax.train --config=configs/ppo.py --workdir=runs/ppo
   python -m aem_jax.train --config=configs/ppo.py:smoke --workdir=/tmp/ppo_smoke
 """
-from aem_jax.trainer.defaults import base, smoke, textworld, variants
+from aem_jax.trainer.defaults import base, environment, smoke, variants
 
 
 def get_config(arg: str | None = None):
     names = variants(arg, "configs/ppo.py")
     c = base()
-    if "textworld" in names:
-        textworld(c)
+    environment(c, names)           # :textworld or :longhorizon
     c.algorithm = "ppo"
     c.aem.enabled = False            # plain PPO; set True to modulate its GAE advantages by AEM
     # PPO needs no groups: as many distinct tasks as the others' episodes per step

@@ -4,14 +4,13 @@ Run:
   python -m aem_jax.train --config=configs/rloo.py --workdir=runs/rloo
   python -m aem_jax.train --config=configs/rloo.py:smoke --workdir=/tmp/rloo_smoke
 """
-from aem_jax.trainer.defaults import base, smoke, textworld, variants
+from aem_jax.trainer.defaults import base, environment, smoke, variants
 
 
 def get_config(arg: str | None = None):
     names = variants(arg, "configs/rloo.py")
     c = base()
-    if "textworld" in names:
-        textworld(c)
+    environment(c, names)           # :textworld or :longhorizon
     c.algorithm = "rloo"
     if "smoke" in names:
         smoke(c)

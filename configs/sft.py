@@ -23,19 +23,12 @@ The policy is exported at the end to WORKDIR/export/final (config.json,
 safetensors, tokenizer with its chat template). The last step logs
 ``heldout_success`` and ``heldout_response_entropy`` in metrics.jsonl.
 """
-import pathlib
 
-from aem_jax.trainer.defaults import VARIANTS, base, smoke, textworld
-
-OWN_VARIANTS = ("longhorizon",)
+from aem_jax.trainer.defaults import base, environment, smoke, variants
 
 
 def get_config(arg: str | None = None):
-    names = {n for n in (arg or "").split(",") if n}
-    unknown = sorted(names - set(VARIANTS) - set(OWN_VARIANTS))
-    if unknown:
-        raise ValueError(f"unknown variant {unknown[0]!r} of configs/sft.py; known: "
-                         f"{', '.join(VARIANTS + OWN_VARIANTS)} (comma-separated, e.g. longhorizon,smoke)")
+    names = variants(arg, "configs/sft.py")
     c = base()
     c.algorithm = "sft"
     c.total_steps = 100              # training steps = optimiser steps (64 demonstrations, one minibatch)
@@ -44,21 +37,14 @@ def get_config(arg: str | None = None):
     c.rollout.group_size = 1         # ... one episode each (the loop's rollouts of the policy too)
     c.learner.minibatch_size = 64
     c.export.enabled = True          # the warm start: WORKDIR/export/final
-    if "textworld" in names:
-        textworld(c)
-        c.env.kwargs["policy_commands"] = True  # the expert plays the game's walkthrough
-        c.rollout.num_tasks = 32
+    environment(c, names)            # :textworld or :longhorizon, as the RL configs that load the result
+    if names & {"textworld", "longhorizon"}:
+        # TextWorld: longer observations; the dungeon: episodes of 9-12 turns
+        c.rollout.num_tasks = 32     # 32 demonstrations per step, one episode each
         c.rollout.group_size = 1
         c.learner.minibatch_size = 32
-    if "longhorizon" in names:
-        from aem_jax.trainer.setup import load_config  # the dungeon's settings live in one file
-
-        game = load_config(str(pathlib.Path(__file__).with_name("longhorizon.py")))
-        c.env = game.env
-        for key in ("max_turns", "max_context_tokens", "seq_bucket", "max_action_tokens"):
-            c.rollout[key] = game.rollout[key]
-        c.rollout.num_tasks = 32     # episodes are 9-12 turns: 32 demonstrations per step
-        c.learner.minibatch_size = 32
+    if "textworld" in names:
+        c.env.kwargs["policy_commands"] = True  # the expert plays the game's walkthrough
     if "smoke" in names:
         smoke(c)
     return c

@@ -82,6 +82,9 @@ ENVS: dict[str, tuple[str, list[str]]] = {
     # so that 30 runs fit in about an hour of 2 CPU cores.
     "textworld": ("textworld", ["--config.rollout.history=concatenated", "--config.rollout.max_turns=4",
                                 "--config.env.kwargs.max_steps=4", "--config.rollout.num_tasks=4"]),
+    # The long-horizon dungeon (aem_jax/trainer/defaults.longhorizon, configs/longhorizon.py); from a
+    # supervised warm start: --set model.source=WARM_START_DIR.
+    "dungeon": ("longhorizon", []),
 }
 
 # Per (environment, method) settings, each with its reason.

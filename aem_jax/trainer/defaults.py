@@ -240,21 +240,57 @@ def textworld(c: ConfigDict) -> ConfigDict:
     return c
 
 
-VARIANTS = ("smoke", "textworld")
+def longhorizon(c: ConfigDict) -> ConfigDict:
+    """Switches a config in place to the long-horizon dungeon (aem_jax/envs/dungeon.py).
+
+    6 rooms, a trail of 3 notes, 2 keys; the scripted expert escapes in 9
+    turns, a uniformly random player almost never (0.04 % of 100,000 seeds),
+    and the episode is cut at 12 turns. Every turn is appended to one row
+    ("concatenated" history, which ppo, archer and etpo need): an expert
+    episode is 245 word-level tokens with the chat markup, one that wastes 3
+    turns on the game's longest message 353, hence 512-token rows. From random
+    weights success stays near 0: start from a supervised warm start
+    (``model.source``, configs/sft.py:longhorizon).
+    """
+    c.env.name = "dungeon"
+    c.env.kwargs = ConfigDict({"num_rooms": 6, "num_notes": 3, "num_keys": 2, "max_turns": 12})
+    c.rollout.max_turns = 12                 # = env max_turns: expert 9 turns + 3 spare
+    c.rollout.history = "concatenated"
+    c.rollout.max_context_tokens = 512       # intro + 12 observation/action turns with chat markup
+    c.rollout.seq_bucket = 64                # rows padded to the next multiple of 64 above the longest
+    c.rollout.max_action_tokens = 6          # "go to room 4" + end of turn is 5 word-level tokens
+    c.rollout.num_tasks = 16                 # x 8 rollouts = 128 episodes, ~1500 turns per step
+    c.learner.minibatch_size = 32
+    c.eval.num_tasks = 32
+    return c
+
+
+VARIANTS = ("smoke", "textworld", "longhorizon")
+ENVIRONMENTS = {"textworld": textworld, "longhorizon": longhorizon}
+
+
+def environment(c: ConfigDict, names: frozenset[str]) -> ConfigDict:
+    """Applies the environment variant among ``names`` (at most one), before an algorithm's own settings."""
+    chosen = sorted(names & set(ENVIRONMENTS))
+    if len(chosen) > 1:
+        raise ValueError(f"variants {' and '.join(chosen)} pick two environments; use one")
+    for name in chosen:
+        ENVIRONMENTS[name](c)
+    return c
 
 
 def variants(arg: str | None, file: str) -> frozenset[str]:
     """The comma-separated variants of a config argument ("textworld,smoke").
 
-    Config files apply ``textworld`` (the environment) first, then their
-    algorithm's settings, then ``smoke``. Unknown names fail, listing the
+    Config files apply the environment (``textworld`` or ``longhorizon``,
+    with ``environment``) first, then their algorithm's settings, then ``smoke``. Unknown names fail, listing the
     known ones.
     """
     names = frozenset(n for n in (arg or "").split(",") if n)
     unknown = sorted(names - set(VARIANTS))
     if unknown:
         raise ValueError(f"unknown variant {unknown[0]!r} of {file}; known: {', '.join(VARIANTS)} "
-                         f"(comma-separated, e.g. textworld,smoke)")
+                         f"(comma-separated, e.g. longhorizon,smoke)")
     return names
 
 

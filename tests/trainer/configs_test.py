@@ -71,6 +71,21 @@ def test_textworld_variant_switches_the_environment_only(name):
     assert both.env.name == "textworld" and both.total_steps == 2 and both.env.kwargs["max_steps"] == 2
 
 
+@pytest.mark.parametrize("name", ["default", "dapo", "rloo", "gigpo", "gspo", "ppo", "archer", "etpo", "sft"])
+def test_longhorizon_variant_switches_to_the_dungeon_of_configs_longhorizon(name):
+    from aem_jax.trainer.loop import check_config
+
+    game, lh = load("longhorizon"), load(name, "longhorizon")
+    assert lh.env.name == "dungeon" and lh.env.to_dict() == game.env.to_dict()
+    assert lh.algorithm == load(name).algorithm
+    for key in ("max_turns", "max_context_tokens", "max_action_tokens", "history"):
+        assert lh.rollout[key] == game.rollout[key], key
+    check_config(lh)
+    check_config(load(name, "longhorizon,smoke"))
+    with pytest.raises(ValueError, match="two environments"):
+        load(name, "longhorizon,textworld")
+
+
 def test_load_config_applies_typed_overrides_and_names_bad_keys():
     from aem_jax.trainer import setup
     from aem_jax.trainer.validate import ConfigError
