@@ -336,19 +336,12 @@ class SlotState(NamedTuple):
     logits_BV: jax.Array  # [B,V] float32 next-token logits after the row's last token
 
 
-CACHE_DTYPES = ("float32", "bfloat16")
-
-
-def init_slots(config, num_slots: int, length: int, dtype=None) -> SlotState:
-    """Empty caches for `num_slots` rows of `length` columns (all rows hold 0 tokens).
-
-    `dtype`: the keys/values' dtype (default the model's compute dtype).
-    """
+def init_slots(config, num_slots: int, length: int) -> SlotState:
+    """Empty caches for `num_slots` rows of `length` columns (all rows hold 0 tokens)."""
     if num_slots < 1 or length < 1:
         raise ValueError(f"init_slots(num_slots={num_slots}, length={length}); both must be >= 1")
-    shape = (config.num_layers, num_slots, config.num_kv_heads, length, config.head_dim)
-    dtype = config.compute_dtype if dtype is None else dtype
-    return SlotState(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+    cache = KVCache.zeros(config, num_slots, length)
+    return SlotState(cache.keys, cache.values,
                      jnp.zeros((num_slots,), jnp.int32),
                      jnp.zeros((num_slots, config.vocab_size), jnp.float32))
 
@@ -537,10 +530,6 @@ class SlotSampler:
         powers of four (or all B), so a run compiles a few prefill shapes and
         one decode shape per attention width (`decode_steps` steps over all
         B rows, inactive ones masked).
-      cache_dtype: dtype of the cached keys/values, one of CACHE_DTYPES
-        (default: the model's compute dtype). "bfloat16" halves the cache a
-        decode step reads; log-probs then differ from a float32 forward pass
-        by bfloat16 rounding of the keys and values.
 
     Columns: the cache is allocated once, ``max_len + chunk`` columns wide (a
     chunk is written whole at a row's end even where only part of it is real
@@ -555,13 +544,10 @@ class SlotSampler:
     """
 
     def __init__(self, model: Decoder, params: SamplingParams, pad_id: int, *, num_slots: int,
-                 max_len: int, chunk: int = 64, decode_steps: int = 8, cache_dtype: str | None = None):
+                 max_len: int, chunk: int = 64, decode_steps: int = 8):
         self.chunk = bucket(chunk, minimum=16)
         if not 1 <= decode_steps <= self.chunk:
             raise ValueError(f"decode_steps={decode_steps}; must be in [1, chunk={self.chunk}]")
-        if cache_dtype is not None and cache_dtype not in CACHE_DTYPES:
-            raise ValueError(f"cache_dtype={cache_dtype!r}; allowed: None (the model's compute "
-                             f"dtype) or one of {CACHE_DTYPES}")
         self.graphdef, self.state = nnx.split(model)
         self.config = model.config
         self.params = params
@@ -570,8 +556,7 @@ class SlotSampler:
         self.decode_steps = int(decode_steps)
         self.lengths = np.zeros((self.num_slots,), np.int64)  # host copy of slots.length_B
         self.columns = self.max_len + self.chunk
-        self.slots = init_slots(model.config, self.num_slots, self.columns,
-                                None if cache_dtype is None else jnp.dtype(cache_dtype))
+        self.slots = init_slots(model.config, self.num_slots, self.columns)
 
     def _rows_bucket(self, n: int) -> int:
         """Rows of a prefill call for n slots: a power of four, or all slots (few shapes to compile)."""
