@@ -397,10 +397,9 @@ def _slot_forward(model: Decoder, tokens_PT, slot_P, start_P, keys, values, *, w
         if not all_rows:
             k_BKWH = jnp.take(k_BKWH, slot_P, axis=0, mode="clip")
             v_BKWH = jnp.take(v_BKWH, slot_P, axis=0, mode="clip")
-        dt = q_PNTH.dtype
         # The plain XLA kernel with an explicit mask: per-row query offsets are not expressible
         # in `attend`'s segment form (its cache reads run this kernel on CPU and TPU too).
-        out_PNTH = attention._attend(q_PNTH, k_BKWH.astype(dt), v_BKWH.astype(dt), allowed_PTW)
+        out_PNTH = attention._attend(q_PNTH, k_BKWH, v_BKWH, allowed_PTW)
         y_PTD = dense(out_PNTH.transpose(0, 2, 1, 3), attn.o[...].astype(c.compute_dtype), in_dims=2)
         x_PTD = x_PTD + y_PTD
         x_PTD = x_PTD + block.mlp(block.post_attn_norm(x_PTD))

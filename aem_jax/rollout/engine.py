@@ -56,6 +56,9 @@ from aem_jax.rollout.policy import Generation, SamplerPolicy
 
 DECODE_STEPS = 8  # decode steps per device call at most: how often waiting episodes can join
 PREFILL_CHUNK = 64  # longest prefill chunk; longer appends run as several chunks
+# After the first environment result is back, wait at most this share of the last decode call's
+# time for the other steps in flight (see `_Engine._collect_env_results`).
+GATHER_SHARE = 0.05
 
 
 @dataclasses.dataclass
@@ -97,8 +100,10 @@ class _Waiter:
         self.pending += 1
         threading.Thread(target=wait, daemon=True, name="aem-env-wait").start()
 
-    def get(self, block: bool):
-        item = self.results.get(block=block)
+    def get(self, timeout: float | None):
+        """The next result; waits `timeout` seconds at most (None: until one comes, 0: not at
+        all); raises `queue.Empty` if none came."""
+        item = self.results.get(block=timeout != 0.0, timeout=timeout or None)
         self.pending -= 1
         return item
 
@@ -143,6 +148,7 @@ class _Engine:
         self.stacked = None  # self.keys as one [B] array, until a key changes
         self.finishing: dict[int, Any] = {}  # episode index -> episode, while env.finish runs
         self.gen_s = self.env_s = 0.0
+        self.last_decode_s = 0.0  # seconds of the last decode call
 
     def run(self, timings) -> None:
         start = time.perf_counter()
@@ -160,18 +166,32 @@ class _Engine:
         timings["batch"] += time.perf_counter() - start - self.gen_s - self.env_s
 
     def _collect_env_results(self) -> None:
-        """Applies the environment calls that are back; waits for one if nothing can run."""
+        """Applies the environment calls that are back; waits for one if nothing can run.
+
+        Once one result is back, the others in flight get a short grace
+        (GATHER_SHARE of the last decode call's time) to come back too: a
+        decode step costs the same for 1 or B generating rows, so episodes
+        whose fast environments return a few milliseconds apart should rejoin
+        in the same call rather than trail each other by a whole call. The
+        grace bounds what a slow environment costs the others to that share.
+        """
         block = not self.ready and not any(sl.generating for sl in self.live.values())
+        deadline = None
         while self.waiter.pending:
             t0 = time.perf_counter()
+            if deadline is None:
+                timeout = None if block else 0.0
+            else:
+                timeout = max(0.0, deadline - t0)
             try:
-                tag, kind, outcome = self.waiter.get(block)
+                tag, kind, outcome = self.waiter.get(timeout)
             except queue.Empty:
                 return
             finally:
-                if block:
+                if timeout != 0.0:
                     self.env_s += time.perf_counter() - t0
-            block = False
+            if deadline is None:
+                deadline = time.perf_counter() + GATHER_SHARE * self.last_decode_s
             if kind == "finish":
                 _apply_finish(self.finishing.pop(tag), outcome)
             else:
@@ -215,7 +235,8 @@ class _Engine:
         exit_after = (int(active.sum()) + 1) // 2
         out = self.sampler.decode(active, steps, self.stacked, max_new=self.max_new,
                                   exit_after=exit_after)
-        self.gen_s += time.perf_counter() - t0
+        self.last_decode_s = time.perf_counter() - t0
+        self.gen_s += self.last_decode_s
         for s in np.flatnonzero(active).tolist():
             slot, n = self.live[s], int(out.count[s])
             slot.tokens += out.tokens[s, :n].tolist()
