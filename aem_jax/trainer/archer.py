@@ -46,7 +46,7 @@ from aem_jax import sharding
 from aem_jax.batch import TurnBatch
 from aem_jax.trainer.advantages import AdvantageSettings, compute_advantages
 from aem_jax.trainer.context import Algorithm, RunContext
-from aem_jax.trainer.validate import MAX_KL_PG_ONLY, fail
+from aem_jax.trainer.validate import fail
 from aem_jax.trainer.critic import UtteranceCritic, critic_update_step, critic_values
 from aem_jax.trainer.replay import ReplayBuffer, rows_of
 from aem_jax.trainer.targets import side_model_config, side_optimizer
@@ -164,7 +164,8 @@ def init(ctx: RunContext) -> State:
                  steps=steps, critic_graphdef=critic_graphdef)
 
 
-def update(ctx: RunContext, state: State, batch, step: int):
+def update(ctx: RunContext, state: State, batch, step: int, success: float = 0.0):
+    del success  # the success gate (optim.success_gate) is the policy-gradient family's
     a = ctx.config.archer
     state.buffer.add(batch)
     critic, target, critic_metrics = _critic_phase(ctx, state, batch, step)
@@ -235,7 +236,6 @@ def validate(config) -> None:
     a = config.archer
     checks = [("rollout.history", config.rollout.history, config.rollout.history == "concatenated",
                "ArCHer replays whole episodes: use 'concatenated'"),
-              ("learner.max_kl", config.learner.max_kl, config.learner.max_kl == 0, MAX_KL_PG_ONLY),
               ("learner.microbatch_size", config.learner.microbatch_size, config.learner.microbatch_size == 0,
                "ArCHer's actor step does not accumulate gradients over micro-batches: use 0 (or a "
                "policy-gradient algorithm)"),

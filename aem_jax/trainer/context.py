@@ -4,7 +4,8 @@ what an algorithm is (``Algorithm``, a record of plain functions).
 An algorithm module (``pg``, ``archer``, ``etpo``) provides
 
   init(ctx) -> state                     networks, optimiser states, jitted steps
-  update(ctx, state, batch, step) -> (state, metrics)   one training iteration
+  update(ctx, state, batch, step, success=) -> (state, metrics)   one training iteration
+                                                     (success: the share of the batch's episodes won)
   checkpoint_tree(state) -> (device pytree, host pytree or None)
   restore(ctx, state, device, host) -> state
   policy_params(state) -> the policy's parameters (for rollouts and eval)

@@ -55,7 +55,7 @@ from aem_jax import sharding
 from aem_jax.batch import TurnBatch
 from aem_jax.trainer.advantages import AdvantageSettings, compute_advantages
 from aem_jax.trainer.context import Algorithm, RunContext
-from aem_jax.trainer.validate import MAX_KL_PG_ONLY, fail
+from aem_jax.trainer.validate import fail
 from aem_jax.trainer.targets import polyak, side_model_config, side_optimizer
 from aem_jax.trainer.update import (
     TrainState, apply_gradients, copy_tree, masked_mean, mean_metrics, minibatches, new_train_state,
@@ -191,7 +191,8 @@ def init(ctx: RunContext) -> State:
     return State(policy=policy, q=q, reference=reference, update_step=step, alpha=alpha)
 
 
-def update(ctx: RunContext, state: State, batch: TurnBatch, step: int):
+def update(ctx: RunContext, state: State, batch: TurnBatch, step: int, success: float = 0.0):
+    del success  # the success gate (optim.success_gate) is the policy-gradient family's
     c = ctx.config
     dev = sharding.put_batch(batch, ctx.mesh)
     weights, alpha_info = state.alpha(dev, ctx.keys.at("advantage", step))
@@ -233,7 +234,6 @@ def validate(config) -> None:
         ("loss.agg", config.loss.agg, not (config.aem.enabled and config.loss.agg == "seq-mean-token-mean"),
          "with aem.enabled, ETPO weights tokens by alpha, which seq-mean-token-mean cancels: use another "
          "aggregation or aem.enabled=False"),
-        ("learner.max_kl", config.learner.max_kl, config.learner.max_kl == 0, MAX_KL_PG_ONLY),
         ("learner.microbatch_size", config.learner.microbatch_size, config.learner.microbatch_size == 0,
          "ETPO's Q and policy steps do not accumulate gradients over micro-batches: use 0 (or a "
          "policy-gradient algorithm)"),

@@ -72,7 +72,8 @@ def train_step(ctx: RunContext, algorithm: Algorithm, state, step: int):
     batch, records, roll, local = rollouts.collect_step(ctx, algorithm, algorithm.policy_params(state), step)
     t_roll = time.perf_counter() - t0
     t1 = time.perf_counter()
-    state, update_metrics = algorithm.update(ctx, state, batch, step)
+    success = float(np.mean([r.success for r in records])) if records else 0.0
+    state, update_metrics = algorithm.update(ctx, state, batch, step, success=success)
     jax.block_until_ready(algorithm.checkpoint_tree(state)[0])
     t_update = time.perf_counter() - t1
     record = rollouts.episode_metrics(batch, records, roll, t_roll=t_roll, t_update=t_update,

@@ -14,6 +14,9 @@ unit and a few flags (``Variant``). One iteration (``update``):
    k3 estimate of KL(old || new) on the step's own batch after its last
    minibatch (``post_update_kl``); above ``max_kl`` the step is rejected and
    the policy and optimiser state before it are kept (``rejected_updates``).
+
+With ``optim.success_gate`` every optimiser step of an iteration is scaled
+by ``setup.success_gate`` of the iteration's rollout success (``lr_scale``).
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from aem_jax import sharding
 from aem_jax.batch import TurnBatch
 from aem_jax.trainer.advantages import AdvantageSettings, compute_advantages
 from aem_jax.trainer.context import Algorithm, RunContext
+from aem_jax.trainer.setup import success_gate
 from aem_jax.trainer.validate import fail
 from aem_jax.trainer.update import (
     LossSettings, PGBatch, TrainState, copy_tree, forward_stats, init_value_head, mean_metrics,
@@ -102,7 +106,8 @@ def init(ctx: RunContext, variant: Variant) -> State:
     return State(train=train, ref_params=ref, steps=steps)
 
 
-def update(ctx: RunContext, state: State, batch: TurnBatch, step: int, *, variant: Variant):
+def update(ctx: RunContext, state: State, batch: TurnBatch, step: int, *, variant: Variant,
+           success: float = 0.0):
     c, steps = ctx.config, state.steps
     dev = sharding.put_batch(batch, ctx.mesh)
     token_adv = None
@@ -121,8 +126,10 @@ def update(ctx: RunContext, state: State, batch: TurnBatch, step: int, *, varian
                           ctx.keys.numpy("shuffle", step), size=c.learner.minibatch_size, epochs=c.learner.epochs)
     # A copy: the update donates (and so deletes) the buffers it is given.
     before = copy_tree(state.train) if c.learner.max_kl > 0 else None
-    train, history = run_steps(steps.update, state.train, batches)
+    scale = success_gate(c.optim, success)
+    train, history = run_steps(steps.update, state.train, batches, scale=jnp.float32(scale))
     metrics = mean_metrics(history)
+    metrics["lr_scale"] = scale
     if before is not None:
         kl = float(steps.post_kl(train.params, dev))
         metrics["post_update_kl"] = kl

@@ -161,6 +161,24 @@ def learning_rate(o, total_updates: int | None = None) -> optax.Schedule:
         decay_steps=max(horizon, warmup + 1), end_value=o.learning_rate * o.final_lr_fraction)
 
 
+def success_gate(o, success: float) -> float:
+    """The learning-rate factor of a step whose rollouts succeeded at rate ``success``.
+
+      g(s) = clip((1 - s) / (1 - gate), final_lr_fraction, 1),   gate = ``optim.success_gate``
+
+    The full rate while at most a share ``gate`` of the episodes succeeds,
+    then falling linearly with the share that still fails, down to
+    ``final_lr_fraction`` of it. A run keeps its full rate for as long as
+    it takes to learn (a fixed decay starves seeds that learn late), takes
+    small steps once nearly every group succeeds (when a full-size step on
+    the few remaining advantages can knock a learnt policy off course), and
+    gets its full rate back if success falls. 1 when the gate is off (0).
+    """
+    if not o.success_gate:
+        return 1.0
+    return min(max((1.0 - success) / (1.0 - o.success_gate), o.final_lr_fraction), 1.0)
+
+
 def optimizer(config) -> optax.GradientTransformation:
     """Global-norm clipping, then AdamW with `learning_rate`'s schedule over the run."""
     o = config.optim

@@ -60,7 +60,7 @@ from aem_jax.trainer.update import (
     TrainState, apply_gradients, copy_tree, mean_metrics, minibatches, new_train_state, shardings_of,
     shifted_logp_entropy, split_microbatches,
 )
-from aem_jax.trainer.validate import MAX_KL_PG_ONLY, fail
+from aem_jax.trainer.validate import fail
 
 
 # --- experts -----------------------------------------------------------------
@@ -233,12 +233,13 @@ def init(ctx: RunContext) -> State:
     return State(train=train, step_fn=step_fn)
 
 
-def update(ctx: RunContext, state: State, batch: TurnBatch, step: int):
+def update(ctx: RunContext, state: State, batch: TurnBatch, step: int, success: float = 0.0):
     """Clones the expert on step ``step``'s tasks; ``batch`` (the policy's own rollouts) is not used.
 
     After the last step (``total_steps``) also the held-out evaluation with
     response entropies (:func:`evaluate`).
     """
+    del success  # the success gate (optim.success_gate) is the policy-gradient family's
     del batch
     c = ctx.config
     demos, _, demo_metrics = demonstrations(ctx, step)
@@ -298,8 +299,6 @@ def validate(config) -> None:
     """The ``sft`` block, and that the environment has an expert (and random valid actions for noise)."""
     s, name = config.sft, config.env.name
     kwargs = dict(config.env.kwargs)
-    if config.learner.max_kl:
-        fail("learner.max_kl", config.learner.max_kl, MAX_KL_PG_ONLY)
     if not 0.0 <= s.noise <= 1.0:
         fail("sft.noise", s.noise, "must be in [0, 1] (the share of demonstration actions made random)")
     env_cls = env_registry.resolve(name)

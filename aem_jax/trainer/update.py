@@ -272,13 +272,16 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def apply_gradients(state: TrainState, grads, loss, optimizer: optax.GradientTransformation, metrics):
+def apply_gradients(state: TrainState, grads, loss, optimizer: optax.GradientTransformation, metrics,
+                    scale: jax.Array | float = 1.0):
     """One optimiser step; skipped (and counted) when the loss, the gradient or
     the updated parameters are not finite, so non-finite values never reach
-    the parameters or a checkpoint."""
+    the parameters or a checkpoint. ``scale`` multiplies the optimiser's
+    update (a learning-rate factor decided at run time, e.g. the success gate)."""
     grad_norm = optax.tree.norm(grads)
     trainable = (state.params, state.extra)
     updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
+    updates = jax.tree.map(lambda u: u * jnp.asarray(scale, u.dtype), updates)
     new_params, new_extra = optax.apply_updates(trainable, updates)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite((new_params, new_extra))
     new_state = TrainState(
@@ -291,8 +294,10 @@ def apply_gradients(state: TrainState, grads, loss, optimizer: optax.GradientTra
     return new_state, dict(metrics, grad_norm=grad_norm, skipped=(~ok).astype(jnp.float32))
 
 
-def pg_update_step(state: TrainState, mb: PGBatch, *, graphdef, optimizer, settings: LossSettings):
-    """Loss, gradient and optimiser step on one minibatch (pure; jit it).
+def pg_update_step(state: TrainState, mb: PGBatch, scale: jax.Array | float = 1.0, *, graphdef, optimizer,
+                   settings: LossSettings):
+    """Loss, gradient and optimiser step on one minibatch (pure; jit it);
+    ``scale`` multiplies the optimiser's update (``apply_gradients``).
 
     With ``settings.microbatch_size`` = m < B the gradient is accumulated over
     B / m micro-batches (:func:`accumulate_gradients`), so the activations of
@@ -307,7 +312,7 @@ def pg_update_step(state: TrainState, mb: PGBatch, *, graphdef, optimizer, setti
     else:
         grad_fn = jax.value_and_grad(pg_loss, has_aux=True)
         (loss, metrics), grads = grad_fn(trainable, graphdef, mb, settings)
-    return apply_gradients(state, grads, loss, optimizer, metrics)
+    return apply_gradients(state, grads, loss, optimizer, metrics, scale)
 
 
 def split_microbatches(tree, num: int):

@@ -111,8 +111,12 @@ def _one_of(choices: Sequence[str]) -> Rule:
 
 
 _POSITIVE_INT, _COUNT = _int(1), _int(0)
-# learner.max_kl's error for the algorithms outside pg.py
-MAX_KL_PG_ONLY = "the step-rejecting KL check is implemented for the policy-gradient family only: use 0"
+# Options only the policy-gradient family's update (pg.py) implements: the
+# algorithms with their own block (ALGORITHM_BLOCKS) refuse them.
+PG_ONLY = {
+    "learner.max_kl": "the step-rejecting KL check",
+    "optim.success_gate": "the success-gated learning rate",
+}
 _POSITIVE, _NONNEGATIVE, _UNIT = _number(0, open_low=True), _number(0), _number(0, 1)
 _MESH_AXIS = _int(1, also=(-1,), text="-1 (all remaining devices) or >= 1")
 
@@ -173,6 +177,7 @@ RULES: dict[str, Rule] = {
     "optim.schedule": _one_of(("constant", "cosine")),
     "optim.final_lr_fraction": _number(0, 1),
     "optim.decay_steps": _COUNT,
+    "optim.success_gate": _number(0, 1, open_high=True),
     "optim.b1": _number(0, 1, open_high=True),
     "optim.b2": _number(0, 1, open_high=True),
     "optim.eps": _POSITIVE,
@@ -303,6 +308,12 @@ def check_values(config) -> None:
 
 def check_relations(config) -> None:
     """Rules between fields, and patterns that must compile."""
+    if config.algorithm in ALGORITHM_BLOCKS:
+        for key, what in PG_ONLY.items():
+            section, field = key.split(".")
+            if config[section][field]:
+                fail(key, config[section][field], f"{what} is implemented for the policy-gradient family only, "
+                     f"not algorithm={config.algorithm!r}: use 0")
     m, r = config.model, config.rollout
     if m.source == "scratch":
         if m.num_heads % m.num_kv_heads:

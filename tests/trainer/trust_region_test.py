@@ -1,5 +1,8 @@
-"""learner.max_kl: the step KL against a float64 reference, and a rejected step
-leaves policy and optimiser state as they were."""
+"""Step-size controls of the policy-gradient update: learner.max_kl (the step KL
+against a float64 reference; a rejected step leaves policy and optimiser state
+as they were) and optim.success_gate (the rate factor and where it applies)."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,6 +35,7 @@ def test_step_kl_is_the_k3_estimate_on_action_tokens():
     assert abs(float(pg.step_kl(params, jax.tree.map(jnp.asarray, same), graphdef=graphdef, chunk_size=8))) < 1e-6
 
 
+@functools.lru_cache(maxsize=None)
 def _two_steps(*overrides):
     """Initial parameters, parameters after two training steps, and the steps' records."""
     config = setup.load_config("configs/default.py:smoke", ["eval.num_tasks=0", *overrides])
@@ -68,7 +72,35 @@ def test_rejected_steps_keep_the_policy_and_measuring_changes_nothing():
 
 
 @pytest.mark.parametrize("algorithm", ["archer", "etpo", "sft"])
-def test_max_kl_is_refused_outside_the_policy_gradient_family(algorithm):
-    with pytest.raises(ConfigError, match="learner.max_kl"):
-        loop.check_config(setup.load_config("configs/default.py:smoke",
-                                            [f"algorithm={algorithm}", "learner.max_kl=0.1"]))
+@pytest.mark.parametrize("option", ["learner.max_kl=0.1", "optim.success_gate=0.5"])
+def test_pg_only_options_are_refused_outside_the_policy_gradient_family(algorithm, option):
+    key = option.split("=")[0]
+    with pytest.raises(ConfigError, match=f"config.{key}=.*policy-gradient family only.*'{algorithm}'"):
+        loop.check_config(setup.load_config("configs/default.py:smoke", [f"algorithm={algorithm}", option]))
+
+
+def test_success_gate_is_full_until_the_gate_then_linear_down_to_the_floor():
+    o = setup.load_config("configs/default.py", ["optim.success_gate=0.5", "optim.final_lr_fraction=0.1"]).optim
+    for s in (0.0, 0.25, 0.5):
+        assert setup.success_gate(o, s) == 1.0
+    np.testing.assert_allclose([setup.success_gate(o, s) for s in (0.6, 0.75, 0.9, 0.95, 1.0)],
+                               [0.8, 0.5, 0.2, 0.1, 0.1], rtol=1e-12)
+    off = setup.load_config("configs/default.py", []).optim
+    assert setup.success_gate(off, 1.0) == 1.0
+
+
+def test_the_gate_scales_each_optimiser_update_and_is_logged(monkeypatch):
+    # the scale multiplies Adam's update: half the factor, half the parameter change
+    from tests.trainer.update_test import _one_update_scaled
+    one = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    full, _, before = _one_update_scaled(one, _batch(), 1.0)
+    half, _, _ = _one_update_scaled(one, _batch(), 0.5)
+    for b, f, h in zip(jax.tree.leaves(before), jax.tree.leaves(full.params), jax.tree.leaves(half.params)):
+        np.testing.assert_allclose(np.asarray(h) - np.asarray(b), 0.5 * (np.asarray(f) - np.asarray(b)),
+                                   rtol=1e-4, atol=1e-7)
+    # in the loop: lr_scale is the gate's factor for the step's success, and it changes the run
+    monkeypatch.setattr(pg, "success_gate", lambda o, s: 0.25 if o.success_gate else 1.0)
+    _, gated, rows = _two_steps("optim.success_gate=0.5")
+    assert [r["lr_scale"] for r in rows] == [0.25, 0.25]
+    init, base, _ = _two_steps()
+    assert not _equal(gated, base)

@@ -36,6 +36,12 @@ def _batch(B=8, T=16, seed=0):
 
 
 def _one_update(mesh, batch):
+    state, metrics, _ = _one_update_scaled(mesh, batch, 1.0)
+    return state, metrics
+
+
+def _one_update_scaled(mesh, batch, scale):
+    """(state after one update with ``scale`` on the optimiser's step, its metrics, initial params)."""
     with sharding.use_mesh(mesh):
         model = sharding.create_sharded(lambda: models.Decoder(CONFIG, rngs=nnx.Rngs(0)), mesh)
         graphdef, params, _ = nnx.split(model, nnx.Param, ...)
@@ -45,8 +51,9 @@ def _one_update(mesh, batch):
             opt_state=optimizer.init((params, {})), nonfinite=jnp.zeros((), jnp.int32)), mesh)
         step = jax.jit(functools.partial(pg_update_step, graphdef=graphdef, optimizer=optimizer,
                                          settings=LossSettings(chunk_size=32)))
-        new_state, metrics = step(state, sharding.put_batch(batch, mesh))
-        return new_state, metrics
+        before = jax.tree.map(np.asarray, params)
+        new_state, metrics = step(state, sharding.put_batch(batch, mesh), jnp.float32(scale))
+        return new_state, metrics, before
 
 
 def test_sharded_update_equals_single_device():
