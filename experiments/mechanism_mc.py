@@ -471,14 +471,14 @@ def report(measurements: list[dict], labels: list[str], drift_runs: list[str], o
                                           float(np.mean([r["token_entropy"] for r in rows[-5:]]))],
         }
     n = len(measurements)
-    fig, axes = plt.subplots(2, n, figsize=(4.2 * n, 7.2), squeeze=False)
+    fig, axes = plt.subplots(n, 2, figsize=(9, 3.4 * n), squeeze=False)
     for j, (label, meas) in enumerate(zip(labels, measurements)):
         r = meas["rows"]
         mod = np.asarray(r["modulated"], bool)
         x = np.asarray(r["alpha"]) - 1
         for i, (key, name) in enumerate((("rel_mc", "MC relative surprisal S - mean_m S_m"),
                                          ("rel_proxy", "proxy S - Hresp"))):
-            ax = axes[i][j]
+            ax = axes[j][i]
             y = np.asarray(r[key])
             ax.scatter(y[~mod], x[~mod], s=6, color="grey", alpha=0.5, label="alpha = 1 (group range < min_range)")
             ax.scatter(y[mod], x[mod], s=8, color="tab:blue", alpha=0.7, label="modulated groups")
