@@ -202,9 +202,12 @@ def main_long(args):
     tok = bench_tokenizer(())
     model = models.init_model(BENCH_MODEL, seed=0)
     load0 = os.getloadavg()
-    rows = [run_long(engine, model, tok, args) for engine in ("continuous", "simple")]
-    if not args.no_torch:
-        rows.append(run_long_torch(model, tok, args))
+    rows = []
+    for engine in ("continuous", "simple") + (() if args.no_torch else ("transformers",)):
+        rows.append(run_long_torch(model, tok, args) if engine == "transformers"
+                    else run_long(engine, model, tok, args))
+        # One line per engine as it ends (a long run on a busy machine shows progress).
+        print(f"done: {json.dumps(rows[-1])}; load average {os.getloadavg()[0]:.1f}", flush=True)
     load1 = os.getloadavg()
     by = {r["engine"]: r for r in rows}
     ratios = {f"continuous_vs_{k}": by["continuous"]["tokens_per_s"] / by[k]["tokens_per_s"]
