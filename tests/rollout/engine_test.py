@@ -184,3 +184,41 @@ def test_engine_must_be_known():
         RolloutConfig(engine="fast")
     with pytest.raises(ValueError, match="num_slots=0"):
         RolloutConfig(num_slots=0)
+
+
+@pytest.mark.slow  # ~70 s under load 20 on 2 cores (several widths to compile)
+def test_slot_decode_across_attention_widths_equals_a_full_forward_pass(model):
+    """Rows of different lengths decoded in calls whose attention width grows (64, 96, 128)."""
+    assert [sampler.decode_width(n, 10_000) for n in (1, 65, 97, 129, 300)] == [64, 96, 128, 192, 384]
+    assert sampler.decode_width(300, 200) == 200 and sampler.prefill_width(65, 10_000) == 256
+    params = sampler.SamplingParams(max_new_tokens=64)
+    slots = sampler.SlotSampler(model, params, 0, num_slots=3, max_len=160, chunk=16, decode_steps=8)
+    rng = np.random.default_rng(1)
+    seqs = [rng.integers(0, len(TOK), n).tolist() for n in (5, 58, 90)]
+    slots.prefill({b: (seq, True) for b, seq in enumerate(seqs)})
+    keys = jax.random.split(jax.random.key(3), 3)
+    active, steps = np.array([True, True, True]), np.zeros(3, np.int32)
+    logp = [[] for _ in seqs]
+    for call in range(5):  # row 2 reaches column 130: widths 128 then 192
+        if call == 2:
+            active[0] = False  # a row that sits out a call keeps its cache and logits
+        out = slots.decode(active, steps, keys, exit_after=4)
+        for b in range(3):
+            n = int(out.count[b])
+            seqs[b] += out.tokens[b, :n].tolist()
+            logp[b] += out.logprobs[b, :n].tolist()
+        steps += out.count
+        active = out.active.copy()
+        active[0] = True
+    assert np.asarray(slots.slots.length_B).tolist() == [len(s) for s in seqs] == [5 + 32, 98, 130]
+    for b, seq in enumerate(seqs):
+        full = np.asarray(models.logits(model, np.asarray([seq]), np.ones((1, len(seq)))), np.float64)[0]
+        full = full - full.max(-1, keepdims=True)
+        full = full - np.log(np.exp(full).sum(-1, keepdims=True))
+        n = len(logp[b])
+        want = full[len(seq) - n - 1:-1][np.arange(n), seq[len(seq) - n:]]
+        np.testing.assert_allclose(logp[b], want, atol=1e-5, rtol=0)
+    # Decoding past the columns the slots were allocated with is refused, not clamped.
+    with pytest.raises(ValueError, match="cache columns"):
+        for _ in range(10):
+            slots.decode(np.array([False, False, True]), np.zeros(3, np.int32), keys)
