@@ -11,12 +11,14 @@ stacked KV cache (`models.sampler.SlotSampler`):
   prompt of turn k > h no longer extends the previous one (the window
   dropped a turn): the slot is emptied and the window prefilled afresh;
 * a slot is freed when its episode ends and taken by the next waiting one;
-* decoding runs over all slots in one shape with the rows that are not
-  generating masked, and returns to the host once half the generating rows
-  finished their action, at the latest every `DECODE_STEPS` steps. Each
-  finished action's environment step is then submitted to the step pool
-  and runs while the other rows decode; its episode rejoins the batch when
-  the step is back. A slow
+* decoding runs over all slots with the rows that are not generating
+  masked (one shape per attention width: each call reads only the cache
+  columns its rows reach), and returns to the host once half the
+  generating rows finished their action, at the latest every
+  `DECODE_STEPS` steps. Each finished action's environment step is then
+  submitted to the step pool and runs while the other rows decode; its
+  episode rejoins the batch when the step is back (steps that come back
+  within a short grace of each other rejoin together). A slow
   environment delays only its own episode; a hung one is cut by the pool's
   per-step time limit (``step_timeout_s``) and fails only its episode.
 
