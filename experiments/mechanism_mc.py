@@ -354,8 +354,10 @@ def measure(config, *, m: int, step: int = 1_000_000, mc_seed: int = 0, n_boot: 
     from aem_jax import sharding
     from aem_jax.trainer import advantages, rollouts
 
-    ctx, algorithm = build(config)
     c = config
+    if c.aem.signal != "mean_token_entropy":
+        raise ValueError(f"aem.signal={c.aem.signal!r}; this check measures the paper's mean_token_entropy")
+    ctx, algorithm = build(config)
     batch, records, _ = rollouts.play_share(ctx, algorithm, ctx.init_params, step)
     settings = advantages.AdvantageSettings.from_config(c, estimator="grpo")
     view = advantages.episode_view(jax.tree.map(jnp.asarray, batch), settings)
@@ -365,12 +367,10 @@ def measure(config, *, m: int, step: int = 1_000_000, mc_seed: int = 0, n_boot: 
     adv_EK = np.asarray(advantages.base_advantages_EK(view, settings))
     signal_EK = np.asarray(view["signal"])
     rel_EK = np.asarray(view["rel_surprisal"])
-    # the group's entropy range decides whether AEM modulates it at all
     resp = batch_responses(batch)
     e, k = resp.episode, resp.turn
-    if c.aem.signal != "mean_token_entropy":
-        raise ValueError(f"aem.signal={c.aem.signal!r}; this check measures the paper's mean_token_entropy")
     gap_signal = float(np.max(np.abs(signal_EK[e, k] - resp.entropy_mean))) if len(e) else 0.0
+    # group scope: a group whose entropy range is below min_range keeps alpha = 1
     span = {g: np.ptp(resp.entropy_mean[resp.group == g]) for g in np.unique(resp.group)}
     modulated = np.array([span[g] >= c.aem.min_range for g in resp.group]) if c.aem.scope == "group" else \
         np.ones(len(e), bool)

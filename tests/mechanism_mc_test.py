@@ -195,3 +195,14 @@ def test_batch_drift_is_the_mean_of_advantage_times_relative_surprisal():
         rel = np.asarray(rows[key])
         np.testing.assert_allclose(out[f"grpo_{key}"], sum(a[i] * rel[i] for i in range(9)) / 9, rtol=1e-12)
         np.testing.assert_allclose(out[f"aem_{key}"], sum(al[i] * a[i] * rel[i] for i in range(9)) / 9, rtol=1e-12)
+
+
+def test_measure_refuses_bad_settings_before_playing():
+    spec = os.path.join(ROOT, "configs/default.py:smoke")
+    config = mc.policy_config(spec, None, ["aem.signal=surprisal_per_token"])
+    with pytest.raises(ValueError, match="aem.signal='surprisal_per_token'"):
+        mc.measure(config, m=2)
+    with pytest.raises(ValueError, match="group_size=1"):
+        mc.policy_config(spec, None, group_size=1)
+    with pytest.raises(FileNotFoundError, match="not a Hugging Face directory"):
+        mc.policy_config(spec, os.path.join(ROOT, "docs"))
