@@ -33,19 +33,21 @@ import sys
 
 import numpy as np
 
-# Every method of a comparison runs with the same PPO clip: dual clip off, as
-# in base(). configs/default.py (the default job) turns dual clip on, so its
-# entries turn it off again; "default" and the *_dc entries keep it.
+# Every method of a comparison runs with the same PPO clip and learning rate:
+# dual clip off and no success gate, as in base(). configs/default.py (the
+# default job) turns both on, so its entries turn them off again; "default"
+# keeps both and the *_dc entries keep dual clip.
 NO_DUAL_CLIP = "--config.loss.dual_clip=0.0"
 DUAL_CLIP = "--config.loss.dual_clip=3.0"
+NO_GATE = "--config.optim.success_gate=0.0"
 
 # method -> (config file, overrides). The config file carries the algorithm's
 # own settings; AEM is switched explicitly so every "+AEM" pair differs in one flag.
 METHODS: dict[str, tuple[str, list[str]]] = {
     # The default job as shipped (GRPO + AEM, dual clip 3).
     "default": ("configs/default.py", []),
-    "grpo": ("configs/default.py", ["--config.aem.enabled=False", NO_DUAL_CLIP]),
-    "grpo_aem": ("configs/default.py", ["--config.aem.enabled=True", NO_DUAL_CLIP]),
+    "grpo": ("configs/default.py", ["--config.aem.enabled=False", NO_DUAL_CLIP, NO_GATE]),
+    "grpo_aem": ("configs/default.py", ["--config.aem.enabled=True", NO_DUAL_CLIP, NO_GATE]),
     "dapo": ("configs/dapo.py", ["--config.aem.enabled=False"]),
     "dapo_aem": ("configs/dapo.py", ["--config.aem.enabled=True"]),
     "rloo": ("configs/rloo.py", ["--config.aem.enabled=False"]),
@@ -55,16 +57,16 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     "archer": ("configs/archer.py", ["--config.aem.enabled=False"]),
     "etpo": ("configs/etpo.py", []),
     # GRPO and GRPO + AEM with dual clip 3, the default job's setting.
-    "grpo_dc": ("configs/default.py", ["--config.aem.enabled=False", DUAL_CLIP]),
-    "grpo_aem_dc": ("configs/default.py", ["--config.aem.enabled=True", DUAL_CLIP]),
+    "grpo_dc": ("configs/default.py", ["--config.aem.enabled=False", DUAL_CLIP, NO_GATE]),
+    "grpo_aem_dc": ("configs/default.py", ["--config.aem.enabled=True", DUAL_CLIP, NO_GATE]),
     # Ablations of AEM's choices (GRPO + AEM with one setting changed; grpo_aem
     # is lam=1, scope=group).
-    "aem_lam0.5": ("configs/default.py", ["--config.aem.lam=0.5", NO_DUAL_CLIP]),
-    "aem_lam2": ("configs/default.py", ["--config.aem.lam=2.0", NO_DUAL_CLIP]),
-    "aem_scope_batch": ("configs/default.py", ["--config.aem.scope=batch", NO_DUAL_CLIP]),
-    "aem_scope_trajectory": ("configs/default.py", ["--config.aem.scope=trajectory", NO_DUAL_CLIP]),
-    "aem_reversed": ("configs/default.py", ["--config.aem.lam=-1.0", NO_DUAL_CLIP]),
-    "aem_shuffled": ("configs/default.py", ["--config.aem.shuffle=True", NO_DUAL_CLIP]),
+    "aem_lam0.5": ("configs/default.py", ["--config.aem.lam=0.5", NO_DUAL_CLIP, NO_GATE]),
+    "aem_lam2": ("configs/default.py", ["--config.aem.lam=2.0", NO_DUAL_CLIP, NO_GATE]),
+    "aem_scope_batch": ("configs/default.py", ["--config.aem.scope=batch", NO_DUAL_CLIP, NO_GATE]),
+    "aem_scope_trajectory": ("configs/default.py", ["--config.aem.scope=trajectory", NO_DUAL_CLIP, NO_GATE]),
+    "aem_reversed": ("configs/default.py", ["--config.aem.lam=-1.0", NO_DUAL_CLIP, NO_GATE]),
+    "aem_shuffled": ("configs/default.py", ["--config.aem.shuffle=True", NO_DUAL_CLIP, NO_GATE]),
 }
 # Plain twins of "+ AEM" methods: dashed in the figures.
 PLAIN = ("grpo", "grpo_dc", "dapo", "rloo")
