@@ -46,6 +46,7 @@ from aem_jax import sharding
 from aem_jax.batch import TurnBatch
 from aem_jax.trainer.advantages import AdvantageSettings, compute_advantages
 from aem_jax.trainer.context import Algorithm, RunContext
+from aem_jax.trainer.setup import success_gate
 from aem_jax.trainer.validate import fail
 from aem_jax.trainer.critic import UtteranceCritic, critic_update_step, critic_values
 from aem_jax.trainer.replay import ReplayBuffer, rows_of
@@ -64,8 +65,8 @@ class ActorBatch:
     advantages: jax.Array
 
 
-def actor_update_step(state: TrainState, mb: ActorBatch, *, graphdef, optimizer, chunk_size: int,
-                      num_turns: int, entropy_coef: float, clip: float = 0.0):
+def actor_update_step(state: TrainState, mb: ActorBatch, scale: jax.Array | float = 1.0, *, graphdef, optimizer,
+                      chunk_size: int, num_turns: int, entropy_coef: float, clip: float = 0.0):
     """One actor step on ``objectives.archer_actor_loss`` minus the entropy bonus (pure; jit it).
 
     ``clip`` > 0 takes the clipped surrogate against the batch's behaviour
@@ -86,7 +87,7 @@ def actor_update_step(state: TrainState, mb: ActorBatch, *, graphdef, optimizer,
         return loss + bonus, metrics
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)((state.params, state.extra))
-    return apply_gradients(state, grads, loss, optimizer, metrics)
+    return apply_gradients(state, grads, loss, optimizer, metrics, scale)
 
 
 def actor_advantages(critic_params, batch, key, *, graphdef, settings):
@@ -165,7 +166,6 @@ def init(ctx: RunContext) -> State:
 
 
 def update(ctx: RunContext, state: State, batch, step: int, success: float = 0.0):
-    del success  # the success gate (optim.success_gate) is the policy-gradient family's
     a = ctx.config.archer
     state.buffer.add(batch)
     critic, target, critic_metrics = _critic_phase(ctx, state, batch, step)
@@ -173,7 +173,7 @@ def update(ctx: RunContext, state: State, batch, step: int, success: float = 0.0
     metrics = dict(critic_metrics)
     rows_read = 2 * a.critic_steps * a.critic_minibatch_size
     if step >= a.actor_warmup:
-        policy, actor_metrics = _actor_phase(ctx, state, batch, step)
+        policy, actor_metrics = _actor_phase(ctx, state, batch, step, success_gate(ctx.config.optim, success))
         state = dataclasses.replace(state, policy=policy)
         metrics.update(actor_metrics)
         rows_read += a.actor_steps * min(ctx.config.learner.minibatch_size, batch.tokens.shape[0])
@@ -199,8 +199,9 @@ def _critic_phase(ctx: RunContext, state: State, batch, step: int):
     return critic, target, mean_metrics(history, prefix="critic_")
 
 
-def _actor_phase(ctx: RunContext, state: State, batch, step: int):
-    """``actor_steps`` REINFORCE steps on the critic's (AEM-scaled) advantages."""
+def _actor_phase(ctx: RunContext, state: State, batch, step: int, scale: float):
+    """``actor_steps`` REINFORCE steps on the critic's (AEM-scaled) advantages, each
+    scaled by ``scale`` (the success gate's factor of the step)."""
     c, a = ctx.config, ctx.config.archer
     dev = sharding.put_batch(batch, ctx.mesh)
     adv_BK, info = state.steps.advantages(state.critic.params, dev, ctx.keys.at("advantage", step))
@@ -211,9 +212,11 @@ def _actor_phase(ctx: RunContext, state: State, batch, step: int):
     policy, history = state.policy, []
     for _ in range(a.actor_steps):
         rows = rng.permutation(B)[:mb]
-        policy, m = state.steps.actor(policy, sharding.put_batch(jax.tree.map(lambda v: v[rows], host), ctx.mesh))
+        policy, m = state.steps.actor(policy, sharding.put_batch(jax.tree.map(lambda v: v[rows], host), ctx.mesh),
+                                      jnp.float32(scale))
         history.append(m)
     out = mean_metrics(history, prefix="actor_")
+    out["lr_scale"] = scale
     out.update({k: float(v) for k, v in info.items()})
     return policy, out
 

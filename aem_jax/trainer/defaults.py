@@ -166,7 +166,8 @@ def base() -> ConfigDict:
     c.optim.final_lr_fraction = 0.1  # cosine: learning rate at the end, as a fraction of the peak
     c.optim.success_gate = 0.0       # > 0: times clip((1 - s) / (1 - gate), final_lr_fraction, 1), s = the
                                      # step's rollout success: full rate until success passes the gate, then
-                                     # down to final_lr_fraction as it nears 1 (0 = off; policy-gradient family)
+                                     # down to final_lr_fraction as it nears 1 (0 = off; the policy's optimiser,
+                                     # every algorithm)
     c.optim.decay_steps = 0          # cosine: optimiser steps from start to end (0: total_steps x
                                      # optimiser steps per training step of the nominal rollout batch)
     c.optim.b1 = 0.9                 # AdamW first-moment decay

@@ -55,6 +55,7 @@ from aem_jax import sharding
 from aem_jax.batch import TurnBatch
 from aem_jax.trainer.advantages import AdvantageSettings, compute_advantages
 from aem_jax.trainer.context import Algorithm, RunContext
+from aem_jax.trainer.setup import success_gate
 from aem_jax.trainer.validate import fail
 from aem_jax.trainer.targets import polyak, side_model_config, side_optimizer
 from aem_jax.trainer.update import (
@@ -90,7 +91,8 @@ class EtpoBatch:
     weights: jax.Array
 
 
-def etpo_update_step(policy: TrainState, q: QNets, ref_params, mb: EtpoBatch, *, policy_graphdef, q_graphdef,
+def etpo_update_step(policy: TrainState, q: QNets, ref_params, mb: EtpoBatch, scale: jax.Array | float = 1.0, *,
+                     policy_graphdef, q_graphdef,
                      policy_optimizer, q_optimizer, beta: float, gamma: float, tau: float, delta: float,
                      agg: str, entropy_coef: float, residual: bool = False):
     """One Q step (+ Polyak target step), then one policy step (pure; jit it).
@@ -138,7 +140,7 @@ def etpo_update_step(policy: TrainState, q: QNets, ref_params, mb: EtpoBatch, *,
                               "token_entropy_new": masked_mean(ent, mask)}
 
     (pi_loss, metrics), grads = jax.value_and_grad(pi_loss_fn, has_aux=True)((policy.params, policy.extra))
-    policy, metrics = apply_gradients(policy, grads, pi_loss, policy_optimizer, metrics)
+    policy, metrics = apply_gradients(policy, grads, pi_loss, policy_optimizer, metrics, scale)
     renamed = {"grad_norm": "q_grad_norm", "skipped": "q_skipped"}
     metrics.update({renamed.get(k, k): v for k, v in q_metrics.items()})
     return policy, q, metrics
@@ -192,7 +194,6 @@ def init(ctx: RunContext) -> State:
 
 
 def update(ctx: RunContext, state: State, batch: TurnBatch, step: int, success: float = 0.0):
-    del success  # the success gate (optim.success_gate) is the policy-gradient family's
     c = ctx.config
     dev = sharding.put_batch(batch, ctx.mesh)
     weights, alpha_info = state.alpha(dev, ctx.keys.at("advantage", step))
@@ -201,11 +202,13 @@ def update(ctx: RunContext, state: State, batch: TurnBatch, step: int, success: 
 
     def one(carry, mb):
         policy, q = carry
-        policy, q, m = state.update_step(policy, q, state.reference, mb)
+        policy, q, m = state.update_step(policy, q, state.reference, mb, scale)
         return (policy, q), m
 
+    scale = jnp.float32(success_gate(c.optim, success))  # the policy's steps (Q learns at its own rate)
     (policy, q), history = run_steps(one, (state.policy, state.q), batches)
     metrics = mean_metrics(history)
+    metrics["lr_scale"] = float(scale)
     metrics["skipped_updates"] = metrics.pop("skipped")
     metrics["q_skipped_updates"] = metrics.pop("q_skipped") * len(history)  # a count, as skipped_updates
     metrics.update({k: float(v) for k, v in alpha_info.items()})

@@ -16,7 +16,8 @@ unit and a few flags (``Variant``). One iteration (``update``):
    the policy and optimiser state before it are kept (``rejected_updates``).
 
 With ``optim.success_gate`` every optimiser step of an iteration is scaled
-by ``setup.success_gate`` of the iteration's rollout success (``lr_scale``).
+by ``setup.success_gate`` of the iteration's rollout success (``lr_scale``;
+ArCHer's actor, ETPO's policy and SFT steps are scaled the same way).
 """
 from __future__ import annotations
 

@@ -184,8 +184,8 @@ def sft_loss(trainable, graphdef, batch: TurnBatch, *, chunk_size: int, denomina
     return loss, {"loss": loss, "demo_token_entropy": jnp.sum(ent_BT * mask_BT) / n}
 
 
-def sft_update_step(state: TrainState, batch: TurnBatch, *, graphdef, optimizer, chunk_size: int,
-                    microbatch_size: int = 0):
+def sft_update_step(state: TrainState, batch: TurnBatch, scale: jax.Array | float = 1.0, *, graphdef, optimizer,
+                    chunk_size: int, microbatch_size: int = 0):
     """Loss, gradient and one optimiser step on a minibatch (pure; jit it).
 
     With ``microbatch_size`` = m < B the gradient is summed over B / m
@@ -197,7 +197,7 @@ def sft_update_step(state: TrainState, batch: TurnBatch, *, graphdef, optimizer,
     grad_fn = jax.value_and_grad(sft_loss, has_aux=True)
     if not microbatch_size or microbatch_size >= B:
         (loss, metrics), grads = grad_fn(trainable, graphdef, batch, chunk_size=chunk_size)
-        return apply_gradients(state, grads, loss, optimizer, metrics)
+        return apply_gradients(state, grads, loss, optimizer, metrics, scale)
     if B % microbatch_size:
         raise ValueError(f"learner.microbatch_size={microbatch_size} does not divide the minibatch's {B} rows")
     n = jnp.maximum(jnp.sum(batch.loss_mask.astype(jnp.float32)), 1.0)
@@ -212,7 +212,7 @@ def sft_update_step(state: TrainState, batch: TurnBatch, *, graphdef, optimizer,
     (metrics, grads), _ = jax.lax.scan(lambda carry, one: (jax.tree.map(jnp.add, carry, loss_and_grads(one)), None),
                                        zeros, micro)
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, trainable)
-    return apply_gradients(state, grads, metrics["loss"], optimizer, metrics)
+    return apply_gradients(state, grads, metrics["loss"], optimizer, metrics, scale)
 
 
 # --- the algorithm record -----------------------------------------------------
@@ -239,18 +239,20 @@ def update(ctx: RunContext, state: State, batch: TurnBatch, step: int, success: 
     After the last step (``total_steps``) also the held-out evaluation with
     response entropies (:func:`evaluate`).
     """
-    del success  # the success gate (optim.success_gate) is the policy-gradient family's
     del batch
     c = ctx.config
     demos, _, demo_metrics = demonstrations(ctx, step)
+    # the success gate reads the policy's own rollouts of the step (``success``), not the expert's
+    scale = jnp.float32(setup.success_gate(c.optim, success))
     train = state.train
     history = []
     for mb in minibatches(demos, ctx.mesh, ctx.keys.numpy("shuffle", step), size=c.learner.minibatch_size,
                           epochs=c.learner.epochs):
-        train, m = state.step_fn(train, mb)
+        train, m = state.step_fn(train, mb, scale)
         history.append(m)
     metrics = mean_metrics(history)
     metrics["skipped_updates"] = metrics.pop("skipped", 0.0)
+    metrics["lr_scale"] = float(scale)
     metrics.update(demo_metrics)
     metrics["nonfinite_in_a_row"] = int(train.nonfinite)
     metrics["train_passes"] = float(c.learner.epochs)

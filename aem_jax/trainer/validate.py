@@ -115,7 +115,6 @@ _POSITIVE_INT, _COUNT = _int(1), _int(0)
 # algorithms with their own block (ALGORITHM_BLOCKS) refuse them.
 PG_ONLY = {
     "learner.max_kl": "the step-rejecting KL check",
-    "optim.success_gate": "the success-gated learning rate",
 }
 _POSITIVE, _NONNEGATIVE, _UNIT = _number(0, open_low=True), _number(0), _number(0, 1)
 _MESH_AXIS = _int(1, also=(-1,), text="-1 (all remaining devices) or >= 1")

@@ -53,6 +53,7 @@ def test_etpo_smoke_polyak_reference_and_checkpoint(tmp_path):
     config.rollout.invalid_penalty = 0.5  # untrained actions are invalid: non-zero rewards
     config.learner.minibatch_size = 4     # the whole batch: one Q step and one Polyak step per iteration
     config.etpo.tau = 0.1                 # a target move well above float32 rounding
+    config.loss.entropy_coef = 0.01       # configs/etpo.py has none; checked below that a bonus is honoured
     algorithm = loop.check_config(config)
     ctx = loop.build_context(config, sharding.make_mesh(dict(config.mesh)))
     tau = config.etpo.tau

@@ -72,11 +72,13 @@ def test_rejected_steps_keep_the_policy_and_measuring_changes_nothing():
 
 
 @pytest.mark.parametrize("algorithm", ["archer", "etpo", "sft"])
-@pytest.mark.parametrize("option", ["learner.max_kl=0.1", "optim.success_gate=0.5"])
-def test_pg_only_options_are_refused_outside_the_policy_gradient_family(algorithm, option):
-    key = option.split("=")[0]
-    with pytest.raises(ConfigError, match=f"config.{key}=.*policy-gradient family only.*'{algorithm}'"):
-        loop.check_config(setup.load_config("configs/default.py:smoke", [f"algorithm={algorithm}", option]))
+def test_max_kl_is_refused_outside_the_policy_gradient_family_and_the_gate_is_not(algorithm):
+    with pytest.raises(ConfigError, match=f"config.learner.max_kl=.*policy-gradient family only.*'{algorithm}'"):
+        loop.check_config(setup.load_config("configs/default.py:smoke",
+                                            [f"algorithm={algorithm}", "learner.max_kl=0.1"]))
+    # the default job's success gate applies to every algorithm's policy optimiser
+    assert setup.load_config("configs/default.py", []).optim.success_gate > 0
+    loop.check_config(setup.load_config("configs/default.py:smoke", [f"algorithm={algorithm}"]))
 
 
 def test_success_gate_is_full_until_the_gate_then_linear_down_to_the_floor():
@@ -85,7 +87,7 @@ def test_success_gate_is_full_until_the_gate_then_linear_down_to_the_floor():
         assert setup.success_gate(o, s) == 1.0
     np.testing.assert_allclose([setup.success_gate(o, s) for s in (0.6, 0.75, 0.9, 0.95, 1.0)],
                                [0.8, 0.5, 0.2, 0.1, 0.1], rtol=1e-12)
-    off = setup.load_config("configs/default.py", []).optim
+    off = setup.load_config("configs/default.py", ["optim.success_gate=0"]).optim
     assert setup.success_gate(off, 1.0) == 1.0
 
 
