@@ -155,9 +155,10 @@ def step_kl(params, batch: TurnBatch, *, graphdef, chunk_size: int) -> jax.Array
     """
     logp, _, _ = shifted_logp_entropy(graphdef, params, batch.tokens, batch.attention_mask,
                                       chunk_size=chunk_size)
-    log_r = logp - batch.old_logp
+    # KL(old || new) on old samples is kl_penalty's k3 with the old policy as "pi"
+    k3 = obj.kl_penalty(batch.old_logp, logp, kind="k3")
     m = batch.loss_mask
-    return jnp.sum((jnp.expm1(log_r) - log_r) * m) / jnp.maximum(jnp.sum(m), 1.0)
+    return jnp.sum(k3 * m) / jnp.maximum(jnp.sum(m), 1.0)
 
 
 def checkpoint_tree(state: State):
