@@ -74,8 +74,8 @@ def bucket(n: int, minimum: int = 8) -> int:
     return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
-def _entropy(logp_BV: jax.Array) -> jax.Array:
-    p = jnp.exp(logp_BV)
+def _entropy(logp_BV: jax.Array, p_BV: jax.Array | None = None) -> jax.Array:
+    p = jnp.exp(logp_BV) if p_BV is None else p_BV
     return -jnp.sum(jnp.where(p > 0, p * logp_BV, 0.0), axis=-1)
 
 
@@ -96,18 +96,22 @@ def _pick(logp_BV: jax.Array, token_B: jax.Array) -> jax.Array:
     return jnp.take_along_axis(logp_BV, token_B[:, None], axis=-1)[:, 0]
 
 
-def inverse_cdf_sample(logp_BV: jax.Array, key: jax.Array, block: int = 256) -> jax.Array:
+def inverse_cdf_sample(logp_BV: jax.Array, key: jax.Array, block: int = 256,
+                       p_BV: jax.Array | None = None) -> jax.Array:
     """Draws one index per row from exp(logp) with a single uniform per row.
 
     Inverse-CDF sampling: the smallest i with sum_{j<=i} p_j > u * sum_j p_j.
     The prefix sums are taken in two levels (over blocks of `block` entries,
     then inside the chosen block), which on CPU is ~40x cheaper than the
     Gumbel-max trick of `jax.random.categorical` (one uniform and two logs per
-    vocabulary entry). Zero-probability entries are never chosen.
+    vocabulary entry). Zero-probability entries are never chosen. `p_BV`:
+    exp(logp_BV) if the caller has it already.
     """
     b, v = logp_BV.shape
     nb = -(-v // block)
-    p_BV = jnp.pad(jnp.exp(logp_BV), ((0, 0), (0, nb * block - v)))
+    p_BV = jnp.exp(logp_BV) if p_BV is None else p_BV
+    if nb * block != v:
+        p_BV = jnp.pad(p_BV, ((0, 0), (0, nb * block - v)))
     blocks_BNK = p_BV.reshape(b, nb, block)
     cum_BN = jnp.cumsum(blocks_BNK.sum(-1), axis=-1)
     if key.ndim:  # one key per row: a row's draw does not depend on the rest of the batch
@@ -119,9 +123,11 @@ def inverse_cdf_sample(logp_BV: jax.Array, key: jax.Array, block: int = 256) -> 
     inner_BK = jnp.take_along_axis(blocks_BNK, j_B[:, None, None], axis=1)[:, 0]
     i_B = jnp.minimum(jnp.sum(jnp.cumsum(inner_BK, -1) + before_B1 <= u_B1, axis=-1), block - 1)
     choice_B = j_B * block + i_B
-    # Rounding can put u at the very end of the last block: fall back to the mode.
-    ok_B = (choice_B < v) & (_pick(p_BV, choice_B) > 0)
-    return jnp.where(ok_B, choice_B, argmax(logp_BV)).astype(jnp.int32)
+    # Rounding can put u at the very end of the last block: fall back to the mode (computed only
+    # then: a pass over the whole vocabulary).
+    ok_B = (choice_B < v) & (_pick(p_BV, jnp.minimum(choice_B, nb * block - 1)) > 0)
+    return jax.lax.cond(jnp.all(ok_B), lambda: choice_B,
+                        lambda: jnp.where(ok_B, choice_B, argmax(logp_BV))).astype(jnp.int32)
 
 
 def sample_token(logits_BV, key, temperature, top_p, *, top_k: int, use_top_p: bool):
@@ -142,9 +148,10 @@ def sample_token(logits_BV, key, temperature, top_p, *, top_k: int, use_top_p: b
         threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
         scaled = jnp.where(scaled < threshold, -jnp.inf, scaled)
     logp = jax.nn.log_softmax(scaled)
-    choice_B = jnp.where(greedy, argmax(scaled),
-                         inverse_cdf_sample(logp, key))
-    logp_B, ent_B = _pick(logp, choice_B), _entropy(logp)
+    p = jnp.exp(logp)
+    choice_B = jax.lax.cond(greedy, lambda: argmax(scaled),
+                            lambda: inverse_cdf_sample(logp, key, p_BV=p))
+    logp_B, ent_B = _pick(logp, choice_B), _entropy(logp, p)
     token_B = _pick(index_BK, choice_B).astype(jnp.int32) if top_k else choice_B
     return token_B, logp_B, ent_B
 
@@ -324,45 +331,82 @@ def compiled_cache_size() -> int:
 
 
 class SlotState(NamedTuple):
-    """The caches of B slots; `keys`/`values` are a stacked `KVCache`'s [L,B,K,S,H] arrays.
+    """The caches of B slots: one [B,K,W,H] key and value array per layer.
 
     Row b's columns [0, length_b) hold its tokens; columns past that hold
-    stale keys that no query reads (see `_slot_forward`).
+    stale keys that no query reads (see `_slot_forward`). W, the allocated
+    width, grows by buckets as the rows get longer (`grow_slots`).
+
+    One array per layer rather than a stacked [L,B,K,W,H] cache, and a
+    Python loop over layers rather than a scan: XLA:CPU reads a layer's
+    cache slice inside a scan (a dynamic slice) through a copy that made the
+    attention of a decode step 5-9x slower than on a plain buffer
+    (docs/performance.md, "Decode attention").
     """
 
-    keys: jax.Array       # [L,B,K,S,H]
-    values: jax.Array     # [L,B,K,S,H]
+    keys: tuple[jax.Array, ...]    # L x [B,K,W,H]
+    values: tuple[jax.Array, ...]  # L x [B,K,W,H]
     length_B: jax.Array   # [B] int32 tokens held = next write column = next RoPE position
     logits_BV: jax.Array  # [B,V] float32 next-token logits after the row's last token
+
+    @property
+    def width(self) -> int:
+        return self.keys[0].shape[2]
 
 
 def init_slots(config, num_slots: int, length: int) -> SlotState:
     """Empty caches for `num_slots` rows of `length` columns (all rows hold 0 tokens)."""
     if num_slots < 1 or length < 1:
         raise ValueError(f"init_slots(num_slots={num_slots}, length={length}); both must be >= 1")
-    cache = KVCache.zeros(config, num_slots, length)
-    return SlotState(cache.keys, cache.values,
-                     jnp.zeros((num_slots,), jnp.int32),
+    shape = (num_slots, config.num_kv_heads, length, config.head_dim)
+    zeros = lambda: tuple(jnp.zeros(shape, config.compute_dtype) for _ in range(config.num_layers))
+    return SlotState(zeros(), zeros(), jnp.zeros((num_slots,), jnp.int32),
                      jnp.zeros((num_slots, config.vocab_size), jnp.float32))
 
 
-def _slot_forward(model: Decoder, tokens_PT, slot_P, start_P, keys, values, *, width: int,
-                  all_rows: bool):
+@functools.partial(jax.jit, static_argnames=("width",))  # new shapes: nothing to donate
+def grow_slots(slots: SlotState, *, width: int) -> SlotState:
+    """The same slots with `width` columns (>= the current width; new columns are zero)."""
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, width - x.shape[2]), (0, 0)))
+    return slots._replace(keys=tuple(map(pad, slots.keys)), values=tuple(map(pad, slots.values)))
+
+
+def _attend_columns(q_PNTH, k_PKWH, v_PKWH, allowed_PTW) -> jax.Array:
+    """`attention._attend` with the scores laid out column-major ([P,K,W,Q]).
+
+    Same maths (float32 scores, max shift, normalised after the value
+    product). For a few queries against a long cache, XLA:CPU runs the
+    [W,H] x [H,Q] product about 6x faster than the [Q,H] x [H,W] one.
+    """
+    p, n, t, h = q_PNTH.shape
+    k, g = k_PKWH.shape[1], n // k_PKWH.shape[1]
+    q_PKQH = (q_PNTH * (h ** -0.5)).reshape(p, k, g * t, h)  # Q = G*T queries per kv head
+    scores_PKWQ = jnp.einsum("pkwh,pkqh->pkwq", k_PKWH, q_PKQH, preferred_element_type=jnp.float32)
+    allowed_PWQ = jnp.tile(jnp.swapaxes(allowed_PTW, 1, 2), (1, 1, g))  # query q = g*T + t
+    scores_PKWQ = jnp.where(allowed_PWQ[:, None], scores_PKWQ, attention._MASKED)
+    shift = jnp.max(scores_PKWQ, axis=2, keepdims=True)
+    weights_PKWQ = jnp.exp(scores_PKWQ - shift)
+    total_PKQ1 = jnp.swapaxes(jnp.sum(weights_PKWQ, axis=2, keepdims=True), 2, 3)
+    out_PKQH = jnp.einsum("pkwq,pkwh->pkqh", weights_PKWQ.astype(v_PKWH.dtype), v_PKWH,
+                          preferred_element_type=jnp.float32)
+    return (out_PKQH / total_PKQ1).astype(q_PNTH.dtype).reshape(p, n, t, h)
+
+
+def _slot_forward(model: Decoder, tokens_PT, slot_P, start_P, keys, values, *, all_rows: bool):
     """The decoder on P rows of the slot cache, row p's T tokens at columns [start_p, start_p + T).
 
     Returns (final-norm hidden [P,T,D], keys, values). The same layers as
-    `Decoder.hidden` (shared modules: norms, projections, RoPE, MLP, and the
-    `attention` kernel), with two differences that make a decode step cost
-    what it reads:
+    `Decoder.hidden` (shared modules: norms, projections, RoPE, MLP), with
+    two differences that make a decode step cost what it reads:
 
     * each row writes its new keys/values at its own columns, as one scatter
-      per layer into the stacked [L,B,K,S,H] cache carried through the layer
-      scan -- updated in place (the cache is donated), nothing else copied;
-    * attention reads only the first `width` columns (static; the caller's
-      bucket of the longest row). Query i of row p (column c = start_p + i)
-      attends to the columns j <= c: the row's earlier tokens and its own,
-      every one of them written by a real token, so the stale columns past a
-      row's length are never read and need no mask.
+      per layer into that layer's cache array -- updated in place (the
+      cache is donated), nothing else copied;
+    * attention reads the allocated width W of the cache (the caller grows
+      it by buckets as rows get longer). Query i of row p (column c =
+      start_p + i) attends to the columns j <= c: the row's earlier tokens
+      and its own, every one of them written by a real token, so the stale
+      columns past a row's length are never read and need no mask.
 
     Rows whose `slot_P` is out of range (>= B) are padding: their writes are
     dropped and their outputs are unspecified. `all_rows` promises slot_P ==
@@ -371,59 +415,53 @@ def _slot_forward(model: Decoder, tokens_PT, slot_P, start_P, keys, values, *, w
     """
     c = model.config
     t = tokens_PT.shape[1]
+    width = keys[0].shape[2]
     x_PTD = jnp.take(model.embed[...], tokens_PT, axis=0).astype(c.compute_dtype)
     cols_PT = start_P[:, None] + jnp.arange(t, dtype=jnp.int32)
     rope = rope_tables(cols_PT, rope_inverse_frequencies(c), c.compute_dtype)
     allowed_PTW = jnp.arange(width, dtype=jnp.int32)[None, None, :] <= cols_PT[:, :, None]
     graphdef, stacked = nnx.split(model.layers)
     rows_P1 = slot_P[:, None]
-
-    def layer(carry, xs):
-        x_PTD, keys, values = carry
-        params, l = xs
-        block: Block = nnx.merge(graphdef, params)
+    keys, values = list(keys), list(values)
+    for l in range(c.num_layers):
+        block: Block = nnx.merge(graphdef, jax.tree.map(lambda a: a[l], stacked))
         attn = block.attn
         h_PTD = block.input_norm(x_PTD)
         q_PNTH, k_PKTH, v_PKTH = (attn._project(h_PTD, n) for n in ("q", "k", "v"))
         if c.qk_norm:
             q_PNTH, k_PKTH = attn.q_norm(q_PNTH), attn.k_norm(k_PKTH)
         q_PNTH, k_PKTH = apply_rope(q_PNTH, rope), apply_rope(k_PKTH, rope)
-        # keys[l, slot_p, :, cols_pt, :] = k[p, :, t, :]: the indexed dims (P,T) lead the update.
-        keys = keys.at[l, rows_P1, :, cols_PT].set(k_PKTH.transpose(0, 2, 1, 3).astype(keys.dtype),
-                                                   mode="drop")
-        values = values.at[l, rows_P1, :, cols_PT].set(
-            v_PKTH.transpose(0, 2, 1, 3).astype(values.dtype), mode="drop")
-        k_BKWH, v_BKWH = keys[l, :, :, :width], values[l, :, :, :width]
+        # keys[l][slot_p, :, cols_pt, :] = k[p, :, t, :]: the indexed dims (P,T) lead the update.
+        keys[l] = keys[l].at[rows_P1, :, cols_PT].set(
+            k_PKTH.transpose(0, 2, 1, 3).astype(keys[l].dtype), mode="drop")
+        values[l] = values[l].at[rows_P1, :, cols_PT].set(
+            v_PKTH.transpose(0, 2, 1, 3).astype(values[l].dtype), mode="drop")
+        k_PKWH, v_PKWH = keys[l], values[l]
         if not all_rows:
-            k_BKWH = jnp.take(k_BKWH, slot_P, axis=0, mode="clip")
-            v_BKWH = jnp.take(v_BKWH, slot_P, axis=0, mode="clip")
-        # The plain XLA kernel with an explicit mask: per-row query offsets are not expressible
-        # in `attend`'s segment form (its cache reads run this kernel on CPU and TPU too).
-        out_PNTH = attention._attend(q_PNTH, k_BKWH, v_BKWH, allowed_PTW)
+            k_PKWH = jnp.take(k_PKWH, slot_P, axis=0, mode="clip")
+            v_PKWH = jnp.take(v_PKWH, slot_P, axis=0, mode="clip")
+        out_PNTH = _attend_columns(q_PNTH, k_PKWH, v_PKWH, allowed_PTW)
         y_PTD = dense(out_PNTH.transpose(0, 2, 1, 3), attn.o[...].astype(c.compute_dtype), in_dims=2)
         x_PTD = x_PTD + y_PTD
         x_PTD = x_PTD + block.mlp(block.post_attn_norm(x_PTD))
-        return (x_PTD, keys, values), None
-
-    layer_ids = jnp.arange(c.num_layers, dtype=jnp.int32)
-    (x_PTD, keys, values), _ = jax.lax.scan(layer, (x_PTD, keys, values), (stacked, layer_ids))
-    return model.final_norm(x_PTD), keys, values
+    return model.final_norm(x_PTD), tuple(keys), tuple(values)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "width"), donate_argnames=("slots",))
+@functools.partial(jax.jit, static_argnames=("graphdef", "all_rows"), donate_argnames=("slots",))
 def _slot_prefill(graphdef, state, slots: SlotState, slot_ids_P, tokens_PC, counts_P, reset_P, *,
-                  width):
+                  all_rows: bool = False):
     """Appends counts_p tokens to slot slot_ids_p (after emptying it where reset_p).
 
     Padding entries of `slot_ids_P` are out of range: their gathers clip and
     their scatters are dropped. Rows with a count of 0 keep their logits.
-    `width`: columns attention reads, >= every row's new length.
+    The slots' width must cover every row's new length. `all_rows` promises
+    slot_ids_P == arange(B) (attention then reads the cache rows in place).
     """
     model: Decoder = nnx.merge(graphdef, state)
     take = lambda x: jnp.take(x, slot_ids_P, axis=0, mode="clip")
     length_P = jnp.where(reset_P, 0, take(slots.length_B))
     hidden_PCD, keys, values = _slot_forward(model, tokens_PC, slot_ids_P, length_P, slots.keys,
-                                             slots.values, width=width, all_rows=False)
+                                             slots.values, all_rows=all_rows)
     last_PD = jnp.take_along_axis(hidden_PCD, jnp.maximum(counts_P - 1, 0)[:, None, None], 1)[:, 0]
     logits_PV = jnp.where((counts_P > 0)[:, None], _decode_unembedding(model)(last_PD),
                           take(slots.logits_BV))
@@ -442,10 +480,10 @@ class _SlotLoop(NamedTuple):
     ent_BN: jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "num_steps", "width", "top_k", "use_top_p",
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_steps", "top_k", "use_top_p",
                                              "stop_ids", "pad_id"), donate_argnames=("slots",))
 def _slot_decode(graphdef, state, slots: SlotState, active_B, step_B, keys_B, max_new, exit_after,
-                 temperature, top_p, *, num_steps, width, top_k, use_top_p, stop_ids, pad_id):
+                 temperature, top_p, *, num_steps, top_k, use_top_p, stop_ids, pad_id):
     """Up to `num_steps` decode steps of the active rows; see `SlotSampler.decode`."""
     model: Decoder = nnx.merge(graphdef, state)
     unembed = _decode_unembedding(model)
@@ -467,7 +505,7 @@ def _slot_decode(graphdef, state, slots: SlotState, active_B, step_B, keys_B, ma
         # Every sampled token enters the cache (the next turn continues after it); rows not
         # generating write nothing (out-of-range slot: the scatter drops them).
         h, keys, values = _slot_forward(model, tok[:, None], jnp.where(live, rows, b), sl.length_B,
-                                        sl.keys, sl.values, width=width, all_rows=True)
+                                        sl.keys, sl.values, all_rows=True)
         logits = jnp.where(live[:, None], unembed(h[:, 0]), sl.logits_BV)
         slots = SlotState(keys, values, sl.length_B + live.astype(jnp.int32), logits)
         return _SlotLoop(c.step + 1, slots, live & ~ended, c.count_B + live.astype(jnp.int32),
@@ -494,24 +532,15 @@ class SlotDecode(NamedTuple):
 
 
 def decode_width(need: int, limit: int) -> int:
-    """Attention columns of a decode call whose rows reach column `need`: min(limit, bucket).
+    """Allocated cache columns for rows that reach column `need`: min(limit, bucket).
 
     Buckets 64 * 2^(i/2) rounded up to multiples of 32 (64, 96, 128, 192,
-    256, 384, 512, 736, 1024, ...): a step reads at most ~1.4x the columns it needs, against
-    2x for powers of two, for twice as many shapes to compile.
+    256, 384, 512, 736, 1024, ...): attention reads at most ~1.4x the columns
+    it needs, against 2x for powers of two, for twice as many shapes to compile.
     """
     i = 0
     while (width := (int(64 * 2 ** (i / 2)) + 31) // 32 * 32) < need:
         i += 1
-    return min(width, limit)
-
-
-def prefill_width(need: int, limit: int) -> int:
-    """Attention columns of a prefill call: 64 * 4^i (few shapes: a prefill call also varies
-    in rows and chunk length, and its cost is mostly the weights', not attention's)."""
-    width = 64
-    while width < need:
-        width *= 4
     return min(width, limit)
 
 
@@ -530,11 +559,12 @@ class SlotSampler:
         one decode shape per attention width (`decode_steps` steps over all
         B rows, inactive ones masked).
 
-    Columns: the cache is allocated once, ``max_len + chunk`` columns wide (a
-    chunk is written whole at a row's end even where only part of it is real
-    tokens). Each call's attention reads only the columns its rows can reach
-    (`decode_width`, `prefill_width`): a step costs what the current lengths
-    need, not what the longest turn will.
+    Columns: a row holds at most ``max_len + chunk`` columns (a chunk is
+    written whole at a row's end even where only part of it is real
+    tokens). The cache starts narrow and is widened by buckets
+    (`decode_width`, `grow_slots`) when a call's rows would reach past it,
+    so attention reads about the columns the current lengths need, not
+    what the longest turn will.
 
     Sampling matches `generate` with one key per row: the n-th token of a
     row's current action is drawn with ``fold_in(row key, n)`` from the
@@ -555,7 +585,12 @@ class SlotSampler:
         self.decode_steps = int(decode_steps)
         self.lengths = np.zeros((self.num_slots,), np.int64)  # host copy of slots.length_B
         self.columns = self.max_len + self.chunk
-        self.slots = init_slots(model.config, self.num_slots, self.columns)
+        self.slots = init_slots(model.config, self.num_slots, decode_width(1, self.columns))
+
+    def _widen(self, need: int) -> None:
+        """Grows the cache to the bucket of `need` columns if it is narrower."""
+        if need > self.slots.width:
+            self.slots = grow_slots(self.slots, width=decode_width(need, self.columns))
 
     def _rows_bucket(self, n: int) -> int:
         """Rows of a prefill call for n slots: a power of four, or all slots (few shapes to compile)."""
@@ -594,11 +629,11 @@ class SlotSampler:
                 ids[i], counts[i], reset[i] = s, len(part), todo[s][1]
                 tokens[i, :len(part)] = part
                 todo[s] = [todo[s][0][c:], False]
-            width = prefill_width(max(int(self.lengths[s]) for s in rows) + c, self.columns)
+            self._widen(max(int(self.lengths[s]) for s in rows) + c)
             self.lengths[rows] += counts[:len(rows)]
             self.slots = _slot_prefill(self.graphdef, self.state, self.slots, jnp.asarray(ids),
                                        jnp.asarray(tokens), jnp.asarray(counts), jnp.asarray(reset),
-                                       width=width)
+                                       all_rows=rows == list(range(self.num_slots)))
             todo = {s: v for s, v in todo.items() if v[0]}
 
     def decode(self, active: np.ndarray, steps: np.ndarray, keys: jax.Array, *,
@@ -618,11 +653,12 @@ class SlotSampler:
         if need > self.columns:
             raise ValueError(f"decoding {self.decode_steps} more tokens needs {need} cache columns; "
                              f"the slots have {self.columns} (max_len + chunk)")
+        self._widen(need)
         out = _slot_decode(
             self.graphdef, self.state, self.slots, jnp.asarray(active),
             jnp.asarray(steps, jnp.int32), keys, jnp.int32(max_new or p.max_new_tokens),
             jnp.int32(exit_after), jnp.float32(p.temperature), jnp.float32(p.top_p),
-            num_steps=self.decode_steps, width=decode_width(need, self.columns), top_k=p.top_k,
+            num_steps=self.decode_steps, top_k=p.top_k,
             use_top_p=p.top_p < 1.0, stop_ids=tuple(int(t) for t in p.stop_token_ids),
             pad_id=self.pad_id)
         self.slots = out[0]
