@@ -125,7 +125,7 @@ def inverse_cdf_sample(logp_BV: jax.Array, key: jax.Array, block: int = 256,
     choice_B = j_B * block + i_B
     # Rounding can put u at the very end of the last block: fall back to the mode (computed only
     # then: a pass over the whole vocabulary).
-    ok_B = (choice_B < v) & (_pick(p_BV, jnp.minimum(choice_B, nb * block - 1)) > 0)
+    ok_B = (choice_B < v) & (_pick(p_BV, choice_B) > 0)
     return jax.lax.cond(jnp.all(ok_B), lambda: choice_B,
                         lambda: jnp.where(ok_B, choice_B, argmax(logp_BV))).astype(jnp.int32)
 

@@ -200,12 +200,13 @@ def update(ctx: RunContext, state: State, batch: TurnBatch, step: int, success: 
     batches = minibatches(EtpoBatch(batch=dev, weights=weights), ctx.mesh, ctx.keys.numpy("shuffle", step),
                           size=c.learner.minibatch_size, epochs=c.learner.epochs)
 
+    scale = jnp.float32(success_gate(c.optim, success))  # the policy's steps (Q learns at its own rate)
+
     def one(carry, mb):
         policy, q = carry
         policy, q, m = state.update_step(policy, q, state.reference, mb, scale)
         return (policy, q), m
 
-    scale = jnp.float32(success_gate(c.optim, success))  # the policy's steps (Q learns at its own rate)
     (policy, q), history = run_steps(one, (state.policy, state.q), batches)
     metrics = mean_metrics(history)
     metrics["lr_scale"] = float(scale)
