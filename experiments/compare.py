@@ -85,7 +85,7 @@ ENVS: dict[str, tuple[str, list[str]]] = {
     "textworld": ("textworld", ["--config.rollout.history=concatenated", "--config.rollout.max_turns=4",
                                 "--config.env.kwargs.max_steps=4", "--config.rollout.num_tasks=4"]),
     # The long-horizon dungeon (aem_jax/trainer/defaults.longhorizon, configs/longhorizon.py); from a
-    # supervised warm start: --set model.source=WARM_START_DIR.
+    # supervised warm start: --warm WARM_START_DIR.
     "dungeon": ("longhorizon", []),
 }
 
@@ -104,14 +104,31 @@ for _m, (_config, _) in METHODS.items():
         ENV_METHOD[("treasure", _m)] = ["--config.rollout.num_tasks=64"]
 
 
+# From a supervised warm start (``--warm DIR``, issue 18): every method starts from DIR at learning
+# rate 1e-4 (the scratch configs' 1e-3 moves a cloned policy far from its start within a few steps),
+# and ArCHer and ETPO follow their warm-start recipes (docs/results.md, "ArCHer and ETPO from the
+# supervised warm start"): the critic / Q network starts as a copy of the policy, ArCHer trains only
+# its critic for 10 iterations, ETPO's Q is the residual of that copy (exactly 0 at the start), its
+# target tracks the online Q with tau 0.1 and its KL weight beta is 0.1 (0.01 collapsed the policy).
+WARM_ALL = ["--config.optim.learning_rate=1e-4"]
+WARM_METHOD: dict[str, list[str]] = {
+    "archer": ["--config.archer.critic.from_policy=True", "--config.archer.actor_warmup=10",
+               "--config.archer.critic_learning_rate=1e-4"],
+    "etpo": ["--config.etpo.q.from_policy=True", "--config.etpo.q.residual=True", "--config.etpo.tau=0.1",
+             "--config.etpo.beta=0.1", "--config.etpo.q_learning_rate=1e-4"],
+}
+
+
 def command(method: str, env: str, seed: int, steps: int, workdir: str, extra: list[str],
-            heldout: int = 0) -> list[str]:
+            heldout: int = 0, warm: str | None = None) -> list[str]:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)} or a group: {', '.join(GROUPS)}")
     config, overrides = METHODS[method]
     variant, env_overrides = ENVS[env]
+    warm_overrides = [f"--config.model.source={warm}", *WARM_ALL, *WARM_METHOD.get(method, [])] if warm else []
     return [sys.executable, "-m", "aem_jax.train", f"--config={config}" + (f":{variant}" if variant else ""),
-            *env_overrides, *overrides, *ENV_METHOD.get((env, method), []), *extra, f"--config.seed={seed}", f"--config.total_steps={steps}",
+            *env_overrides, *overrides, *ENV_METHOD.get((env, method), []), *warm_overrides, *extra,
+            f"--config.seed={seed}", f"--config.total_steps={steps}",
             f"--config.eval.num_tasks={heldout}", f"--workdir={workdir}"]
 
 
@@ -288,12 +305,17 @@ def main():
                    help="config overrides for every run, e.g. rollout.seq_bucket=32")
     p.add_argument("--heldout", type=int, default=0, metavar="N",
                    help="evaluate each run on N held-out tasks after training (eval.num_tasks; 0: none)")
+    p.add_argument("--warm", default=None, metavar="DIR",
+                   help="start every run from this Hugging Face directory (a configs/sft.py export) with the "
+                        "warm-start settings (WARM_ALL, WARM_METHOD)")
     p.add_argument("--workers", type=int, default=1, help="runs in parallel (each pinned to one core)")
     p.add_argument("--runs-dir", default=None, help="default: runs/compare_ENV")
     p.add_argument("--out", default=None, help="default: docs/compare_ENV")
     args = p.parse_args()
     if args.heldout < 0:
         p.error(f"--heldout must be >= 0, got {args.heldout}")
+    if args.warm is not None and not os.path.isfile(os.path.join(args.warm, "config.json")):
+        p.error(f"--warm {args.warm!r} is not a Hugging Face model directory (no config.json in it)")
     methods = [m for name in args.methods for m in GROUPS.get(name, [name])]
     for m in methods:
         if m not in METHODS:
@@ -312,7 +334,7 @@ def main():
         workdir = os.path.join(runs_dir, f"{m}_s{s}")
         core = cores.get()
         try:
-            return run(command(m, args.env, s, args.steps, workdir, extra, args.heldout), workdir, args.steps, core,
+            return run(command(m, args.env, s, args.steps, workdir, extra, args.heldout, args.warm), workdir, args.steps, core,
                        args.heldout)
         finally:
             cores.put(core)
@@ -332,7 +354,8 @@ def main():
         seed_table(results, 0.9)
     print(text)
     write_atomic(out + ".json", json.dumps({"env": args.env, "budget_env_steps": budget, "steps": args.steps,
-                                            "overrides": args.set, "results": results}))
+                                            "overrides": args.set, "warm": args.warm,
+                                            "results": results}))
     write_atomic(out + ".md", text + "\n")
     plot(results, budget, out + ".png", args.env)
     print(json.dumps({m: [r["summary"]["final_success"] for r in runs] for m, runs in results.items()}))
