@@ -5,6 +5,11 @@
   python experiments/compare.py --methods ablations --out docs/ablations_treasure
   python experiments/compare.py --methods default grpo_aem --seeds 0 1 2 3 4 --steps 250 --heldout 64 \
       --runs-dir runs/default_seeds --out docs/default_seeds
+  # issue 18: from the supervised warm start WARM (a configs/sft.py export), 5 seeds of every method
+  python experiments/compare.py --env treasure --methods all --seeds 0 1 2 3 4 --steps 60 --heldout 128 \
+      --warm WARM --workers 2 --runs-dir runs/warm_treasure --out docs/warm_treasure
+  # the table so far, from the runs that are finished (nothing is trained)
+  python experiments/compare.py ... --report-only
 
 Each run is ``python -m aem_jax.train`` on the method's config file (with the
 ``:textworld`` variant on TextWorld) plus the method's overrides, for the same
@@ -149,14 +154,20 @@ def read_heldout(workdir: str) -> dict | None:
         return json.load(f)
 
 
+def finished(workdir: str, steps: int, heldout: int = 0) -> bool:
+    """Whether ``workdir`` holds ``steps`` training steps and, with ``heldout`` > 0, a held-out
+    evaluation of that many tasks at that step."""
+    done = read_heldout(workdir) if heldout else None
+    return len(read_metrics(workdir)) >= steps and (
+        not heldout or (done is not None and (done["step"], done["num_tasks"]) == (steps, heldout)))
+
+
 def run(cmd: list[str], workdir: str, steps: int, core: int | None, heldout: int = 0) -> str:
     """Runs one training job unless its workdir already holds ``steps`` steps
     (and, with ``heldout`` > 0, a held-out evaluation of that many tasks at
     that step; a finished run without one resumes at its last checkpoint, which
     only evaluates)."""
-    done = read_heldout(workdir) if heldout else None
-    if len(read_metrics(workdir)) >= steps and (
-            not heldout or (done is not None and (done["step"], done["num_tasks"]) == (steps, heldout))):
+    if finished(workdir, steps, heldout):
         return workdir
     if core is not None and shutil.which("taskset"):
         cmd = ["taskset", "-c", str(core), *cmd]
@@ -308,6 +319,9 @@ def main():
     p.add_argument("--warm", default=None, metavar="DIR",
                    help="start every run from this Hugging Face directory (a configs/sft.py export) with the "
                         "warm-start settings (WARM_ALL, WARM_METHOD)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: write the table from the runs of --runs-dir that are finished "
+                        "(methods and seeds without one are left out)")
     p.add_argument("--workers", type=int, default=1, help="runs in parallel (each pinned to one core)")
     p.add_argument("--runs-dir", default=None, help="default: runs/compare_ENV")
     p.add_argument("--out", default=None, help="default: docs/compare_ENV")
@@ -339,17 +353,24 @@ def main():
         finally:
             cores.put(core)
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=args.workers) as pool:
-        # Seed-major order: an interrupted sweep leaves every method with the same seeds done.
-        futures = {(m, s): pool.submit(job, m, s) for s in args.seeds for m in methods}
-        workdirs = {k: f.result() for k, f in futures.items()}
+    if args.report_only:
+        workdirs = {(m, s): os.path.join(runs_dir, f"{m}_s{s}") for s in args.seeds for m in methods}
+        workdirs = {k: w for k, w in workdirs.items() if finished(w, args.steps, args.heldout)}
+        if not workdirs:
+            p.error(f"--report-only: no finished run of {args.steps} steps in {runs_dir}")
+    else:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=args.workers) as pool:
+            # Seed-major order: an interrupted sweep leaves every method with the same seeds done.
+            futures = {(m, s): pool.submit(job, m, s) for s in args.seeds for m in methods}
+            workdirs = {k: f.result() for k, f in futures.items()}
 
-    raw = {m: [dict(curves(read_metrics(workdirs[(m, s)])[:args.steps]),
-                    heldout=read_heldout(workdirs[(m, s)]) if args.heldout else None)
-               for s in args.seeds] for m in methods}
-    budget = min(r["env_steps"][-1] for runs in raw.values() for r in runs)
-    results = {m: [dict(r, seed=s, summary=summarise(r, budget, args.threshold))
-                   for s, r in zip(args.seeds, runs)] for m, runs in raw.items()}
+    raw = {m: [(s, dict(curves(read_metrics(workdirs[(m, s)])[:args.steps]),
+                        heldout=read_heldout(workdirs[(m, s)]) if args.heldout else None))
+               for s in args.seeds if (m, s) in workdirs] for m in methods}
+    raw = {m: runs for m, runs in raw.items() if runs}
+    budget = min(r["env_steps"][-1] for runs in raw.values() for _, r in runs)
+    results = {m: [dict(r, seed=s, summary=summarise(r, budget, args.threshold)) for s, r in runs]
+               for m, runs in raw.items()}
     text = table(results, args.threshold, budget) + "\n\nPer run, over all its steps:\n\n" + \
         seed_table(results, 0.9)
     print(text)

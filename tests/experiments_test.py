@@ -206,3 +206,39 @@ def test_random_player_matches_the_games_odds(monkeypatch, capsys):
     random_player.main()
     rate = float(capsys.readouterr().out.split(":")[1].split()[0])
     assert 0.03 < rate < 0.07
+
+
+def test_warm_start_commands_load_into_configs(tmp_path):
+    """--warm DIR: every method starts from DIR at lr 1e-4; ArCHer and ETPO carry their recipes,
+    and every command still loads into a valid config."""
+    from aem_jax.trainer import setup
+
+    for method in compare.GROUPS["all"]:
+        cmd = compare.command(method, "treasure", 0, 5, "/w", [], warm="/ws")
+        overrides = [a.removeprefix("--config.") for a in cmd if a.startswith("--config.")]
+        config = setup.load_config(os.path.join(ROOT, cmd[3].removeprefix("--config=")), overrides)
+        assert config.model.source == "/ws" and config.optim.learning_rate == pytest.approx(1e-4), method
+    archer = compare.command("archer", "dungeon", 0, 5, "/w", [], warm="/ws")
+    assert "--config.archer.critic.from_policy=True" in archer and "--config=configs/archer.py:longhorizon" in archer
+    etpo = compare.command("etpo", "treasure", 0, 5, "/w", [], warm="/ws")
+    assert {"--config.etpo.q.residual=True", "--config.etpo.beta=0.1"} <= set(etpo)
+    assert not [a for a in compare.command("grpo", "treasure", 0, 5, "/w", []) if "model.source" in a]
+
+
+def test_report_only_tables_the_finished_runs_and_trains_nothing(tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    write_run(runs / "grpo_s0", fake_rows(12, seed=0))
+    write_run(runs / "grpo_s1", fake_rows(7, seed=1))      # unfinished: left out
+    write_run(runs / "grpo_aem_s1", fake_rows(12, seed=1))
+    monkeypatch.setattr(compare.subprocess, "run", lambda *a, **k: pytest.fail("--report-only trains nothing"))
+    out = tmp_path / "partial"
+    argv = ["compare.py", "--methods", "grpo", "grpo_aem", "ppo", "--seeds", "0", "1", "--steps", "12",
+            "--runs-dir", str(runs), "--out", str(out), "--report-only"]
+    monkeypatch.setattr(sys, "argv", argv)
+    compare.main()
+    data = json.loads((tmp_path / "partial.json").read_text())
+    assert {m: [r["seed"] for r in rs] for m, rs in data["results"].items()} == {"grpo": [0], "grpo_aem": [1]}
+    monkeypatch.setattr(sys, "argv", argv[:-7] + ["--runs-dir", str(tmp_path / "none"), "--out", str(out),
+                                                  "--report-only"])
+    with pytest.raises(SystemExit):
+        compare.main()
