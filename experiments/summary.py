@@ -1,7 +1,13 @@
 """Every number of the comparison tables in one JSON file (issue 18).
 
-  python experiments/summary.py --compare treasure=docs/compare_treasure.json \
-      --compare dungeon=docs/compare_dungeon.json --out docs/results/summary.json
+  python experiments/summary.py --compare treasure=docs/warm_treasure.json \
+      --compare treasure=docs/warm_ablations_treasure.json \
+      --compare dungeon=docs/warm_dungeon.json --out docs/results/summary.json
+
+An environment named twice pools the methods of its files (the ablations
+share the runs of grpo and grpo_aem with the comparison; a method found in
+two files must have the same per-seed results in both). Each ablation of
+GRPO + AEM is paired against grpo_aem in "ablation_pairs".
 
 Reads the OUT.json files that ``experiments/compare.py`` writes and writes
 
@@ -40,6 +46,8 @@ import sys
 import numpy as np
 
 PAIRS = ("grpo", "rloo", "dapo")
+# compare.py's ablations of GRPO + AEM, each paired against grpo_aem.
+ABLATIONS = ("aem_lam0.5", "aem_lam2", "aem_scope_batch", "aem_scope_trajectory", "aem_reversed", "aem_shuffled")
 RESAMPLES = 10_000
 
 
@@ -117,15 +125,60 @@ def aem_pair(plain: dict, aem: dict) -> dict | None:
 
 def environment_summary(compare: dict, source: str) -> dict:
     methods = {m: method_summary(runs) for m, runs in compare["results"].items()}
+    return {"source": source, "budget_env_steps": compare.get("budget_env_steps"),
+            "steps": compare.get("steps"), "overrides": compare.get("overrides", []), "warm": compare.get("warm"),
+            "methods": methods, "aem_pairs": pairs_of(methods)}
+
+
+def pairs_of(methods: dict) -> dict:
+    """The +-AEM pairs (METHOD_aem against METHOD) present in ``methods``."""
     pairs = {}
     for base in PAIRS:
         if base in methods and f"{base}_aem" in methods:
             pair = aem_pair(methods[base], methods[f"{base}_aem"])
             if pair is not None:
                 pairs[base] = pair
-    return {"source": source, "budget_env_steps": compare.get("budget_env_steps"),
-            "steps": compare.get("steps"), "overrides": compare.get("overrides", []),
-            "methods": methods, "aem_pairs": pairs}
+    return pairs
+
+
+def ablation_pairs(methods: dict) -> dict:
+    """Each ablation of AEM (one setting of GRPO + AEM changed) against GRPO + AEM, paired by seed."""
+    if "grpo_aem" not in methods:
+        return {}
+    out = {}
+    for m in ABLATIONS:
+        if m in methods:
+            pair = aem_pair(methods["grpo_aem"], methods[m])
+            if pair is not None:
+                out[m] = dict(pair, against="grpo_aem")
+    return out
+
+
+def merge(env: str, summaries: list[dict]) -> dict:
+    """One environment from several compare.py files (e.g. the methods and the ablations, which share
+    the runs of grpo and grpo_aem): methods are pooled; a method in two files must have the same
+    per-seed results there."""
+    if len(summaries) == 1:
+        merged = summaries[0]
+    else:
+        merged = {"source": [s["source"] for s in summaries], "methods": {}}
+        for key in ("budget_env_steps", "steps", "overrides", "warm"):
+            merged[key] = [s.get(key) for s in summaries]
+        source_of: dict[str, str] = {}
+        for s in summaries:
+            for m, ms in s["methods"].items():
+                seen = merged["methods"].get(m)
+                if seen is not None and (seen["seed_list"], seen["final_success"]) != (ms["seed_list"],
+                                                                                       ms["final_success"]):
+                    raise ValueError(f"environment {env!r}: method {m!r} differs between {source_of[m]} and "
+                                     f"{s['source']}; pool only files that share its runs")
+                merged["methods"][m] = ms
+                source_of.setdefault(m, s["source"])
+        merged["aem_pairs"] = pairs_of(merged["methods"])
+    ablations = ablation_pairs(merged["methods"])
+    if ablations:
+        merged["ablation_pairs"] = ablations
+    return merged
 
 
 def _parse_compare(text: str) -> tuple[str, str]:
@@ -141,14 +194,16 @@ def main(argv: list[str] | None = None) -> dict:
                    help="an OUT.json of experiments/compare.py (repeat per environment)")
     p.add_argument("--out", default="docs/results/summary.json")
     args = p.parse_args(argv)
-    envs = {}
+    per_env: dict[str, list[dict]] = {}
     for env, path in args.compare:
-        if env in envs:
-            p.error(f"--compare names environment {env!r} twice")
         if not os.path.exists(path):
             p.error(f"--compare {env}={path}: no such file (run experiments/compare.py --out first)")
         with open(path) as f:
-            envs[env] = environment_summary(json.load(f), path)
+            per_env.setdefault(env, []).append(environment_summary(json.load(f), path))
+    try:
+        envs = {env: merge(env, summaries) for env, summaries in per_env.items()}
+    except ValueError as e:
+        p.error(str(e))
     out = {"environments": envs}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     tmp = args.out + ".tmp"
@@ -162,6 +217,9 @@ def main(argv: list[str] | None = None) -> dict:
                   f"final {s['final_success_mean']:.2f} [{lo:.2f}, {hi:.2f}]")
         for base, pr in e["aem_pairs"].items():
             print(f"{env:10s} {base}+aem - {base}: {pr['mean_difference']:+.3f} (p = {pr['p_value']:.3f}, "
+                  f"n = {len(pr['seeds'])})")
+        for m, pr in e.get("ablation_pairs", {}).items():
+            print(f"{env:10s} {m} - grpo_aem: {pr['mean_difference']:+.3f} (p = {pr['p_value']:.3f}, "
                   f"n = {len(pr['seeds'])})")
     return out
 

@@ -94,3 +94,28 @@ def test_bad_arguments_are_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         summary.main(["--compare", f"treasure={tmp_path / 'missing.json'}"])
     assert "no such file" in capsys.readouterr().err
+
+
+def test_an_environment_pools_its_files_and_pairs_the_ablations(tmp_path):
+    grpo = [_run(s, [0.5] * 10, after=0.5, before=0.3) for s in range(5)]
+    aem = [_run(s, [0.6] * 10, after=0.6 + 0.01 * s, before=0.3) for s in range(5)]
+    main = {"budget_env_steps": 100.0, "steps": 10, "results": {"grpo": grpo, "grpo_aem": aem}}
+    abl = {"budget_env_steps": 90.0, "steps": 10, "results": {
+        "grpo_aem": aem, "aem_reversed": [_run(s, [0.4] * 10, after=0.4, before=0.3) for s in range(5)]}}
+    (tmp_path / "main.json").write_text(json.dumps(main))
+    (tmp_path / "abl.json").write_text(json.dumps(abl))
+    out = tmp_path / "s.json"
+    summary.main(["--compare", f"t={tmp_path / 'main.json'}", "--compare", f"t={tmp_path / 'abl.json'}",
+                  "--out", str(out)])
+    env = json.loads(out.read_text())["environments"]["t"]
+    assert set(env["methods"]) == {"grpo", "grpo_aem", "aem_reversed"}
+    assert env["budget_env_steps"] == [100.0, 90.0]
+    assert env["aem_pairs"]["grpo"]["mean_difference"] == pytest.approx(0.12)
+    rev = env["ablation_pairs"]["aem_reversed"]
+    assert rev["against"] == "grpo_aem" and rev["mean_difference"] == pytest.approx(-0.22)
+    assert rev["p_value"] == pytest.approx(2 / 32)
+    abl["results"]["grpo_aem"] = [_run(s, [0.6] * 10, after=0.7, before=0.3) for s in range(5)]
+    (tmp_path / "abl.json").write_text(json.dumps(abl))
+    with pytest.raises(SystemExit):
+        summary.main(["--compare", f"t={tmp_path / 'main.json'}", "--compare", f"t={tmp_path / 'abl.json'}",
+                      "--out", str(out)])
