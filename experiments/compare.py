@@ -338,7 +338,7 @@ def main():
     args = p.parse_args()
     if args.heldout < 0:
         p.error(f"--heldout must be >= 0, got {args.heldout}")
-    if args.warm is not None and not os.path.isfile(os.path.join(args.warm, "config.json")):
+    if args.warm is not None and not args.report_only and not os.path.isfile(os.path.join(args.warm, "config.json")):
         p.error(f"--warm {args.warm!r} is not a Hugging Face model directory (no config.json in it)")
     methods = [m for name in args.methods for m in GROUPS.get(name, [name])]
     for m in methods:
