@@ -6,8 +6,8 @@
   python experiments/compare.py --methods default grpo_aem --seeds 0 1 2 3 4 --steps 250 --heldout 64 \
       --runs-dir runs/default_seeds --out docs/default_seeds
   # issue 18: from the supervised warm start WARM (a configs/sft.py export), 5 seeds of every method
-  python experiments/compare.py --env treasure --methods all --seeds 0 1 2 3 4 --steps 60 --heldout 128 \
-      --warm WARM --workers 2 --runs-dir runs/warm_treasure --out docs/warm_treasure
+  python experiments/compare.py --env treasure --methods all --seeds 0 1 2 3 4 --steps 60 --env-steps 61440 \
+      --heldout 128 --warm WARM --workers 2 --runs-dir runs/warm_treasure --out docs/warm_treasure
   # the table so far, from the runs that are finished (nothing is trained)
   python experiments/compare.py ... --report-only
 
@@ -19,7 +19,10 @@ comparison is made at equal *environment steps*: the budget is the smallest
 total any run took, and each run is read up to that budget (DAPO's curve ends
 at an earlier training step). Runs already finished in ``--runs-dir`` are
 reused (and an interrupted one resumes from its checkpoint), so a table can be
-rebuilt or extended without retraining.
+rebuilt or extended without retraining. With ``--env-steps B`` every run
+itself stops at B environment steps (``config.env_steps_budget``), so its
+held-out evaluation after training is made at equal environment steps too;
+``--steps`` is then the most steps a run may take.
 
 Writes OUT.json (per-run curves and summaries), OUT.md (the table) and OUT.png
 (success, token entropy and invalid-action rate against environment steps,
@@ -135,7 +138,7 @@ def warm_overrides(method: str, env: str, warm: str) -> list[str]:
 
 
 def command(method: str, env: str, seed: int, steps: int, workdir: str, extra: list[str],
-            heldout: int = 0, warm: str | None = None) -> list[str]:
+            heldout: int = 0, warm: str | None = None, env_steps: int = 0) -> list[str]:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)} or a group: {', '.join(GROUPS)}")
     config, overrides = METHODS[method]
@@ -144,6 +147,7 @@ def command(method: str, env: str, seed: int, steps: int, workdir: str, extra: l
             *env_overrides, *overrides, *ENV_METHOD.get((env, method), []),
             *(warm_overrides(method, env, warm) if warm else []), *extra,
             f"--config.seed={seed}", f"--config.total_steps={steps}",
+            *([f"--config.env_steps_budget={env_steps}"] if env_steps else []),
             f"--config.eval.num_tasks={heldout}", f"--workdir={workdir}"]
 
 
@@ -164,20 +168,33 @@ def read_heldout(workdir: str) -> dict | None:
         return json.load(f)
 
 
-def finished(workdir: str, steps: int, heldout: int = 0) -> bool:
-    """Whether ``workdir`` holds ``steps`` training steps and, with ``heldout`` > 0, a held-out
-    evaluation of that many tasks at that step."""
+def end_step(rows: list[dict], steps: int, env_steps: int = 0) -> int | None:
+    """The step at which a run of at most ``steps`` steps with environment-step budget ``env_steps``
+    (0: none) ends: the first whose cumulative environment steps reach the budget, else ``steps``;
+    None while ``rows`` (its metrics lines) have not got there."""
+    if env_steps:
+        hit = np.flatnonzero(np.cumsum([r["env_steps"] for r in rows[:steps]]) >= env_steps)
+        if hit.size:
+            return int(hit[0]) + 1
+    return steps if len(rows) >= steps else None
+
+
+def finished(workdir: str, steps: int, heldout: int = 0, env_steps: int = 0) -> bool:
+    """Whether ``workdir`` has trained to its end (``end_step``) and, with ``heldout`` > 0, holds a
+    held-out evaluation of that many tasks at that step."""
+    end = end_step(read_metrics(workdir), steps, env_steps)
+    if end is None:
+        return False
     done = read_heldout(workdir) if heldout else None
-    return len(read_metrics(workdir)) >= steps and (
-        not heldout or (done is not None and (done["step"], done["num_tasks"]) == (steps, heldout)))
+    return not heldout or (done is not None and (done["step"], done["num_tasks"]) == (end, heldout))
 
 
-def run(cmd: list[str], workdir: str, steps: int, core: int | None, heldout: int = 0) -> str:
+def run(cmd: list[str], workdir: str, steps: int, core: int | None, heldout: int = 0, env_steps: int = 0) -> str:
     """Runs one training job unless its workdir already holds ``steps`` steps
     (and, with ``heldout`` > 0, a held-out evaluation of that many tasks at
     that step; a finished run without one resumes at its last checkpoint, which
     only evaluates)."""
-    if finished(workdir, steps, heldout):
+    if finished(workdir, steps, heldout, env_steps):
         return workdir
     if core is not None and shutil.which("taskset"):
         cmd = ["taskset", "-c", str(core), *cmd]
@@ -321,6 +338,9 @@ def main():
                    help=f"method names or groups ({', '.join(GROUPS)}); known methods: {', '.join(METHODS)}")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--env-steps", type=int, default=0, metavar="B",
+                   help="environment-step budget of every run (config.env_steps_budget): a run ends after the "
+                        "first step whose cumulative environment steps reach B, or at --steps (0: --steps only)")
     p.add_argument("--threshold", type=float, default=0.8)
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="config overrides for every run, e.g. rollout.seq_bucket=32")
@@ -336,6 +356,8 @@ def main():
     p.add_argument("--runs-dir", default=None, help="default: runs/compare_ENV")
     p.add_argument("--out", default=None, help="default: docs/compare_ENV")
     args = p.parse_args()
+    if args.env_steps < 0:
+        p.error(f"--env-steps must be >= 0, got {args.env_steps}")
     if args.heldout < 0:
         p.error(f"--heldout must be >= 0, got {args.heldout}")
     if args.warm is not None and not args.report_only and not os.path.isfile(os.path.join(args.warm, "config.json")):
@@ -358,14 +380,14 @@ def main():
         workdir = os.path.join(runs_dir, f"{m}_s{s}")
         core = cores.get()
         try:
-            return run(command(m, args.env, s, args.steps, workdir, extra, args.heldout, args.warm), workdir, args.steps, core,
-                       args.heldout)
+            return run(command(m, args.env, s, args.steps, workdir, extra, args.heldout, args.warm, args.env_steps),
+                       workdir, args.steps, core, args.heldout, args.env_steps)
         finally:
             cores.put(core)
 
     if args.report_only:
         workdirs = {(m, s): os.path.join(runs_dir, f"{m}_s{s}") for s in args.seeds for m in methods}
-        workdirs = {k: w for k, w in workdirs.items() if finished(w, args.steps, args.heldout)}
+        workdirs = {k: w for k, w in workdirs.items() if finished(w, args.steps, args.heldout, args.env_steps)}
         if not workdirs:
             p.error(f"--report-only: no finished run of {args.steps} steps in {runs_dir}")
     else:
@@ -374,7 +396,11 @@ def main():
             futures = {(m, s): pool.submit(job, m, s) for s in args.seeds for m in methods}
             workdirs = {k: f.result() for k, f in futures.items()}
 
-    raw = {m: [(s, dict(curves(read_metrics(workdirs[(m, s)])[:args.steps]),
+    def rows_of(workdir: str) -> list[dict]:
+        rows = read_metrics(workdir)
+        return rows[:end_step(rows, args.steps, args.env_steps)]
+
+    raw = {m: [(s, dict(curves(rows_of(workdirs[(m, s)])),
                         heldout=read_heldout(workdirs[(m, s)]) if args.heldout else None))
                for s in args.seeds if (m, s) in workdirs] for m in methods}
     raw = {m: runs for m, runs in raw.items() if runs}
@@ -385,6 +411,7 @@ def main():
         seed_table(results, 0.9)
     print(text)
     write_atomic(out + ".json", json.dumps({"env": args.env, "budget_env_steps": budget, "steps": args.steps,
+                                            "env_steps_budget": args.env_steps,
                                             "overrides": args.set, "warm": args.warm,
                                             "results": results}))
     write_atomic(out + ".md", text + "\n")

@@ -30,11 +30,18 @@ if has sft; then
       --config.total_steps=200 --config.eval.num_tasks=64 --workdir="$RUNS/sft_dungeon"
 fi
 
+# Equal environment steps for every method (config.env_steps_budget): 61,440 on the built-in game
+# (60 steps of 64 tasks x 8 two-turn episodes; DAPO's dynamic sampling spends them in fewer steps),
+# 80,000 on the dungeon (about 58 steps of 16 tasks x 8 episodes of 9-12 turns), at most STEPS steps.
+declare -A BUDGET=([treasure]=61440 [dungeon]=80000)
+declare -A STEPS=([treasure]=60 [dungeon]=100)
+
 # ENV WARM_START METHODS OUT [extra compare.py flags]
 sweep() {
   local env=$1 ws=$2 methods=$3 out=$4; shift 4
-  python experiments/compare.py --env "$env" --methods $methods --seeds $SEEDS --steps 60 --heldout 128 \
-      --warm "$ws" --workers "$WORKERS" --runs-dir "$RUNS/warm_$env" --out "docs/$out" "$@"
+  python experiments/compare.py --env "$env" --methods $methods --seeds $SEEDS --steps "${STEPS[$env]}" \
+      --env-steps "${BUDGET[$env]}" --heldout 128 --warm "$ws" --workers "$WORKERS" --runs-dir "$RUNS/warm_$env" \
+      --out "docs/$out" "$@"
 }
 has treasure && sweep treasure "$TREASURE_WS" all warm_treasure
 # The ablations share the runs of grpo and grpo_aem with the comparison (same runs directory).

@@ -244,3 +244,28 @@ def test_report_only_tables_the_finished_runs_and_trains_nothing(tmp_path, monke
                                                   "--report-only"])
     with pytest.raises(SystemExit):
         compare.main()
+
+
+def test_env_steps_budget_ends_each_run_where_its_environment_steps_reach_it(tmp_path, monkeypatch):
+    rows = fake_rows(12)  # 100 environment steps per step
+    assert compare.end_step(rows, 12) == 12 and compare.end_step(rows[:5], 12) is None
+    assert compare.end_step(rows, 12, env_steps=450) == 5 and compare.end_step(rows, 12, env_steps=5000) == 12
+    assert compare.end_step(rows[:3], 12, env_steps=450) is None
+    cmd = compare.command("dapo", "treasure", 0, 60, "/w", [], env_steps=61440)
+    assert "--config.env_steps_budget=61440" in cmd and "--config.total_steps=60" in cmd
+    runs = tmp_path / "runs"
+    for seed in (0, 1):  # a budget run stopped at step 5 with its evaluation there
+        write_run(runs / f"dapo_s{seed}", rows[:5])
+        (runs / f"dapo_s{seed}" / "eval.json").write_text(json.dumps(
+            {"step": 5, "num_tasks": 8, "success_before": 0.0, "success_after": 0.5}))
+    assert compare.finished(str(runs / "dapo_s0"), 12, 8, 450)
+    assert not compare.finished(str(runs / "dapo_s0"), 12, 8, 0)  # without the budget it is 7 steps short
+    monkeypatch.setattr(compare.subprocess, "run", lambda *a, **k: pytest.fail("finished runs must not be retrained"))
+    out = tmp_path / "b"
+    monkeypatch.setattr(sys, "argv", ["compare.py", "--methods", "dapo", "--seeds", "0", "1", "--steps", "12",
+                                      "--env-steps", "450", "--heldout", "8", "--runs-dir", str(runs),
+                                      "--out", str(out)])
+    compare.main()
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert data["env_steps_budget"] == 450 and data["budget_env_steps"] == 500
+    assert [len(r["success"]) for r in data["results"]["dapo"]] == [5, 5]

@@ -13,6 +13,9 @@ def base() -> ConfigDict:
     c.seed = 0                       # root of every random stream (rollouts, init, shuffles)
     c.algorithm = "grpo"             # grpo | dr_grpo | dapo | gspo | rloo | gigpo | ppo | archer | etpo | sft
     c.total_steps = 250              # training iterations (one rollout batch each)
+    c.env_steps_budget = 0           # > 0: training also ends after the first step whose cumulative environment
+                                     # steps (turns played, DAPO's extra batches included) reach this many;
+                                     # compares methods at equal environment steps. 0: total_steps only
     c.progress_bar = False           # force the progress bar on (it shows anyway on a terminal)
     c.max_nonfinite_in_a_row = 5     # stop after this many skipped (non-finite) updates in a row
     c.distributed = False            # force jax.distributed.initialize() (auto-detected otherwise)

@@ -47,9 +47,11 @@ class WorkdirLockedError(RuntimeError):
 
 # Keys whose change cannot alter the numbers a resumed run computes, so a run
 # may resume with them changed; a key also covers its sub-keys. total_steps may
-# grow (or shrink) but never below the step the run resumes from.
+# grow (or shrink) but never below the step the run resumes from; a run resumed
+# with an env_steps_budget it has already reached ends at the step it resumes from.
 RESUMABLE_KEYS: tuple[str, ...] = (
     "total_steps",
+    "env_steps_budget",
     "progress_bar",
     "checkpoint.keep",
     "checkpoint.every",

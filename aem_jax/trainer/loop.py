@@ -13,7 +13,10 @@ its checkpoint continues exactly, evaluations included.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import math
 import os
 import time
 from typing import Any
@@ -93,9 +96,17 @@ class Outputs:
         c = ctx.config
         self.ctx, self.algorithm, self.workdir = ctx, algorithm, workdir
         self.schedule = records.Schedule.of(c)
+        self.end = c.total_steps
         self.primary = distributed.is_primary()
         self.settings = rollouts.eval_settings(c)
         self.evals = records.EvalLog(workdir, resume_step=start, total_steps=c.total_steps, enabled=self.primary)
+
+    def end_at(self, step: int) -> None:
+        """Training ends after ``step`` (before ``total_steps``: the environment-step budget is
+        reached): its evaluation, export and ``success_after`` are the final ones."""
+        self.end = step
+        self.schedule = dataclasses.replace(self.schedule, total_steps=step)
+        self.evals.total_steps = step
 
     def evaluate(self, state, step: int) -> dict[str, float]:
         """Held-out evaluation after ``step``: its metrics (also in eval.json)."""
@@ -106,7 +117,7 @@ class Outputs:
             records.write_transcripts(self.workdir, records.step_name("eval", step), result.records, step=step,
                                       kind="eval")
         self.evals.add(step, self.settings, result.metrics)
-        if self.primary and step in (0, c.total_steps):
+        if self.primary and step in (0, self.end):
             when = "before" if step == 0 else "after"
             print(f"success {when} training: {result.metrics['eval/pass@1']:.2f} ({c.eval.num_tasks} held-out "
                   f"tasks x {c.eval.samples_per_task})", flush=True)
@@ -138,11 +149,11 @@ class Outputs:
         """A run resumed at its end (no step left to train) makes the final
         evaluation and export it lacks: e.g. a finished run resumed with a
         new ``eval.num_tasks`` only evaluates."""
-        c, s = self.ctx.config, self.schedule
-        if start < c.total_steps:
+        s = self.schedule
+        if start < self.end:
             return
-        if s.evaluates(c.total_steps) and _on_primary(self.evals.find(c.total_steps, self.settings) is None):
-            self.evaluate(state, c.total_steps)
+        if s.evaluates(self.end) and _on_primary(self.evals.find(self.end, self.settings) is None):
+            self.evaluate(state, self.end)
         final = paths.workdir_path(self.workdir) / records.EXPORT_DIR / records.FINAL_EXPORT
         if s.export_enabled and _on_primary(not (final / "config.json").exists()):
             self.export(state, records.FINAL_EXPORT)
@@ -176,6 +187,9 @@ def _run(config, workdir, algorithm: Algorithm) -> dict[str, Any]:
         try:
             start, meta, state = restore(ctx, algorithm, state, ckpt, workdir)
             outputs = Outputs(ctx, algorithm, workdir, start)
+            meta["env_steps_total"] = env_steps_so_far(meta, workdir, start)
+            if start and budget_reached(c, meta["env_steps_total"]):
+                outputs.end_at(start)
             summary: dict[str, Any] = {"start_step": start, "success_before": meta.get("success_before")}
             if start == 0 and outputs.schedule.evaluates(0):
                 summary["success_before"] = outputs.evaluate(state, 0)["eval/pass@1"]
@@ -184,30 +198,57 @@ def _run(config, workdir, algorithm: Algorithm) -> dict[str, Any]:
         finally:
             ckpt.close()
         if c.eval.num_tasks:
-            summary["success_after"] = outputs.evals.pass_at_1(c.total_steps)
+            summary["success_after"] = outputs.evals.pass_at_1(outputs.end)
         if primary:
             summary["plot"] = metrics.plot(workdir, workdir / "curves.png", keys=PLOT_KEYS)
-    summary["final_step"] = c.total_steps
+    summary["final_step"] = outputs.end
     return summary
+
+
+def budget_reached(config, env_steps_total: float) -> bool:
+    return bool(config.env_steps_budget) and env_steps_total >= config.env_steps_budget
+
+
+def env_steps_so_far(meta: dict, workdir, start: int) -> float:
+    """Environment steps of the first ``start`` training steps: the checkpoint's count, or (checkpoints
+    written before it was kept) the sum over the run's metrics lines up to ``start``."""
+    if "env_steps_total" in meta or not start:
+        return float(meta.get("env_steps_total", 0.0))
+    path = paths.workdir_path(workdir) / metrics.JSONL_NAME
+    total = 0.0
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                if row.get("step", math.inf) <= start:
+                    total += float(row.get("env_steps", 0.0))
+    return total
 
 
 def _loop(ctx, algorithm, state, ckpt, workdir, start, meta, summary, fingerprint, outputs: Outputs):
     c = ctx.config
     writer = metrics.MetricsWriter(workdir, resume_step=start if start else None)
     prev_entropy = meta.get("token_entropy")
+    env_total = meta["env_steps_total"]
     bar = metrics.progress_bar(c.total_steps, initial=start, enabled=c.progress_bar or None)
     t_start = time.perf_counter()
-    for step in range(start, c.total_steps):
+    for step in range(start, outputs.end):
         state, record, episodes = train_step(ctx, algorithm, state, step)
         if prev_entropy is not None:
             record["measured_entropy_change"] = record["token_entropy"] - prev_entropy
         prev_entropy = record["token_entropy"]
+        env_total += float(record["env_steps"])
+        record["env_steps_total"] = env_total
+        last = step + 1 == c.total_steps or budget_reached(c, env_total)
+        if last:
+            outputs.end_at(step + 1)
         outputs.after_step(state, step + 1, record, episodes)
         t0 = time.perf_counter()
         device, host = algorithm.checkpoint_tree(state)
-        ckpt.save(step + 1, device, host=host, force=step + 1 == c.total_steps,
+        ckpt.save(step + 1, device, host=host, force=last,
                   meta={"token_entropy": prev_entropy, "task_cursor": step + 1, "seed": c.seed,
-                        "success_before": summary["success_before"], "config": fingerprint})
+                        "success_before": summary["success_before"], "config": fingerprint,
+                        "env_steps_total": env_total})
         record["time_checkpoint_s"] = time.perf_counter() - t0
         record["wall_s"] = time.perf_counter() - t_start
         writer.write(step + 1, record)
@@ -218,6 +259,8 @@ def _loop(ctx, algorithm, state, ckpt, workdir, start, meta, summary, fingerprin
                 f"{record['nonfinite_in_a_row']} updates in a row had a non-finite loss, gradient or "
                 f"parameters (limit config.max_nonfinite_in_a_row={c.max_nonfinite_in_a_row}) at step "
                 f"{step + 1}; lower config.optim.learning_rate or check the rewards")
+        if last:
+            break
     bar.close()
     writer.close()
     return state

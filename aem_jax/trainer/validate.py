@@ -122,6 +122,7 @@ _MESH_AXIS = _int(1, also=(-1,), text="-1 (all remaining devices) or >= 1")
 RULES: dict[str, Rule] = {
     "seed": _COUNT,
     "total_steps": _POSITIVE_INT,
+    "env_steps_budget": _COUNT,
     "max_nonfinite_in_a_row": _POSITIVE_INT,
     "model.model_type": _one_of(sorted(MODEL_TYPES)),
     "model.dtype": _one_of(DTYPES),

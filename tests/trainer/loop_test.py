@@ -116,3 +116,40 @@ def test_resume_with_a_changed_config_names_the_keys_and_growing_total_steps_is_
         loop.train(setup.load_config("configs/default.py:smoke", changed), str(tmp_path))
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2  # the refused run wrote nothing
+
+
+def test_env_steps_budget_ends_training_at_the_step_that_reaches_it_and_resumes(tmp_path):
+    """env_steps_budget: the run ends after the first step whose cumulative environment steps reach
+    it, with its held-out evaluation there; a larger budget resumes; a reached one trains nothing."""
+    import json
+
+    base = ["total_steps=5", "eval.num_tasks=2"]
+    summary = loop.train(setup.load_config("configs/default.py:smoke", base + ["env_steps_budget=1"]),
+                         str(tmp_path))
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert summary["final_step"] == 1 and len(rows) == 1 and summary["success_after"] is not None
+    first = rows[0]["env_steps"]
+    assert first > 0 and rows[0]["env_steps_total"] == first
+    held = json.loads((tmp_path / "eval.json").read_text())
+    assert held["step"] == 1 and held["success_after"] == summary["success_after"]
+
+    grown = base + [f"env_steps_budget={int(first) + 1}"]
+    summary = loop.train(setup.load_config("configs/default.py:smoke", grown), str(tmp_path))
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert summary["start_step"] == 1 and summary["final_step"] == 2 and len(rows) == 2
+    assert rows[1]["env_steps_total"] == first + rows[1]["env_steps"]
+    assert json.loads((tmp_path / "eval.json").read_text())["step"] == 2
+
+    summary = loop.train(setup.load_config("configs/default.py:smoke", grown), str(tmp_path))
+    assert summary["start_step"] == 2 and summary["final_step"] == 2
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_env_steps_so_far_falls_back_to_the_metrics_lines(tmp_path):
+    assert loop.env_steps_so_far({"env_steps_total": 7.0}, tmp_path, 3) == 7.0
+    assert loop.env_steps_so_far({}, tmp_path, 0) == 0.0
+    (tmp_path / "metrics.jsonl").write_text("".join(
+        f'{{"step": {s}, "env_steps": {10 * s}}}\n' for s in (1, 2, 3, 4)))
+    assert loop.env_steps_so_far({}, tmp_path, 3) == 60.0
+    with pytest.raises(Exception, match="env_steps_budget"):
+        loop.check_config(setup.load_config("configs/default.py:smoke", ["env_steps_budget=-1"]))
