@@ -27,6 +27,10 @@ budget; ``final_success_source`` says which. The start success is the
 held-out success before training (``eval.json``'s ``success_before``), or
 the mean training success of the first 5 steps.
 
+``loop_hours`` sums the wall time of the runs' training loops (each run
+held one core; start-up and the held-out evaluations are not included), per
+method and per environment.
+
 Intervals are percentile bootstrap intervals of the mean over seeds
 (10,000 resamples, a fixed generator, so the file is reproducible). A pair
 "METHOD" vs "METHOD_aem" is compared on the seeds both ran: the mean of the
@@ -101,7 +105,10 @@ def method_summary(runs: list[dict]) -> dict:
     else:
         start = float(np.mean([np.mean(r["success"][:5]) for r in runs]))
         start_source = "training success, mean of the first 5 steps"
+    walls = [r.get("wall_s") for r in runs]
     return {"seeds": len(runs), "seed_list": seeds,
+            "env_steps": [float(r["env_steps"][-1]) for r in runs] if all("env_steps" in r for r in runs) else None,
+            "loop_hours": float(sum(walls)) / 3600 if all(w is not None for w in walls) else None,
             "start_success": start, "start_success_source": start_source,
             "final_success": [float(v) for v in finals],
             "final_success_mean": float(np.mean(finals)),
@@ -125,9 +132,16 @@ def aem_pair(plain: dict, aem: dict) -> dict | None:
 
 def environment_summary(compare: dict, source: str) -> dict:
     methods = {m: method_summary(runs) for m, runs in compare["results"].items()}
-    return {"source": source, "budget_env_steps": compare.get("budget_env_steps"),
+    return {"loop_hours": loop_hours(methods),"source": source, "budget_env_steps": compare.get("budget_env_steps"),
             "steps": compare.get("steps"), "overrides": compare.get("overrides", []), "warm": compare.get("warm"),
             "methods": methods, "aem_pairs": pairs_of(methods)}
+
+
+def loop_hours(methods: dict) -> float | None:
+    """Hours the methods' training loops ran, summed over runs (each run held one core; start-up and
+    held-out evaluations are not included)."""
+    hours = [m.get("loop_hours") for m in methods.values()]
+    return float(sum(hours)) if hours and all(h is not None for h in hours) else None
 
 
 def pairs_of(methods: dict) -> dict:
@@ -175,6 +189,7 @@ def merge(env: str, summaries: list[dict]) -> dict:
                 merged["methods"][m] = ms
                 source_of.setdefault(m, s["source"])
         merged["aem_pairs"] = pairs_of(merged["methods"])
+        merged["loop_hours"] = loop_hours(merged["methods"])
     ablations = ablation_pairs(merged["methods"])
     if ablations:
         merged["ablation_pairs"] = ablations

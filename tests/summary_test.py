@@ -49,8 +49,8 @@ def test_bootstrap_interval_of_the_mean():
         summary.bootstrap_ci([])
 
 
-def _run(seed, success, after=None, before=None):
-    return {"seed": seed, "success": success, "summary": {"final_success": float(np.mean(success[-10:]))},
+def _run(seed, success, after=None, before=None, wall=None):
+    return {"seed": seed, "success": success, "wall_s": wall, "summary": {"final_success": float(np.mean(success[-10:]))},
             "heldout": None if after is None else {"success_after": after, "success_before": before}}
 
 
@@ -78,6 +78,7 @@ def test_summary_file_shape_sources_and_pairs(tmp_path):
     assert pair["mean_difference"] == pytest.approx(0.1) and pair["p_value"] == pytest.approx(2 / 32)
     assert pair["seeds"] == [0, 1, 2, 3, 4] and pair["smallest_possible_p_value"] == pytest.approx(2 / 32)
     assert not (tmp_path / "results" / "summary.json.tmp").exists()
+    assert grpo["loop_hours"] is None  # the fake runs carry no wall times
 
 
 def test_a_committed_comparison_summarises(tmp_path):
@@ -97,11 +98,11 @@ def test_bad_arguments_are_named(tmp_path, capsys):
 
 
 def test_an_environment_pools_its_files_and_pairs_the_ablations(tmp_path):
-    grpo = [_run(s, [0.5] * 10, after=0.5, before=0.3) for s in range(5)]
-    aem = [_run(s, [0.6] * 10, after=0.6 + 0.01 * s, before=0.3) for s in range(5)]
+    grpo = [_run(s, [0.5] * 10, after=0.5, before=0.3, wall=360.0) for s in range(5)]
+    aem = [_run(s, [0.6] * 10, after=0.6 + 0.01 * s, before=0.3, wall=360.0) for s in range(5)]
     main = {"budget_env_steps": 100.0, "steps": 10, "results": {"grpo": grpo, "grpo_aem": aem}}
     abl = {"budget_env_steps": 90.0, "steps": 10, "results": {
-        "grpo_aem": aem, "aem_reversed": [_run(s, [0.4] * 10, after=0.4, before=0.3) for s in range(5)]}}
+        "grpo_aem": aem, "aem_reversed": [_run(s, [0.4] * 10, after=0.4, before=0.3, wall=360.0) for s in range(5)]}}
     (tmp_path / "main.json").write_text(json.dumps(main))
     (tmp_path / "abl.json").write_text(json.dumps(abl))
     out = tmp_path / "s.json"
@@ -109,12 +110,13 @@ def test_an_environment_pools_its_files_and_pairs_the_ablations(tmp_path):
                   "--out", str(out)])
     env = json.loads(out.read_text())["environments"]["t"]
     assert set(env["methods"]) == {"grpo", "grpo_aem", "aem_reversed"}
+    assert env["loop_hours"] == pytest.approx(15 * 360 / 3600)  # 5 runs x 3 methods x 360 s
     assert env["budget_env_steps"] == [100.0, 90.0]
     assert env["aem_pairs"]["grpo"]["mean_difference"] == pytest.approx(0.12)
     rev = env["ablation_pairs"]["aem_reversed"]
     assert rev["against"] == "grpo_aem" and rev["mean_difference"] == pytest.approx(-0.22)
     assert rev["p_value"] == pytest.approx(2 / 32)
-    abl["results"]["grpo_aem"] = [_run(s, [0.6] * 10, after=0.7, before=0.3) for s in range(5)]
+    abl["results"]["grpo_aem"] = [_run(s, [0.6] * 10, after=0.7, before=0.3, wall=360.0) for s in range(5)]
     (tmp_path / "abl.json").write_text(json.dumps(abl))
     with pytest.raises(SystemExit):
         summary.main(["--compare", f"t={tmp_path / 'main.json'}", "--compare", f"t={tmp_path / 'abl.json'}",
