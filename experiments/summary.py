@@ -196,6 +196,35 @@ def merge(env: str, summaries: list[dict]) -> dict:
     return merged
 
 
+def markdown(out: dict) -> str:
+    """The summary's tables: per environment, one row per method and one per paired comparison."""
+    lines = []
+    for env, e in out["environments"].items():
+        lines += [f"### {env}", "",
+                  "| method | seeds | held-out success before | after: mean [95% CI] | after, per seed | "
+                  "env steps per run | loop hours |", "|---|---|---|---|---|---|---|"]
+        for m, ms in e["methods"].items():
+            lo, hi = ms["final_success_ci95"]
+            steps = ms.get("env_steps")
+            steps_text = f"{min(steps):,.0f}" + (f"-{max(steps):,.0f}" if max(steps) > min(steps) else "") \
+                if steps else "-"
+            hours = "-" if ms.get("loop_hours") is None else f"{ms['loop_hours']:.2f}"
+            lines.append(f"| {m} | {ms['seeds']} | {ms['start_success']:.2f} | **{ms['final_success_mean']:.2f}** "
+                         f"[{lo:.2f}, {hi:.2f}] | {', '.join(f'{v:.2f}' for v in ms['final_success'])} | "
+                         f"{steps_text} | {hours} |")
+        pairs = [(f"{b}_aem - {b}", pr) for b, pr in e.get("aem_pairs", {}).items()] + \
+                [(f"{m} - grpo_aem", pr) for m, pr in e.get("ablation_pairs", {}).items()]
+        if pairs:
+            lines += ["", "| paired by seed | seeds | mean difference [95% CI] | p (exact sign-flip, two-sided) |",
+                      "|---|---|---|---|"]
+            for name, pr in pairs:
+                lo, hi = pr["difference_ci95"]
+                lines.append(f"| {name} | {len(pr['seeds'])} | {pr['mean_difference']:+.3f} [{lo:+.3f}, {hi:+.3f}] | "
+                             f"{pr['p_value']:.3f} (smallest possible {pr['smallest_possible_p_value']:.3f}) |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def _parse_compare(text: str) -> tuple[str, str]:
     env, sep, path = text.partition("=")
     if not sep or not env or not path:
@@ -208,6 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--compare", type=_parse_compare, action="append", required=True, metavar="ENV=PATH.json",
                    help="an OUT.json of experiments/compare.py (repeat per environment)")
     p.add_argument("--out", default="docs/results/summary.json")
+    p.add_argument("--markdown", default=None, metavar="PATH.md", help="also write the tables as markdown")
     args = p.parse_args(argv)
     per_env: dict[str, list[dict]] = {}
     for env, path in args.compare:
@@ -225,6 +255,10 @@ def main(argv: list[str] | None = None) -> dict:
     with open(tmp, "w") as f:
         json.dump(out, f, indent=1)
     os.replace(tmp, args.out)
+    if args.markdown:
+        with open(args.markdown + ".tmp", "w") as f:
+            f.write(markdown(out))
+        os.replace(args.markdown + ".tmp", args.markdown)
     for env, e in envs.items():
         for m, s in e["methods"].items():
             lo, hi = s["final_success_ci95"]

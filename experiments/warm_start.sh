@@ -58,5 +58,6 @@ if has report; then
       args+=(--compare "$env=docs/$out.json")
     fi
   done
-  [ ${#args[@]} -gt 0 ] && python experiments/summary.py "${args[@]}" --out docs/results/summary.json
+  [ ${#args[@]} -gt 0 ] && python experiments/summary.py "${args[@]}" --out docs/results/summary.json \
+      --markdown docs/results/summary.md
 fi

@@ -107,7 +107,10 @@ def test_an_environment_pools_its_files_and_pairs_the_ablations(tmp_path):
     (tmp_path / "abl.json").write_text(json.dumps(abl))
     out = tmp_path / "s.json"
     summary.main(["--compare", f"t={tmp_path / 'main.json'}", "--compare", f"t={tmp_path / 'abl.json'}",
-                  "--out", str(out)])
+                  "--out", str(out), "--markdown", str(tmp_path / "s.md")])
+    text = (tmp_path / "s.md").read_text()
+    assert "| grpo_aem | 5 | 0.30 | **0.62** [0.61, 0.63] | 0.60, 0.61, 0.62, 0.63, 0.64 | - | 0.50 |" in text
+    assert "| aem_reversed - grpo_aem | 5 | -0.220 [-0.232, -0.208] | 0.062 (smallest possible 0.062) |" in text
     env = json.loads(out.read_text())["environments"]["t"]
     assert set(env["methods"]) == {"grpo", "grpo_aem", "aem_reversed"}
     assert env["loop_hours"] == pytest.approx(15 * 360 / 3600)  # 5 runs x 3 methods x 360 s
