@@ -31,7 +31,7 @@ def get_config(arg: str | None = None):
         raise ValueError(f"configs/longhorizon.py is the dungeon; its variants: smoke (got {arg!r})")
     c = longhorizon(base())                  # the game, rows and batch sizes (aem_jax/trainer/defaults.py)
     c.loss.dual_clip = 3.0                   # as configs/default.py
-    c.total_steps = 300                      # for warm starts; from scratch success stays ~0 (docs/results.md)
+    c.total_steps = 300                      # for warm starts; from scratch success stays ~0 (docs/results_scratch.md)
     if "smoke" in names:
         smoke(c)
     return c

@@ -86,7 +86,7 @@ Per-algorithm settings (found by sweeping seeds 0..5 with the test's
   batch's KL(old || new) to 0.6 and 1.7 with the clip on; the clip bounds neither
   an iteration's first step nor mass on unsampled words). So ArCHer runs
   here on seeds 0 and 1 (both pass under pytest), and seed 2 is the case
-  for the next fix (docs/results.md). An ArCHer run takes ~25-30 s of CPU
+  for the next fix (docs/results_scratch.md). An ArCHer run takes ~25-30 s of CPU
   (ten critic steps per iteration).
 """
 import ml_collections
