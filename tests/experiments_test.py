@@ -219,8 +219,9 @@ def test_warm_start_commands_load_into_configs(tmp_path):
         config = setup.load_config(os.path.join(ROOT, cmd[3].removeprefix("--config=")), overrides)
         assert config.model.source == "/ws" and config.optim.learning_rate == pytest.approx(1e-4), method
     archer = compare.command("archer", "dungeon", 0, 5, "/w", [], warm="/ws")
-    assert {"--config.archer.critic.from_policy=True", "--config.optim.learning_rate=0.0003",
+    assert {"--config.archer.critic.from_policy=True", "--config.optim.learning_rate=0.0001",
             "--config.archer.critic_learning_rate=0.0003"} <= set(archer)
+    assert "--config.optim.learning_rate=0.0003" in compare.command("grpo", "dungeon", 0, 5, "/w", [], warm="/ws")
     assert "--config.archer.critic.from_policy=True" in archer and "--config=configs/archer.py:longhorizon" in archer
     etpo = compare.command("etpo", "treasure", 0, 5, "/w", [], warm="/ws")
     assert {"--config.etpo.q.residual=True", "--config.etpo.beta=0.1"} <= set(etpo)
