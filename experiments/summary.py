@@ -101,15 +101,19 @@ def method_summary(runs: list[dict]) -> dict:
         final_source = "training success, mean of the last 10 steps within the budget"
     before = [_heldout(r, "success_before") for r in runs]
     if all(v is not None for v in before):
-        start, start_source = float(np.mean(before)), "held-out success before training (eval.json)"
+        starts, start_source = before, "held-out success before training (eval.json)"
     else:
-        start = float(np.mean([np.mean(r["success"][:5]) for r in runs]))
+        starts = [float(np.mean(r["success"][:5])) for r in runs]
         start_source = "training success, mean of the first 5 steps"
+    start = float(np.mean(starts))
     walls = [r.get("wall_s") for r in runs]
     return {"seeds": len(runs), "seed_list": seeds,
             "env_steps": [float(r["env_steps"][-1]) for r in runs] if all("env_steps" in r for r in runs) else None,
             "loop_hours": float(sum(walls)) / 3600 if all(w is not None for w in walls) else None,
-            "start_success": start, "start_success_source": start_source,
+            "start_success": start, "start_success_per_seed": [float(v) for v in starts],
+            "start_success_source": start_source,
+            # seeds whose final success is above their own start (same held-out tasks before and after)
+            "seeds_above_start": int(sum(f > b for f, b in zip(finals, starts))),
             "final_success": [float(v) for v in finals],
             "final_success_mean": float(np.mean(finals)),
             "final_success_ci95": bootstrap_ci(finals),
@@ -202,7 +206,7 @@ def markdown(out: dict) -> str:
     for env, e in out["environments"].items():
         lines += [f"### {env}", "",
                   "| method | seeds | held-out success before | after: mean [95% CI] | after, per seed | "
-                  "env steps per run | loop hours |", "|---|---|---|---|---|---|---|"]
+                  "seeds above their start | env steps per run | loop hours |", "|---|---|---|---|---|---|---|---|"]
         for m, ms in e["methods"].items():
             lo, hi = ms["final_success_ci95"]
             steps = ms.get("env_steps")
@@ -211,7 +215,7 @@ def markdown(out: dict) -> str:
             hours = "-" if ms.get("loop_hours") is None else f"{ms['loop_hours']:.2f}"
             lines.append(f"| {m} | {ms['seeds']} | {ms['start_success']:.2f} | **{ms['final_success_mean']:.2f}** "
                          f"[{lo:.2f}, {hi:.2f}] | {', '.join(f'{v:.2f}' for v in ms['final_success'])} | "
-                         f"{steps_text} | {hours} |")
+                         f"{ms['seeds_above_start']}/{ms['seeds']} | {steps_text} | {hours} |")
         pairs = [(f"{b}_aem - {b}", pr) for b, pr in e.get("aem_pairs", {}).items()] + \
                 [(f"{m} - grpo_aem", pr) for m, pr in e.get("ablation_pairs", {}).items()]
         if pairs:

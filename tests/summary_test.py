@@ -72,7 +72,8 @@ def test_summary_file_shape_sources_and_pairs(tmp_path):
     lo, hi = grpo["final_success_ci95"]
     assert 0.5 <= lo <= 0.52 <= hi <= 0.54
     assert ppo["final_success_mean"] == pytest.approx(0.3) and "training" in ppo["final_success_source"]
-    assert ppo["start_success"] == pytest.approx(0.1)
+    assert ppo["start_success"] == pytest.approx(0.1) and ppo["start_success_per_seed"] == [0.1] * 3
+    assert ppo["seeds_above_start"] == 3 and grpo["seeds_above_start"] == 5
     pair = env["aem_pairs"]["grpo"]
     assert set(env["aem_pairs"]) == {"grpo"}
     assert pair["mean_difference"] == pytest.approx(0.1) and pair["p_value"] == pytest.approx(2 / 32)
@@ -109,7 +110,7 @@ def test_an_environment_pools_its_files_and_pairs_the_ablations(tmp_path):
     summary.main(["--compare", f"t={tmp_path / 'main.json'}", "--compare", f"t={tmp_path / 'abl.json'}",
                   "--out", str(out), "--markdown", str(tmp_path / "s.md")])
     text = (tmp_path / "s.md").read_text()
-    assert "| grpo_aem | 5 | 0.30 | **0.62** [0.61, 0.63] | 0.60, 0.61, 0.62, 0.63, 0.64 | - | 0.50 |" in text
+    assert "| grpo_aem | 5 | 0.30 | **0.62** [0.61, 0.63] | 0.60, 0.61, 0.62, 0.63, 0.64 | 5/5 | - | 0.50 |" in text
     assert "| aem_reversed - grpo_aem | 5 | -0.220 [-0.232, -0.208] | 0.062 (smallest possible 0.062) |" in text
     env = json.loads(out.read_text())["environments"]["t"]
     assert set(env["methods"]) == {"grpo", "grpo_aem", "aem_reversed"}
