@@ -90,22 +90,34 @@ def actor_update_step(state: TrainState, mb: ActorBatch, scale: jax.Array | floa
     return apply_gradients(state, grads, loss, optimizer, metrics, scale)
 
 
-def actor_advantages(critic_params, batch, key, *, graphdef, settings):
+def actor_advantages(critic_params, batch, key, *, graphdef, settings, center: bool = False):
     """Utterance advantages [B,K] of an on-policy batch (AEM-modulated when on).
 
     ``A = min(Q_1,Q_2) - min(V_1,V_2)`` from the online critic enters
     ``compute_advantages`` as token advantages, so AEM's alpha and its
     diagnostics come from the same code as for the policy-gradient family.
+
+    ``center``: subtract the batch mean of A over its valid utterances first,
+    ``A - mean(A)``. A constant baseline leaves the on-policy gradient's
+    expectation unchanged (``E[grad log pi] = 0``) but removes the offset a
+    lagging critic puts between its Q and V heads, which otherwise gives
+    almost every utterance of a batch the same sign (on the dungeon from a
+    warm start the share of positive advantages swung between 0.06 and
+    0.95 from one iteration to the next) and so sharpens or flattens the
+    whole policy instead of assigning credit.
     """
     K = batch.turn_rewards.shape[1]
     mb = {"tokens": batch.tokens, "attention_mask": batch.attention_mask, "loss_mask": batch.loss_mask,
           "turn_ids": batch.turn_ids, "turn_valid": batch.turn_valid}
     vals = critic_values(graphdef, critic_params, mb, num_turns=K)
     adv_BK = jnp.where(vals["valid"], obj.archer_advantages(vals["q1"], vals["q2"], vals["v1"], vals["v2"]), 0.0)
+    raw_mean = jnp.sum(adv_BK) / jnp.maximum(jnp.sum(vals["valid"]), 1)
+    if center:
+        adv_BK = jnp.where(vals["valid"], adv_BK - raw_mean, 0.0)
     ids = jnp.where(batch.loss_mask > 0, batch.turn_ids, -1)
     _, info, arrays = compute_advantages(batch, settings, key, token_advantages_BT=obj.turn_broadcast(adv_BK, ids))
     out_BK = obj.from_episode_layout(arrays["adv_EK"], batch.episode_ids, batch.turn_offset, num_turns=K)
-    info = dict(info, archer_advantage_mean=jnp.sum(adv_BK) / jnp.maximum(jnp.sum(vals["valid"]), 1))
+    info = dict(info, archer_advantage_mean=raw_mean)  # before centering: the critic's offset
     return jnp.where(vals["valid"], out_BK, 0.0), info
 
 
@@ -158,7 +170,8 @@ def init(ctx: RunContext) -> State:
                                         chunk_size=c.loss.chunk_size, num_turns=K, entropy_coef=c.loss.entropy_coef,
                                         clip=a.actor_clip),
                       donate_argnums=(0,), out_shardings=(shardings_of(policy), None)),
-        advantages=jax.jit(functools.partial(actor_advantages, graphdef=critic_graphdef, settings=adv_settings)),
+        advantages=jax.jit(functools.partial(actor_advantages, graphdef=critic_graphdef, settings=adv_settings,
+                                             center=bool(a.center_advantages))),
     )
     return State(policy=policy, critic=critic_state, target=target,
                  buffer=ReplayBuffer(a.buffer_episodes, seq_len=c.rollout.max_context_tokens),

@@ -119,6 +119,8 @@ def base() -> ConfigDict:
     c.archer.actor_warmup = 5        # first iterations train only the critic (paper: 10-20)
     c.archer.actor_clip = 0.2        # PPO clip eps of the actor's ratio to the behaviour policy (0: the
                                      # paper's unclipped REINFORCE, which can undo a learnt policy)
+    c.archer.center_advantages = False  # True: the actor's utterance advantages minus their batch mean (a
+                                     # constant baseline; removes the critic's Q - V offset; not in the paper)
     c.archer.buffer_episodes = 4096  # replay buffer capacity in episodes (FIFO)
     c.archer.critic_minibatch_size = 32  # replayed episodes (and as many fresh ones) per critic step
     c.archer.critic_learning_rate = 1e-3  # critic AdamW learning rate (schedule etc. from c.optim)

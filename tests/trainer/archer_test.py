@@ -162,3 +162,40 @@ def test_archer_actor_clip_out_of_range_is_named(clip, allowed):
     config.archer.actor_clip = clip
     with pytest.raises(ValueError, match=r"config\.archer\.actor_clip=.* is not allowed; " + allowed):
         loop.check_config(config)
+
+
+def test_centered_actor_advantages_are_the_raw_ones_minus_their_batch_mean():
+    """archer.center_advantages: A - mean(A) over the batch's valid utterances (AEM off, so the
+    advantages pass through compute_advantages unscaled)."""
+    from aem_jax.trainer import archer, rollouts
+    from aem_jax.trainer.advantages import AdvantageSettings
+    from aem_jax.trainer.critic import critic_values
+
+    config = load_config("archer", "smoke")
+    config.eval.num_tasks = 0
+    config.aem.enabled = False
+    algorithm, ctx = _start(config)
+    with sharding.use_mesh(ctx.mesh):
+        state = algorithm.init(ctx)
+        batch = rollouts.collect_step(ctx, algorithm, algorithm.policy_params(state), 0)[0]
+        dev = sharding.put_batch(batch, ctx.mesh)
+        kw = dict(graphdef=state.critic_graphdef, settings=AdvantageSettings.from_config(config, estimator="none"))
+        key = jax.random.key(0)
+        # the critic's output layers start at zero (A = 0): perturb every parameter to get an offset
+        leaves, tree = jax.tree.flatten(state.critic.params)
+        noise = jax.random.split(jax.random.key(1), len(leaves))
+        params = jax.tree.unflatten(tree, [x + 0.3 * jax.random.normal(k, x.shape, x.dtype)
+                                           for x, k in zip(leaves, noise)])
+        raw, info = archer.actor_advantages(params, dev, key, **kw)
+        cen, info_c = archer.actor_advantages(params, dev, key, center=True, **kw)
+        K = batch.turn_rewards.shape[1]
+        valid = np.asarray(critic_values(state.critic_graphdef, params, {
+            k: getattr(dev, k) for k in ("tokens", "attention_mask", "loss_mask", "turn_ids", "turn_valid")},
+            num_turns=K)["valid"])
+    raw, cen = np.asarray(raw, np.float64), np.asarray(cen, np.float64)
+    assert valid.sum() >= 2
+    mean = raw[valid].mean()
+    assert abs(mean) > 1e-6  # the random critic has an offset to remove
+    np.testing.assert_allclose(cen[valid], raw[valid] - mean, atol=1e-5)
+    assert (cen[~valid] == 0).all() and abs(cen[valid].mean()) < 1e-5
+    np.testing.assert_allclose(info_c["archer_advantage_mean"], mean, atol=1e-5)  # logged before centering
