@@ -120,10 +120,9 @@ for _m, (_config, _) in METHODS.items():
 # (docs/results.md, "ArCHer and ETPO from the supervised warm start"): the critic / Q network starts
 # as a copy of the policy, ArCHer trains only its critic for 10 iterations, ETPO's Q is the residual
 # of that copy (exactly 0 at the start), its target tracks the online Q with tau 0.1 and its KL
-# weight beta is 0.1 (0.01 collapsed the policy). ArCHer's actor also centres its advantages on their
-# batch mean (archer.center_advantages): on the dungeon, without it, the share of positive advantages
-# swung between 0.06 and 0.96 from one iteration to the next and success fell from 0.22 to 0.09 in
-# 10 actor iterations at lr 1e-4 (to 0.03 at 3e-4).
+# weight beta is 0.1 (0.01 collapsed the policy). On the dungeon ArCHer has no working recipe yet
+# (docs/results.md): at actor lr 3e-4, 1e-4, and 1e-4 with archer.center_advantages, training success
+# fell from 0.22 to 0.03-0.09 within 10 actor iterations.
 WARM_LR = {"treasure": 1e-4, "textworld": 1e-4, "dungeon": 3e-4}
 # Policy learning rates that differ from WARM_LR, each with its reason. ArCHer's actor on the dungeon:
 # at 3e-4 it took the warm start from 0.22 to 0.03 training success in 10 actor iterations (one step
@@ -131,8 +130,7 @@ WARM_LR = {"treasure": 1e-4, "textworld": 1e-4, "dungeon": 3e-4}
 # game's 1e-4 there while its critic learns at the dungeon's 3e-4.
 WARM_POLICY_LR = {("dungeon", "archer"): 1e-4}
 WARM_METHOD: dict[str, list[str]] = {
-    "archer": ["--config.archer.critic.from_policy=True", "--config.archer.actor_warmup=10",
-               "--config.archer.center_advantages=True"],
+    "archer": ["--config.archer.critic.from_policy=True", "--config.archer.actor_warmup=10"],
     "etpo": ["--config.etpo.q.from_policy=True", "--config.etpo.q.residual=True", "--config.etpo.tau=0.1",
              "--config.etpo.beta=0.1"],
 }
