@@ -14,7 +14,6 @@ its checkpoint continues exactly, evaluations included.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -96,15 +95,18 @@ class Outputs:
         c = ctx.config
         self.ctx, self.algorithm, self.workdir = ctx, algorithm, workdir
         self.schedule = records.Schedule.of(c)
-        self.end = c.total_steps
         self.primary = distributed.is_primary()
         self.settings = rollouts.eval_settings(c)
         self.evals = records.EvalLog(workdir, resume_step=start, total_steps=c.total_steps, enabled=self.primary)
 
+    @property
+    def end(self) -> int:
+        """The step training ends after: ``total_steps``, or where ``end_at`` put it."""
+        return self.schedule.total_steps
+
     def end_at(self, step: int) -> None:
         """Training ends after ``step`` (before ``total_steps``: the environment-step budget is
         reached): its evaluation, export and ``success_after`` are the final ones."""
-        self.end = step
         self.schedule = dataclasses.replace(self.schedule, total_steps=step)
         self.evals.total_steps = step
 
@@ -215,14 +217,8 @@ def env_steps_so_far(meta: dict, workdir, start: int) -> float:
     if "env_steps_total" in meta or not start:
         return float(meta.get("env_steps_total", 0.0))
     path = paths.workdir_path(workdir) / metrics.JSONL_NAME
-    total = 0.0
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                if row.get("step", math.inf) <= start:
-                    total += float(row.get("env_steps", 0.0))
-    return total
+    rows = metrics.read_jsonl(path) if path.exists() else []
+    return float(sum(r.get("env_steps", 0.0) for r in rows if r.get("step", math.inf) <= start))
 
 
 def _loop(ctx, algorithm, state, ckpt, workdir, start, meta, summary, fingerprint, outputs: Outputs):
