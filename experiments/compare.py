@@ -121,8 +121,10 @@ for _m, (_config, _) in METHODS.items():
 # as a copy of the policy, ArCHer trains only its critic for 10 iterations, ETPO's Q is the residual
 # of that copy (exactly 0 at the start), its target tracks the online Q with tau 0.1 and its KL
 # weight beta is 0.1 (0.01 collapsed the policy). On the dungeon ArCHer has no working recipe yet
-# (docs/results.md): at actor lr 3e-4, 1e-4, and 1e-4 with archer.center_advantages, training success
-# fell from 0.22 to 0.03-0.09 within 10 actor iterations.
+# (docs/results.md): at actor lr 3e-4, 1e-4, 1e-4 with archer.center_advantages, and 1e-4 after 30
+# critic-only iterations, training success fell from 0.22 to 0.03-0.09 within 10 actor iterations;
+# experiments/critic_check.py measured why: its advantage Q - V correlates 0.15-0.23 with the
+# Monte-Carlo advantage there (0.51 on the built-in game).
 WARM_LR = {"treasure": 1e-4, "textworld": 1e-4, "dungeon": 3e-4}
 # Policy learning rates that differ from WARM_LR, each with its reason. ArCHer's actor on the dungeon:
 # at 3e-4 it took the warm start from 0.22 to 0.03 training success in 10 actor iterations (one step
