@@ -32,22 +32,26 @@ import tempfile
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
+HERE = os.path.dirname(os.path.abspath(__file__))
+for _path in (os.path.dirname(HERE), HERE):  # the repository's aem_jax and the sibling scripts
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+from mechanism_mc import pearson  # noqa: E402  (float64, nan when one side is constant)
+
+from aem_jax import objectives as obj  # noqa: E402
 from aem_jax import sharding
 from aem_jax.trainer import checkpoint, loop, rollouts, setup
 from aem_jax.trainer.critic import critic_values
 
 
 def returns_to_go(rewards_BK: np.ndarray, valid_BK: np.ndarray, gamma: float) -> np.ndarray:
-    """G_bj = sum_{i >= j, valid} gamma^(i - j) r_bi (0 on invalid turns)."""
-    G = np.zeros(rewards_BK.shape, np.float64)
-    acc = np.zeros(rewards_BK.shape[0], np.float64)
-    for j in range(rewards_BK.shape[1] - 1, -1, -1):
-        acc = np.where(valid_BK[:, j], rewards_BK[:, j] + gamma * acc, 0.0)
-        G[:, j] = acc
-    return G
+    """G_bj = sum_{i >= j, valid} gamma^(i - j) r_bi (0 on invalid turns): the library's
+    ``objectives.discounted_returns``, as float64 numpy."""
+    return np.asarray(obj.discounted_returns(jnp.asarray(rewards_BK), jnp.asarray(valid_BK), gamma=gamma),
+                      np.float64)
 
 
 def group_baseline_advantage(G_BK: np.ndarray, valid_BK: np.ndarray, groups_B: np.ndarray) -> np.ndarray:
@@ -61,10 +65,9 @@ def group_baseline_advantage(G_BK: np.ndarray, valid_BK: np.ndarray, groups_B: n
     return out
 
 
-def pearson(x: np.ndarray, y: np.ndarray) -> float:
-    if x.size < 3 or np.std(x) == 0 or np.std(y) == 0:
-        return float("nan")
-    return float(np.corrcoef(x, y)[0, 1])
+def _r(x, y) -> float:
+    """Pearson's r, nan with fewer than 3 values."""
+    return pearson(x, y) if x.size >= 3 else float("nan")
 
 
 def compare(Q, V, G, MC, win_B, valid) -> dict[str, float]:
@@ -75,12 +78,12 @@ def compare(Q, V, G, MC, win_B, valid) -> dict[str, float]:
     nz = m & (MC != 0)
     return {
         "utterances": int(m.sum()),
-        "r_Q_G": pearson(Q[m], G[m]), "r_V_G": pearson(V[m], G[m]), "r_A_MC": pearson(A[m], MC[m]),
+        "r_Q_G": _r(Q[m], G[m]), "r_V_G": _r(V[m], G[m]), "r_A_MC": _r(A[m], MC[m]),
         "sign_agreement": float(np.mean(np.sign(A[nz]) == np.sign(MC[nz]))) if nz.any() else float("nan"),
         "A_mean": float(A[m].mean()), "A_std": float(A[m].std()), "MC_std": float(MC[m].std()),
         "A_mean_won": float(A[m & win].mean()) if (m & win).any() else float("nan"),
         "A_mean_lost": float(A[m & ~win].mean()) if (m & ~win).any() else float("nan"),
-        "first_turn_r_A_MC": pearson(A[:, 0][m[:, 0]], MC[:, 0][m[:, 0]]),
+        "first_turn_r_A_MC": _r(A[:, 0][m[:, 0]], MC[:, 0][m[:, 0]]),
     }
 
 

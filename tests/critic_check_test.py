@@ -27,7 +27,8 @@ def test_returns_to_go_matches_loop_on_random_episodes():
     r = rng.normal(size=(6, 9))
     lengths = rng.integers(0, 10, size=6)
     valid = np.arange(9)[None, :] < lengths[:, None]
-    np.testing.assert_allclose(cc.returns_to_go(r, valid, 0.9), _loop_returns(r, valid, 0.9), rtol=1e-12)
+    # float32 inside (objectives.discounted_returns), against a float64 loop
+    np.testing.assert_allclose(cc.returns_to_go(r, valid, 0.9), _loop_returns(r, valid, 0.9), rtol=1e-5, atol=1e-5)
 
 
 def test_group_baseline_subtracts_the_groups_mean_per_turn_over_valid_episodes():
