@@ -6,7 +6,8 @@ every next token w of context c), its Polyak-averaged target Qbar, and a
 frozen reference policy rho (the initial policy parameters).
 
 Each minibatch of the on-policy batch (``learner.epochs`` passes, as the
-policy-gradient loop) takes one Q step and then one policy step:
+policy-gradient loop) takes ``etpo.q_steps`` Q steps (1 by default) and then
+one policy step:
 
   Vsoft(c) = sum_w pi(w|c) Qbar(c,w) - beta KL(pi(.|c) || rho(.|c))
   y_j      = Vsoft(c_{j+1}) inside a response,
@@ -94,14 +95,20 @@ class EtpoBatch:
 def etpo_update_step(policy: TrainState, q: QNets, ref_params, mb: EtpoBatch, scale: jax.Array | float = 1.0, *,
                      policy_graphdef, q_graphdef,
                      policy_optimizer, q_optimizer, beta: float, gamma: float, tau: float, delta: float,
-                     agg: str, entropy_coef: float, residual: bool = False):
-    """One Q step (+ Polyak target step), then one policy step (pure; jit it).
+                     agg: str, entropy_coef: float, residual: bool = False, q_steps: int = 1):
+    """``q_steps`` Q steps (each + a Polyak target step), then one policy step (pure; jit it).
 
     With ``residual`` (``etpo.q.residual``, Q network copied from the policy)
     Q is the Q network's logits minus the reference policy's,
     ``Q(c, w) = f_theta(c)_w - f_ref(c)_w``: the policy's features with an
     output that starts at exactly 0, so the first policy steps see no Q noise
     and only the KL term (zero at pi = rho) until Q has learnt from rewards.
+
+    ``q_steps`` > 1 (``etpo.q_steps``) repeats the Q step on the same
+    minibatch, each from the target the previous one left: the reward moves
+    back through more tokens per policy step (the soft Bellman backup advances
+    about one token per target refresh), at the cost of one Q forward and
+    backward pass per extra step. The metrics are the last Q step's.
 
     Returns (policy state, QNets, metrics).
     """
@@ -115,20 +122,30 @@ def etpo_update_step(policy: TrainState, q: QNets, ref_params, mb: EtpoBatch, sc
     def q_values(params):
         return shifted_logits(q_graphdef, params, tokens, attn) - offset_BTV
 
-    vsoft_BT = obj.etpo_soft_values(sg(q_values(q.target)), pi_BTV, ref_BTV, beta=beta)
-    y_BT = obj.etpo_token_targets(vsoft_BT, b.turn_ids, mask, b.turn_rewards, b.turn_valid, b.done, gamma=gamma)
+    def q_step(q: QNets, _):
+        # Targets from the current target network: each of the q_steps Q steps bootstraps from the
+        # target its previous Polyak step left (one more hop of the soft Bellman backup per step).
+        vsoft_BT = obj.etpo_soft_values(sg(q_values(q.target)), pi_BTV, ref_BTV, beta=beta)
+        y_BT = obj.etpo_token_targets(vsoft_BT, b.turn_ids, mask, b.turn_rewards, b.turn_valid, b.done,
+                                      gamma=gamma)
 
-    def q_loss_fn(trainable):
-        q_BTV = q_values(trainable[0])
-        q_taken = jnp.take_along_axis(q_BTV, tokens[:, :, None], axis=-1)[..., 0]
-        loss, aux = obj.etpo_q_loss(q_taken, y_BT, mask, delta=delta, agg=agg)
-        return loss, {"q_loss": loss, "q_mean": aux["q_mean"], "td_abs": aux["td_abs"],
-                      "target_mean": masked_mean(y_BT, mask)}
+        def q_loss_fn(trainable):
+            q_BTV = q_values(trainable[0])
+            q_taken = jnp.take_along_axis(q_BTV, tokens[:, :, None], axis=-1)[..., 0]
+            loss, aux = obj.etpo_q_loss(q_taken, y_BT, mask, delta=delta, agg=agg)
+            return loss, {"q_loss": loss, "q_mean": aux["q_mean"], "td_abs": aux["td_abs"],
+                          "target_mean": masked_mean(y_BT, mask)}
 
-    (q_loss, q_metrics), q_grads = jax.value_and_grad(q_loss_fn, has_aux=True)((q.state.params, q.state.extra))
-    q_state, q_metrics = apply_gradients(q.state, q_grads, q_loss, q_optimizer, q_metrics)
-    q = QNets(q_state, polyak(q.target, q_state.params, tau))
-    q_new_BTV = sg(q_values(q_state.params))
+        (q_loss, q_metrics), q_grads = jax.value_and_grad(q_loss_fn, has_aux=True)((q.state.params, q.state.extra))
+        q_state, q_metrics = apply_gradients(q.state, q_grads, q_loss, q_optimizer, q_metrics)
+        return QNets(q_state, polyak(q.target, q_state.params, tau)), q_metrics
+
+    if q_steps == 1:
+        q, q_metrics = q_step(q, None)
+    else:  # the metrics of the last Q step
+        q, q_history = jax.lax.scan(q_step, q, None, length=q_steps)
+        q_metrics = jax.tree.map(lambda v: v[-1], q_history)
+    q_new_BTV = sg(q_values(q.state.params))
 
     def pi_loss_fn(trainable):
         logits_BTV = shifted_logits(policy_graphdef, trainable[0], tokens, attn)
@@ -187,7 +204,7 @@ def init(ctx: RunContext) -> State:
     step = jax.jit(functools.partial(
         etpo_update_step, policy_graphdef=ctx.graphdef, q_graphdef=q_graphdef, policy_optimizer=ctx.optimizer,
         q_optimizer=q_optimizer, beta=e.beta, gamma=e.gamma, tau=e.tau, delta=e.huber_delta, agg=c.loss.agg,
-        entropy_coef=c.loss.entropy_coef, residual=e.q.residual),
+        entropy_coef=c.loss.entropy_coef, residual=e.q.residual, q_steps=e.q_steps),
         donate_argnums=(0, 1), out_shardings=(shardings_of(policy), shardings_of(q), None))
     alpha = jax.jit(functools.partial(alpha_weights, settings=AdvantageSettings.from_config(c, estimator="none")))
     return State(policy=policy, q=q, reference=reference, update_step=step, alpha=alpha)
@@ -249,6 +266,7 @@ def validate(config) -> None:
         ("etpo.tau", e.tau, 0 < e.tau <= 1, "must be in (0, 1]"),
         ("etpo.huber_delta", e.huber_delta, finite_pos(e.huber_delta), "must be finite and > 0"),
         ("etpo.q_learning_rate", e.q_learning_rate, finite_pos(e.q_learning_rate), "must be finite and > 0"),
+        ("etpo.q_steps", e.q_steps, isinstance(e.q_steps, int) and e.q_steps >= 1, "must be an integer >= 1"),
     ]
     checks += [(f"etpo.q.{k}", e.q[k], e.q[k] >= 1, "must be >= 1")
                for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")]

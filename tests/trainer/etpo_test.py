@@ -118,3 +118,58 @@ def test_residual_q_starts_at_zero_and_leaves_the_first_policy_step_at_the_refer
     assert first["q_loss"] > 0.0 and first["target_mean"] != 0.0
     # ... and the policy step after one Q step moves the policy (Q is no longer 0), by a finite amount
     assert np.isfinite(first["policy_loss"]) and sq_dist(host_copy(state.policy.params), policy0) > 0.0
+
+
+def test_q_steps_equal_repeated_single_q_steps_from_the_same_policy():
+    """``etpo.q_steps=2`` on a minibatch is two single Q steps (each with its Polyak step) that read the
+    same policy, followed by the policy step on the second Q network."""
+    import functools
+
+    import jax
+    from aem_jax.trainer.etpo import EtpoBatch, etpo_update_step
+    from aem_jax.trainer.update import copy_tree
+
+    config = load_config("etpo", "smoke")
+    config.eval.num_tasks = 0
+    config.etpo.tau = 0.3
+    config.etpo.q.from_policy = True
+    config.etpo.q.residual = True
+    # Adam's eps well above float32 rounding of the gradients: with 1e-8 an element whose gradient is
+    # rounding noise (the two paths fuse differently) takes a full signed step of either sign.
+    config.optim.eps = 1e-4
+    algorithm = loop.check_config(config)
+    ctx = loop.build_context(config, sharding.make_mesh(dict(config.mesh)))
+    V = ctx.model_config.vocab_size
+    rng = np.random.default_rng(0)
+    batch = _rows(0, 4, T=6, K=2)
+    batch = batch.replace(tokens=rng.integers(1, V, (4, 6)).astype(np.int32),
+                          turn_ids=np.array([[-1, 0, 0, -1, 1, 1]] * 4, np.int32),
+                          loss_mask=np.array([[0, 1, 1, 0, 1, 1]] * 4, np.float32),
+                          turn_rewards=np.array([[0, 1], [0, 0], [0, 1], [0, 0]], np.float32),
+                          turn_valid=np.ones((4, 2), bool), done=np.array([[0, 1]] * 4, bool))
+    mb = EtpoBatch(batch=jax.tree.map(jax.numpy.asarray, batch), weights=jax.numpy.ones((4, 6)))
+    with sharding.use_mesh(ctx.mesh):
+        state = algorithm.init(ctx)
+        step = functools.partial(
+            etpo_update_step, policy_graphdef=ctx.graphdef, q_graphdef=ctx.graphdef,
+            policy_optimizer=ctx.optimizer, q_optimizer=__import__(
+                "aem_jax.trainer.targets", fromlist=["side_optimizer"]).side_optimizer(
+                    config, config.etpo.q_learning_rate),
+            beta=0.1, gamma=0.9, tau=0.3, delta=10.0, agg="token-mean", entropy_coef=0.0, residual=True)
+        _, q1, _ = step(copy_tree(state.policy), copy_tree(state.q), state.reference, mb, q_steps=1)
+        policy_a, q2, m_a = step(copy_tree(state.policy), q1, state.reference, mb, q_steps=1)
+        policy_b, q_b, m_b = step(copy_tree(state.policy), copy_tree(state.q), state.reference, mb, q_steps=2)
+    assert int(q_b.state.step) == 2
+    for a, b in zip(host_copy((q2.state.params, q2.target)), host_copy((q_b.state.params, q_b.target))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(host_copy(policy_a.params), host_copy(policy_b.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(m_a["q_loss"], m_b["q_loss"], rtol=1e-5)
+    assert sq_dist(host_copy(q1.state.params), host_copy(q_b.state.params)) > 0.0  # the second step moved Q
+
+
+def test_q_steps_must_be_a_positive_integer():
+    config = load_config("etpo", "smoke")
+    config.etpo.q_steps = 0
+    with pytest.raises(ValueError, match="config.etpo.q_steps=0"):
+        loop.check_config(config)
