@@ -141,6 +141,7 @@ def base() -> ConfigDict:
     c.etpo.huber_delta = 10.0        # Huber threshold of the Q loss
     c.etpo.q_learning_rate = 1e-3    # Q-network AdamW learning rate (schedule etc. from c.optim)
     c.etpo.q_steps = 1               # Q steps (each + a Polyak step) per minibatch before its policy step
+    c.etpo.policy_warmup = 0         # first iterations train only Q (no policy step; ArCHer's critic warm-up)
     c.etpo.q = ConfigDict()          # the Q network: its own decoder, logits = Q over the vocabulary
     c.etpo.q.from_policy = False     # True: Q starts as a copy of the initial policy (its sizes; below ignored)
     c.etpo.q.residual = False        # with from_policy: Q = its logits minus the reference policy's (Q = 0 at

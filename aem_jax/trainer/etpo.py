@@ -7,7 +7,8 @@ frozen reference policy rho (the initial policy parameters).
 
 Each minibatch of the on-policy batch (``learner.epochs`` passes, as the
 policy-gradient loop) takes ``etpo.q_steps`` Q steps (1 by default) and then
-one policy step:
+one policy step (none in the first ``etpo.policy_warmup`` iterations, which
+train only Q, as ArCHer's critic-only warm-up):
 
   Vsoft(c) = sum_w pi(w|c) Qbar(c,w) - beta KL(pi(.|c) || rho(.|c))
   y_j      = Vsoft(c_{j+1}) inside a response,
@@ -95,7 +96,8 @@ class EtpoBatch:
 def etpo_update_step(policy: TrainState, q: QNets, ref_params, mb: EtpoBatch, scale: jax.Array | float = 1.0, *,
                      policy_graphdef, q_graphdef,
                      policy_optimizer, q_optimizer, beta: float, gamma: float, tau: float, delta: float,
-                     agg: str, entropy_coef: float, residual: bool = False, q_steps: int = 1):
+                     agg: str, entropy_coef: float, residual: bool = False, q_steps: int = 1,
+                     policy_step: bool = True):
     """``q_steps`` Q steps (each + a Polyak target step), then one policy step (pure; jit it).
 
     With ``residual`` (``etpo.q.residual``, Q network copied from the policy)
@@ -145,6 +147,10 @@ def etpo_update_step(policy: TrainState, q: QNets, ref_params, mb: EtpoBatch, sc
     else:  # the metrics of the last Q step
         q, q_history = jax.lax.scan(q_step, q, None, length=q_steps)
         q_metrics = jax.tree.map(lambda v: v[-1], q_history)
+    if not policy_step:  # etpo.policy_warmup: the Q network learns, the policy stays where it is
+        return policy, q, q_metrics
+    renamed = {"grad_norm": "q_grad_norm", "skipped": "q_skipped"}
+    q_metrics = {renamed.get(k, k): v for k, v in q_metrics.items()}
     q_new_BTV = sg(q_values(q.state.params))
 
     def pi_loss_fn(trainable):
@@ -158,8 +164,7 @@ def etpo_update_step(policy: TrainState, q: QNets, ref_params, mb: EtpoBatch, sc
 
     (pi_loss, metrics), grads = jax.value_and_grad(pi_loss_fn, has_aux=True)((policy.params, policy.extra))
     policy, metrics = apply_gradients(policy, grads, pi_loss, policy_optimizer, metrics, scale)
-    renamed = {"grad_norm": "q_grad_norm", "skipped": "q_skipped"}
-    metrics.update({renamed.get(k, k): v for k, v in q_metrics.items()})
+    metrics.update(q_metrics)
     return policy, q, metrics
 
 
@@ -183,6 +188,7 @@ class State:
     reference: Any               # the initial policy parameters (rebuilt identically on resume)
     update_step: Callable
     alpha: Callable
+    q_only_step: Callable | None = None  # the Q steps alone (etpo.policy_warmup's iterations)
 
 
 def init(ctx: RunContext) -> State:
@@ -201,13 +207,18 @@ def init(ctx: RunContext) -> State:
     q_optimizer = side_optimizer(c, e.q_learning_rate)
     q_state = new_train_state(q_params, q_optimizer, ctx.mesh)
     q = QNets(q_state, copy_tree(q_state.params))
-    step = jax.jit(functools.partial(
-        etpo_update_step, policy_graphdef=ctx.graphdef, q_graphdef=q_graphdef, policy_optimizer=ctx.optimizer,
-        q_optimizer=q_optimizer, beta=e.beta, gamma=e.gamma, tau=e.tau, delta=e.huber_delta, agg=c.loss.agg,
-        entropy_coef=c.loss.entropy_coef, residual=e.q.residual, q_steps=e.q_steps),
-        donate_argnums=(0, 1), out_shardings=(shardings_of(policy), shardings_of(q), None))
+    def jitted(policy_step: bool):
+        return jax.jit(functools.partial(
+            etpo_update_step, policy_graphdef=ctx.graphdef, q_graphdef=q_graphdef, policy_optimizer=ctx.optimizer,
+            q_optimizer=q_optimizer, beta=e.beta, gamma=e.gamma, tau=e.tau, delta=e.huber_delta,
+            agg=c.loss.agg, entropy_coef=c.loss.entropy_coef, residual=e.q.residual, q_steps=e.q_steps,
+            policy_step=policy_step),
+            donate_argnums=(0, 1), out_shardings=(shardings_of(policy), shardings_of(q), None))
+
+    step = jitted(True)
+    q_only = jitted(False) if e.policy_warmup else None
     alpha = jax.jit(functools.partial(alpha_weights, settings=AdvantageSettings.from_config(c, estimator="none")))
-    return State(policy=policy, q=q, reference=reference, update_step=step, alpha=alpha)
+    return State(policy=policy, q=q, reference=reference, update_step=step, alpha=alpha, q_only_step=q_only)
 
 
 def update(ctx: RunContext, state: State, batch: TurnBatch, step: int, success: float = 0.0):
@@ -218,17 +229,24 @@ def update(ctx: RunContext, state: State, batch: TurnBatch, step: int, success: 
                           size=c.learner.minibatch_size, epochs=c.learner.epochs)
 
     scale = jnp.float32(success_gate(c.optim, success))  # the policy's steps (Q learns at its own rate)
+    policy_updated = step >= c.etpo.policy_warmup
+    update_step = state.update_step if policy_updated else state.q_only_step
 
     def one(carry, mb):
         policy, q = carry
-        policy, q, m = state.update_step(policy, q, state.reference, mb, scale)
+        policy, q, m = update_step(policy, q, state.reference, mb, scale)
         return (policy, q), m
 
     (policy, q), history = run_steps(one, (state.policy, state.q), batches)
-    metrics = mean_metrics(history)
+    if policy_updated:
+        metrics = mean_metrics(history)
+        metrics["skipped_updates"] = metrics.pop("skipped")
+        metrics["q_skipped_updates"] = metrics.pop("q_skipped") * len(history)  # a count, as skipped_updates
+    else:  # the Q steps' own metrics (grad_norm, skipped) under q_ names
+        metrics = mean_metrics(history, prefix="q_")
+        metrics["q_skipped_updates"] = metrics.pop("q_skipped")
     metrics["lr_scale"] = float(scale)
-    metrics["skipped_updates"] = metrics.pop("skipped")
-    metrics["q_skipped_updates"] = metrics.pop("q_skipped") * len(history)  # a count, as skipped_updates
+    metrics["policy_updated"] = float(policy_updated)
     metrics.update({k: float(v) for k, v in alpha_info.items()})
     metrics["nonfinite_in_a_row"] = int(max(int(policy.nonfinite), int(q.state.nonfinite)))
     metrics["train_passes"] = float(c.learner.epochs)
@@ -266,6 +284,8 @@ def validate(config) -> None:
         ("etpo.tau", e.tau, 0 < e.tau <= 1, "must be in (0, 1]"),
         ("etpo.huber_delta", e.huber_delta, finite_pos(e.huber_delta), "must be finite and > 0"),
         ("etpo.q_learning_rate", e.q_learning_rate, finite_pos(e.q_learning_rate), "must be finite and > 0"),
+        ("etpo.policy_warmup", e.policy_warmup, isinstance(e.policy_warmup, int) and e.policy_warmup >= 0,
+         "must be an integer >= 0"),
         ("etpo.q_steps", e.q_steps, isinstance(e.q_steps, int) and e.q_steps >= 1, "must be an integer >= 1"),
     ]
     checks += [(f"etpo.q.{k}", e.q[k], e.q[k] >= 1, "must be >= 1")

@@ -173,3 +173,33 @@ def test_q_steps_must_be_a_positive_integer():
     config.etpo.q_steps = 0
     with pytest.raises(ValueError, match="config.etpo.q_steps=0"):
         loop.check_config(config)
+
+
+def test_policy_warmup_trains_only_q_then_both():
+    config = load_config("etpo", "smoke")
+    config.eval.num_tasks = 0
+    config.rollout.invalid_penalty = 0.5
+    config.learner.minibatch_size = 4
+    config.etpo.policy_warmup = 1
+    config.etpo.q_steps = 2
+    algorithm = loop.check_config(config)
+    ctx = loop.build_context(config, sharding.make_mesh(dict(config.mesh)))
+    with sharding.use_mesh(ctx.mesh):
+        state = algorithm.init(ctx)
+        policy0, q0 = host_copy(state.policy.params), host_copy(state.q.state.params)
+        state, first, _ = loop.train_step(ctx, algorithm, state, 0)
+        # warm-up iteration: Q moved (two steps), the policy and its optimiser did not
+        assert first["policy_updated"] == 0.0 and "policy_loss" not in first
+        assert int(state.q.state.step) == 2 and sq_dist(host_copy(state.q.state.params), q0) > 0.0
+        assert int(state.policy.step) == 0 and sq_dist(host_copy(state.policy.params), policy0) == 0.0
+        state, second, _ = loop.train_step(ctx, algorithm, state, 1)
+        assert second["policy_updated"] == 1.0 and np.isfinite(second["policy_loss"])
+        assert int(state.q.state.step) == 4 and int(state.policy.step) == 1
+        assert sq_dist(host_copy(state.policy.params), policy0) > 0.0
+
+
+def test_policy_warmup_must_be_a_non_negative_integer():
+    config = load_config("etpo", "smoke")
+    config.etpo.policy_warmup = -1
+    with pytest.raises(ValueError, match="config.etpo.policy_warmup=-1"):
+        loop.check_config(config)
