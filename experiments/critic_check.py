@@ -26,9 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import jax
@@ -40,10 +38,10 @@ for _path in (os.path.dirname(HERE), HERE):  # the repository's aem_jax and the 
     if _path not in sys.path:
         sys.path.insert(0, _path)
 from mechanism_mc import pearson  # noqa: E402  (float64, nan when one side is constant)
+from restore import config_from_flags, restored  # noqa: E402
 
 from aem_jax import objectives as obj  # noqa: E402
-from aem_jax import sharding
-from aem_jax.trainer import checkpoint, loop, rollouts, setup
+from aem_jax.trainer import rollouts
 from aem_jax.trainer.critic import critic_values
 
 
@@ -98,35 +96,11 @@ def main(argv=None) -> dict:
     p.add_argument("--batches", type=int, default=2, help="on-policy batches to play")
     p.add_argument("--out", default=None, help="write the statistics as JSON here")
     args = p.parse_args(argv[:split])
-    flags = argv[split + 1:]
-    spec = next((f.split("=", 1)[1] for f in flags if f.startswith("--config=")), None)
-    if spec is None:
-        raise SystemExit("the flags after -- need --config=FILE[:variant]")
-    bad = [f for f in flags if not f.startswith("--config.") and not f.startswith("--config=")]
-    if bad:
-        raise SystemExit(f"flags after -- must be --config=SPEC or --config.KEY=VALUE, got {bad}")
-    config = setup.load_config(spec, [f[len("--config."):] for f in flags if f.startswith("--config.")])
+    config = config_from_flags(argv[split + 1:])
     if config.algorithm != "archer":
         raise SystemExit(f"config.algorithm is {config.algorithm!r}; this checks ArCHer critics (archer)")
-    src = Path(args.workdir) / "checkpoints" / str(args.step)
-    if not src.is_dir():
-        have = sorted(p.name for p in (Path(args.workdir) / "checkpoints").iterdir()) \
-            if (Path(args.workdir) / "checkpoints").is_dir() else []
-        raise SystemExit(f"no checkpoint step {args.step} in {args.workdir}; have: {', '.join(have) or 'none'}")
-    algorithm = loop.check_config(config)
-    mesh = sharding.make_mesh(dict(config.mesh))
-    ctx = loop.build_context(config, mesh)
-    with tempfile.TemporaryDirectory() as tmp, sharding.use_mesh(mesh):
-        # A scratch copy holding only the asked step: the run directory is never written.
-        shutil.copytree(src, Path(tmp) / "checkpoints" / str(args.step))
-        state = algorithm.init(ctx)
-        ckpt = checkpoint.Checkpointer(Path(tmp) / "checkpoints", max_to_keep=2, save_interval_steps=1)
-        try:
-            step, _, state = loop.restore(ctx, algorithm, state, ckpt, Path(tmp))
-        finally:
-            ckpt.close()
-        if step != args.step:
-            raise SystemExit(f"restored step {step}, asked {args.step}")
+    with restored(config, args.workdir, args.step) as (algorithm, ctx, state):
+        step = args.step
         K = ctx.rollout.max_turns
         parts, records_all = [], []
         for i in range(args.batches):

@@ -64,6 +64,14 @@ RESUMABLE_KEYS: tuple[str, ...] = (
     "rollout.step_timeout_s",
 )
 
+# Keys added to the config after runs were checkpointed without them, each with
+# the value that computes what those runs computed: a run saved before the key
+# existed resumes when the key holds that value (any other value is a change).
+ADDED_KEYS: dict[str, Any] = {
+    "etpo.q_steps": 1,          # one Q step per minibatch
+    "etpo.policy_warmup": 0,    # a policy step from the first iteration
+}
+
 
 def _json_value(value: Any) -> Any:
     """A config leaf as a JSON value that is the same in every run."""
@@ -140,7 +148,9 @@ def check_resume(
 
     Raises:
       ConfigMismatchError: naming every changed key with its old and new
-        value, sorted by key. Keys in :data:`RESUMABLE_KEYS` may change.
+        value, sorted by key. Keys in :data:`RESUMABLE_KEYS` may change; a
+        key of :data:`ADDED_KEYS` absent from the checkpoint passes at its
+        listed value.
     """
     where = workdir if workdir is not None else "the run"
     if saved is None:
@@ -154,6 +164,8 @@ def check_resume(
         before, after = old.get(key, _ABSENT), new.get(key, _ABSENT)
         if key == "total_steps" and isinstance(after, int) and after < restored_step:
             changes.append(f"total_steps {_show(before)} -> {after} (below the restored step {restored_step})")
+        elif before is _ABSENT and key in ADDED_KEYS and _same(after, ADDED_KEYS[key]):
+            continue  # a key added since the checkpoint, at the value the run had without it
         elif not _is_resumable(key) and (before is _ABSENT or after is _ABSENT or not _same(before, after)):
             changes.append(f"{key} {_show(before)} -> {_show(after)}")
     if changes:

@@ -112,6 +112,23 @@ def test_keys_on_one_side_only_and_total_steps_below_the_restored_step_fail():
     integrity.check_resume(saved, _config(total_steps=5), restored_step=5)
 
 
+def test_a_key_added_since_the_checkpoint_passes_only_at_the_value_the_run_had():
+    old = _config()
+    saved = integrity.config_fingerprint(old)
+    key = next(iter(integrity.ADDED_KEYS))
+    section, field = key.split(".")
+    new = _config()
+    new[section] = ConfigDict({field: integrity.ADDED_KEYS[key]})
+    integrity.check_resume(saved, new, restored_step=5)       # absent before, the neutral value now
+    new[section][field] = integrity.ADDED_KEYS[key] + 1
+    with pytest.raises(integrity.ConfigMismatchError, match=rf"{key} \(absent\) -> "):
+        integrity.check_resume(saved, new, restored_step=5)
+    both = integrity.config_fingerprint(new)                   # present on both sides: compared as usual
+    new[section][field] = integrity.ADDED_KEYS[key]
+    with pytest.raises(integrity.ConfigMismatchError, match=rf"{key} "):
+        integrity.check_resume(both, new, restored_step=5)
+
+
 def test_checkpoint_without_fingerprint_is_not_checked(caplog):
     with caplog.at_level(logging.WARNING):
         integrity.check_resume(None, _config(), restored_step=3, workdir="/runs/old")
