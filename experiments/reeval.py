@@ -29,6 +29,7 @@ import os
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -58,6 +59,13 @@ def paired_difference(before_TN: np.ndarray, after_TN: np.ndarray, *, draws: int
             "samples_per_task": int(before_TN.shape[1])}
 
 
+def relative_change(before, after) -> float:
+    """||after - before|| / ||before|| over every leaf (float64)."""
+    pairs = [(np.asarray(a, np.float64), np.asarray(b, np.float64))
+             for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after))]
+    return float(np.sqrt(sum(np.sum((b - a) ** 2) for a, b in pairs)) / np.sqrt(sum(np.sum(a ** 2) for a, _ in pairs)))
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     if "--" not in argv:
@@ -82,8 +90,11 @@ def main(argv: list[str] | None = None) -> dict:
     config.eval.pass_at = (1,)
     with restored(config, args.workdir, step) as (algorithm, ctx, state):
         before = rollouts.evaluate(ctx, ctx.init_params, EVAL_KEY_STEP)
-        after = rollouts.evaluate(ctx, algorithm.policy_params(state), EVAL_KEY_STEP)
+        trained = algorithm.policy_params(state)
+        after = rollouts.evaluate(ctx, trained, EVAL_KEY_STEP)
+        moved = relative_change(ctx.init_params, trained)
     result = paired_difference(before.successes, after.successes)
+    result["relative_parameter_change"] = moved  # ||after - before|| / ||before|| over the policy's parameters
     result.update(step=step, workdir=os.fspath(args.workdir), algorithm=config.algorithm, seed=config.seed)
     print(json.dumps(result, indent=1))
     if args.out:
