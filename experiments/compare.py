@@ -64,6 +64,9 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     "ppo": ("configs/ppo.py", ["--config.aem.enabled=False"]),
     "archer": ("configs/archer.py", ["--config.aem.enabled=False"]),
     "etpo": ("configs/etpo.py", []),
+    # ETPO with 4 Q steps (each with its Polyak step) per minibatch before the policy step
+    # (etpo.q_steps; issue 18 item 3's "Q steps per batch"), tried on the dungeon.
+    "etpo_q4": ("configs/etpo.py", ["--config.etpo.q_steps=4"]),
     # GRPO and GRPO + AEM with dual clip 3, the default job's setting.
     "grpo_dc": ("configs/default.py", ["--config.aem.enabled=False", DUAL_CLIP, NO_GATE]),
     "grpo_aem_dc": ("configs/default.py", ["--config.aem.enabled=True", DUAL_CLIP, NO_GATE]),
@@ -138,13 +141,18 @@ WARM_METHOD: dict[str, list[str]] = {
 }
 
 
+# Variants of a method that share its warm-start settings.
+VARIANT_OF = {"etpo_q4": "etpo"}
+
+
 def warm_overrides(method: str, env: str, warm: str) -> list[str]:
     lr = WARM_LR[env]
+    base = VARIANT_OF.get(method, method)
     rates = {"archer": [f"--config.archer.critic_learning_rate={lr:g}"],
-             "etpo": [f"--config.etpo.q_learning_rate={lr:g}"]}.get(method, [])
-    policy_lr = WARM_POLICY_LR.get((env, method), lr)
+             "etpo": [f"--config.etpo.q_learning_rate={lr:g}"]}.get(base, [])
+    policy_lr = WARM_POLICY_LR.get((env, base), lr)
     return [f"--config.model.source={warm}", f"--config.optim.learning_rate={policy_lr:g}", *rates,
-            *WARM_METHOD.get(method, [])]
+            *WARM_METHOD.get(base, [])]
 
 
 def command(method: str, env: str, seed: int, steps: int, workdir: str, extra: list[str],
