@@ -14,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-runs}
 WORKERS=${WORKERS:-2}
-STAGES=${STAGES:-"sft treasure ablations dungeon report"}
+STAGES=${STAGES:-"sft treasure ablations dungeon etpo_q4 report"}
 SEEDS="0 1 2 3 4"
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
 
@@ -53,6 +53,15 @@ has treasure && sweep treasure "$TREASURE_WS" all warm_treasure
 # The ablations share the runs of grpo and grpo_aem with the comparison (same runs directory).
 has ablations && sweep treasure "$TREASURE_WS" ablations warm_ablations_treasure
 has dungeon && sweep dungeon "$DUNGEON_WS" "$DUNGEON_METHODS" warm_dungeon
+# ETPO on the dungeon with 4 Q steps per minibatch (etpo.q_steps), beside the sweep's ETPO (same runs
+# directory: its etpo runs are reused), then both re-evaluated against their warm start on 512 held-out
+# tasks with common random numbers (experiments/reeval_sweep.py; docs/results.md, "On the dungeon").
+if has etpo_q4; then
+  sweep dungeon "$DUNGEON_WS" "etpo etpo_q4" etpo_dungeon
+  python experiments/reeval_sweep.py --env dungeon --methods etpo etpo_q4 --seeds $SEEDS --steps "${STEPS[dungeon]}" \
+      --env-steps "${BUDGET[dungeon]}" --heldout 128 --warm "$DUNGEON_WS" --runs-dir "$RUNS/warm_dungeon" \
+      --tasks 512 --workers "$WORKERS" --pairs etpo_q4-etpo --out docs/etpo_dungeon_reeval
+fi
 
 if has report; then
   # The tables from whatever has finished so far.
