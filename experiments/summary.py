@@ -225,6 +225,22 @@ def markdown(out: dict) -> str:
                 lo, hi = pr["difference_ci95"]
                 lines.append(f"| {name} | {len(pr['seeds'])} | {pr['mean_difference']:+.3f} [{lo:+.3f}, {hi:+.3f}] | "
                              f"{pr['p_value']:.3f} (smallest possible {pr['smallest_possible_p_value']:.3f}) |")
+        reeval = e.get("paired_reevaluation")
+        if reeval:
+            lines += ["", f"Paired re-evaluation against the warm start ({reeval['tasks']} held-out tasks x "
+                      f"{reeval['samples_per_task']}, common random numbers; experiments/reeval_sweep.py):", "",
+                      "| method | seeds | before | after | after - before: mean [95% CI] | seeds above their start "
+                      "| per seed |", "|---|---|---|---|---|---|---|"]
+            for m, ms in reeval["methods"].items():
+                lo, hi = ms["difference_ci95"]
+                per_seed = ", ".join(f"{r['difference']:+.3f}" for r in ms["runs"])
+                lines.append(f"| {m} | {ms['seeds']} | {ms['before_mean']:.3f} | {ms['after_mean']:.3f} | "
+                             f"**{ms['difference_mean']:+.3f}** [{lo:+.3f}, {hi:+.3f}] | "
+                             f"{ms['seeds_above_start']}/{ms['seeds']} | {per_seed} |")
+            for name, pr in reeval.get("pairs", {}).items():
+                lo, hi = pr["ci95"]
+                lines.append(f"| {name} (after) | {pr['seeds']} | | | {pr['mean_difference']:+.3f} "
+                             f"[{lo:+.3f}, {hi:+.3f}], p {pr['p_value']:.3f} | | |")
         lines.append("")
     return "\n".join(lines)
 
@@ -240,6 +256,9 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--compare", type=_parse_compare, action="append", required=True, metavar="ENV=PATH.json",
                    help="an OUT.json of experiments/compare.py (repeat per environment)")
+    p.add_argument("--reeval", type=_parse_compare, action="append", default=[], metavar="ENV=PATH.json",
+                   help="an OUT.json of experiments/reeval_sweep.py, kept as the environment's "
+                        "paired_reevaluation")
     p.add_argument("--out", default="docs/results/summary.json")
     p.add_argument("--markdown", default=None, metavar="PATH.md", help="also write the tables as markdown")
     args = p.parse_args(argv)
@@ -253,6 +272,13 @@ def main(argv: list[str] | None = None) -> dict:
         envs = {env: merge(env, summaries) for env, summaries in per_env.items()}
     except ValueError as e:
         p.error(str(e))
+    for env, path in args.reeval:
+        if env not in envs:
+            p.error(f"--reeval {env}={path}: no --compare for {env!r} (have: {', '.join(envs)})")
+        if not os.path.exists(path):
+            p.error(f"--reeval {env}={path}: no such file (run experiments/reeval_sweep.py --out first)")
+        with open(path) as f:
+            envs[env]["paired_reevaluation"] = dict(json.load(f), source=path)
     out = {"environments": envs}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     tmp = args.out + ".tmp"

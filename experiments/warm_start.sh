@@ -74,6 +74,7 @@ if has report; then
       args+=(--compare "$env=docs/$out.json")
     fi
   done
+  [ -f docs/etpo_dungeon_reeval.json ] && args+=(--reeval dungeon=docs/etpo_dungeon_reeval.json)
   [ ${#args[@]} -gt 0 ] && python experiments/summary.py "${args[@]}" --out docs/results/summary.json \
       --markdown docs/results/summary.md
 fi

@@ -125,3 +125,25 @@ def test_an_environment_pools_its_files_and_pairs_the_ablations(tmp_path):
     with pytest.raises(SystemExit):
         summary.main(["--compare", f"t={tmp_path / 'main.json'}", "--compare", f"t={tmp_path / 'abl.json'}",
                       "--out", str(out)])
+
+
+def test_a_reevaluation_is_kept_under_its_environment_and_tabled(tmp_path, capsys):
+    compare = {"env": "dungeon", "budget_env_steps": 100.0, "steps": 20, "overrides": [], "results": {
+        "etpo": [_run(s, [0.2] * 20, after=0.2, before=0.2) for s in range(2)]}}
+    src = tmp_path / "compare.json"
+    src.write_text(json.dumps(compare))
+    reeval = {"tasks": 512, "samples_per_task": 1, "methods": {"etpo": {
+        "seeds": 2, "before_mean": 0.2, "after_mean": 0.21, "difference_mean": 0.01, "difference_ci95": [-0.01, 0.03],
+        "seeds_above_start": 1, "runs": [{"difference": 0.03}, {"difference": -0.01}]}},
+        "pairs": {"etpo_q4 - etpo": {"seeds": 2, "mean_difference": 0.02, "ci95": [0.0, 0.04], "p_value": 0.5}}}
+    path = tmp_path / "reeval.json"
+    path.write_text(json.dumps(reeval))
+    out, md = tmp_path / "s.json", tmp_path / "s.md"
+    summary.main(["--compare", f"dungeon={src}", "--reeval", f"dungeon={path}", "--out", str(out),
+                  "--markdown", str(md)])
+    kept = json.loads(out.read_text())["environments"]["dungeon"]["paired_reevaluation"]
+    assert kept["methods"] == reeval["methods"] and kept["source"] == str(path)
+    assert "| etpo | 2 | 0.200 | 0.210 | **+0.010** [-0.010, +0.030] | 1/2 | +0.030, -0.010 |" in md.read_text()
+    with pytest.raises(SystemExit):
+        summary.main(["--compare", f"dungeon={src}", "--reeval", f"treasure={path}", "--out", str(out)])
+    assert "no --compare for 'treasure'" in capsys.readouterr().err
