@@ -72,9 +72,11 @@ if has report; then
     [ "$methods" = DUNGEON ] && methods=$DUNGEON_METHODS
     if sweep "$env" "$ws" "$methods" "$out" --report-only; then
       args+=(--compare "$env=docs/$out.json")
+      if [ "$out" = warm_dungeon ] && [ -f docs/etpo_dungeon_reeval.json ]; then
+        args+=(--reeval dungeon=docs/etpo_dungeon_reeval.json)
+      fi
     fi
   done
-  [ -f docs/etpo_dungeon_reeval.json ] && args+=(--reeval dungeon=docs/etpo_dungeon_reeval.json)
   [ ${#args[@]} -gt 0 ] && python experiments/summary.py "${args[@]}" --out docs/results/summary.json \
       --markdown docs/results/summary.md
 fi
