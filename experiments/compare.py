@@ -214,13 +214,18 @@ def run(cmd: list[str], workdir: str, steps: int, core: int | None, heldout: int
     only evaluates)."""
     if finished(workdir, steps, heldout, env_steps):
         return workdir
+    os.makedirs(workdir, exist_ok=True)
+    run_pinned(cmd, core, os.path.join(workdir, "train.log"))
+    return workdir
+
+
+def run_pinned(cmd: list[str], core: int | None, log_path: str) -> None:
+    """Runs ``cmd`` on one core (taskset, where there is one) with its output appended to ``log_path``."""
     if core is not None and shutil.which("taskset"):
         cmd = ["taskset", "-c", str(core), *cmd]
     print(" ".join(cmd), flush=True)
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "train.log"), "a") as log:
+    with open(log_path, "a") as log:
         subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
-    return workdir
 
 
 def curves(rows: list[dict]) -> dict:

@@ -37,6 +37,7 @@ for _path in (os.path.dirname(HERE), HERE):  # the repository's aem_jax and the 
     if _path not in sys.path:
         sys.path.insert(0, _path)
 from restore import checkpoint_steps, config_from_flags, restored  # noqa: E402
+from summary import bootstrap_ci  # noqa: E402
 
 from aem_jax.trainer import rollouts  # noqa: E402
 
@@ -52,8 +53,7 @@ def paired_difference(before_TN: np.ndarray, after_TN: np.ndarray, *, draws: int
         raise ValueError(f"need two [tasks >= 2, samples] arrays of one shape, got {before_TN.shape} and "
                          f"{after_TN.shape}")
     d_T = after_TN.mean(axis=1) - before_TN.mean(axis=1)
-    idx = np.random.default_rng(seed).integers(0, d_T.size, size=(draws, d_T.size))
-    lo, hi = np.percentile(d_T[idx].mean(axis=1), [2.5, 97.5])
+    lo, hi = bootstrap_ci(d_T, resamples=draws, seed=seed)
     return {"before": float(before_TN.mean()), "after": float(after_TN.mean()), "difference": float(d_T.mean()),
             "difference_ci95": [float(lo), float(hi)], "tasks": int(d_T.size),
             "samples_per_task": int(before_TN.shape[1])}

@@ -28,8 +28,6 @@ import concurrent.futures
 import json
 import os
 import queue
-import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -131,11 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
                    "--samples", str(args.samples), "--out", out, "--", *config_flags(cmd)]
             core = cores.get()
             try:
-                if core is not None and shutil.which("taskset"):
-                    run = ["taskset", "-c", str(core), *run]
-                print(" ".join(run), flush=True)
-                with open(os.path.join(workdir, "reeval.log"), "a") as log:
-                    subprocess.run(run, check=True, stdout=log, stderr=subprocess.STDOUT)
+                compare.run_pinned(run, core, os.path.join(workdir, "reeval.log"))
             finally:
                 cores.put(core)
         with open(out) as f:
